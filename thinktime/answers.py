@@ -1,0 +1,184 @@
+"""Final answers: extract the last \\boxed{} (or a marked fallback), normalise, compare by math equivalence.
+
+math-verify does the equivalence; its timeouts rely on `signal.alarm`, which only works on the main
+thread. Off the main thread (server workers, thread pools) we run it in a child process with a
+deadline instead, so hostile LaTeX can never hang the caller.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import re
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+Method = Literal["boxed", "answer-is", "last-number"]
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """An extracted answer and how it was found; anything but 'boxed' is a fallback."""
+
+    value: str | None
+    method: Method | None = None
+    start: int = -1  # where the answer's evidence starts in the text (for splitting answer from reasoning)
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.method not in (None, "boxed")
+
+
+def _braced(text: str, open_at: int) -> tuple[str, int] | None:
+    """The content of the balanced {...} group opening at `open_at`, and the index after it."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        c = text[i]
+        if c == "{" and (i == 0 or text[i - 1] != "\\"):  # an escaped brace \{ does not count
+            depth += 1
+        elif c == "}" and text[i - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return text[open_at + 1 : i], i + 1
+    return None
+
+
+def find_boxed(text: str) -> list[tuple[int, str]]:
+    """Every complete \\boxed{...} / \\fbox{...} in order, as (start index, content)."""
+    found: list[tuple[int, str]] = []
+    pattern = re.compile(r"\\(?:boxed|fbox)\b\s*")
+    for m in pattern.finditer(text):
+        after = m.end()
+        if after < len(text) and text[after] == "{":
+            group = _braced(text, after)
+            if group is not None:
+                found.append((m.start(), group[0].strip()))
+        else:  # `\boxed 5` form: one token up to whitespace or $
+            token = re.match(r"[^\s$]+", text[after:])
+            if token:
+                found.append((m.start(), token.group(0)))
+    return found
+
+
+_ANSWER_IS = re.compile(
+    r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*:?\s*\$*\s*(?P<ans>[^\n$]+?)\s*\$*\s*(?:\.\s|\.$|\n|$)"
+    r"|(?:最终答案|答案)\s*(?:是|为|：|:)\s*\$*\s*(?P<zh>[^\n$。，,]+?)\s*\$*\s*(?:。|，|,|\n|$)",
+    re.IGNORECASE,
+)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_answer(text: str) -> Extraction:
+    """The last \\boxed{} answer; else 'the answer is X' / '答案是X'; else the last number in the text."""
+    boxes = find_boxed(text)
+    if boxes:
+        start, content = boxes[-1]
+        return Extraction(content, "boxed", start)
+    matches = list(_ANSWER_IS.finditer(text))
+    if matches:
+        m = matches[-1]
+        value = (m.group("ans") or m.group("zh") or "").strip().rstrip(".")
+        if value:
+            return Extraction(value, "answer-is", m.start())
+    numbers = list(_NUMBER.finditer(text))
+    if numbers:
+        m = numbers[-1]
+        return Extraction(m.group(0).rstrip(",").replace(",", ""), "last-number", m.start())
+    return Extraction(None)
+
+
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+
+
+def normalize(answer: str) -> str:
+    """A canonical string form for cheap comparison and display (math-verify does the real check)."""
+    s = answer.strip()
+    s = s.strip("$").strip()
+    s = _TEXT_WRAP.sub(r"\1", s)
+    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
+                     ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", ""),
+                     ("\\%", "%"), ("\\$", "")):
+        s = s.replace(old, new)
+    s = re.sub(r"\s+", " ", s).strip()
+    s = s.rstrip(".。").strip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 9,765,625 -> 9765625
+        s = s.replace(",", "")
+    if re.fullmatch(r"-?\d+\.\d*?0+", s):  # 2.50 -> 2.5, 3.0 -> 3
+        s = s.rstrip("0").rstrip(".")
+    return s
+
+
+def _as_number(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        m = re.fullmatch(r"(-?\d+)/(\d+)", s)
+        return int(m.group(1)) / int(m.group(2)) if m and int(m.group(2)) else None
+
+
+def _verify_in_this_thread(a: str, b: str, timeout: int | None) -> bool:
+    from math_verify import parse, verify
+
+    gold = parse(f"\\boxed{{{a}}}", parsing_timeout=timeout)
+    pred = parse(f"\\boxed{{{b}}}", parsing_timeout=timeout)
+    if not gold or not pred:
+        return False
+    return bool(verify(gold, pred, timeout_seconds=timeout))
+
+
+_pool: cf.ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _worker_pool() -> cf.ProcessPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return _pool
+
+
+def _kill_pool() -> None:
+    """A worker that overran its deadline is killed: the next call starts a fresh one."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def math_equal(a: str, b: str, timeout: float = 5.0) -> bool:
+    """math-verify equivalence of two answer strings, bounded by `timeout` seconds on any thread."""
+    seconds = max(1, int(round(timeout)))
+    if threading.current_thread() is threading.main_thread():
+        try:
+            return _verify_in_this_thread(a, b, seconds)
+        except Exception:
+            return False
+    future = _worker_pool().submit(_verify_in_this_thread, a, b, seconds)
+    try:
+        return bool(future.result(timeout=timeout + 5))
+    except cf.TimeoutError:
+        _kill_pool()
+        return False
+    except Exception:
+        return False
+
+
+def equivalent(a: str | None, b: str | None, timeout: float = 5.0) -> bool:
+    """True when two answers are the same: equal after normalisation, equal as numbers, or math-equal."""
+    if a is None or b is None:
+        return False
+    na, nb = normalize(a), normalize(b)
+    if not na or not nb:
+        return False
+    if na == nb:
+        return True
+    xa, xb = _as_number(na), _as_number(nb)
+    if xa is not None and xb is not None:
+        return abs(xa - xb) <= 1e-9 * max(1.0, abs(xa), abs(xb))
+    return math_equal(na, nb, timeout)

@@ -1,0 +1,303 @@
+"""The transformers engine: chat template, batched sampling with left padding, true token streaming.
+
+The seed tutorial's bugs are fixed here: the prompt goes through the model's chat template, only
+new tokens are decoded, generation stops at eos and <|im_end|>, and streaming is real (a streamer
+fed by `generate` step by step, not a method that does not exist).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from thinktime import models
+from thinktime.engines.base import Engine
+from thinktime.errors import BadInputError, InsufficientMemoryError
+from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
+
+# Chat models end a turn with one of these; whichever the tokenizer knows becomes a stop token.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<｜end▁of▁sentence｜>")
+# On CPU an 8B model decodes at about a token per second: refuse unless the user insists on CPU.
+_CPU_PARAMS_LIMIT_B = 3.0
+
+
+def pick_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda asked for, but no CUDA GPU is visible",
+                            hint="drop --device to run on the CPU, or check the driver with nvidia-smi")
+    return device
+
+
+def pick_dtype(dtype: str | None, device: str, weight_bytes: int) -> torch.dtype:
+    """bf16 on GPU; fp32 on CPU (fast and exact for small models) unless it would not fit, then bf16."""
+    if dtype not in (None, "", "auto"):
+        try:
+            return getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype))
+        except AttributeError:
+            raise BadInputError(f"unknown dtype {dtype!r}", hint="use auto, bf16, fp16 or fp32") from None
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    import psutil
+
+    return torch.float32 if weight_bytes * 2.4 < psutil.virtual_memory().available * 0.6 else torch.bfloat16
+
+
+class _Cancel(StoppingCriteria):
+    """Stops every sequence as soon as the caller sets the event (Ctrl-C, client gone)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas without re-decoding the whole sequence.
+
+    The prefix window (as in vLLM's detokenizer) keeps word-joining spaces right for sentencepiece
+    tokenizers; a trailing U+FFFD means a multi-byte character is not complete yet, so we wait.
+    """
+
+    def __init__(self, tokenizer, hold_back: int = 0):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.sent = ""
+        self.pending = ""
+        self.hold_back = hold_back  # chars kept back in case they begin a stop string
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.pending += full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.hold_back:
+            ready, self.pending = self.pending[: -self.hold_back], self.pending[-self.hold_back :]
+        else:
+            ready, self.pending = self.pending, ""
+        self.sent += ready
+        return ready
+
+    def finish(self, final_text: str) -> str:
+        """The rest of the final text; joined deltas always equal the final text."""
+        if final_text.startswith(self.sent):
+            rest = final_text[len(self.sent) :]
+        else:  # a stop string was cut inside text we already sent (cannot happen with hold_back)
+            rest = ""
+        self.sent += rest
+        return rest
+
+
+class _QueueStreamer(BaseStreamer):
+    """Receives each decoding step's tokens for the whole batch and queues per-sample text deltas."""
+
+    def __init__(self, tokenizer, rows: int, stop_ids: set[int], out: queue.Queue, hold_back: int):
+        self.decoders = [_IncrementalDecoder(tokenizer, hold_back) for _ in range(rows)]
+        self.done = [False] * rows
+        self.stop_ids = stop_ids
+        self.out = out
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands us the prompt ids
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            if token in self.stop_ids:
+                self.done[row] = True
+                continue
+            delta = self.decoders[row].push(token)
+            if delta:
+                self.out.put(StreamDelta(row, delta))
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
+                 trust_remote_code: bool = False, allow_bin: bool = False, source: str | None = None,
+                 max_batch_rows: int = 64):
+        explicit_cpu = device == "cpu"
+        self.device = pick_device(device)
+        resolved = models.resolve(model, source=source)
+        self.model_name = resolved.spec.alias if resolved.spec else model
+        self.spec = resolved.spec
+        weight_bytes = models.weights_bytes(resolved.path)
+        params_b = resolved.spec.params_b if resolved.spec else weight_bytes / 2e9
+        if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
+            raise InsufficientMemoryError(
+                f"{self.model_name} has ~{params_b:.1f} B parameters and no CUDA GPU is visible: "
+                f"on a CPU it would decode at about a token per second",
+                hint="run on a GPU with >= 24 GB (InternLM3-8B needs ~20 GB in bf16), use --model smollm2-135m, "
+                     "or pass --device cpu to run on the CPU anyway",
+            )
+        self.dtype = pick_dtype(dtype, self.device, weight_bytes)
+        stored_bytes_per_param = 4 if _stored_as_fp32(resolved.path) else 2
+        models.check_fits(self.model_name, weight_bytes, self.device,
+                          bytes_per_param_scale=torch.finfo(self.dtype).bits / 8 / stored_bytes_per_param)
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"  # batched decoding needs prompts aligned at the right
+        load_kwargs = dict(dtype=self.dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_bin)
+        if self.device.startswith("cuda"):
+            load_kwargs["device_map"] = "auto"
+        self.model = AutoModelForCausalLM.from_pretrained(resolved.path, **load_kwargs)
+        if not self.device.startswith("cuda"):
+            self.model.to(self.device)
+        self.model.eval()
+        self.stop_ids = self._stop_token_ids()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.decode([min(self.stop_ids)])
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_batch_rows = max_batch_rows
+        self._lock = threading.Lock()  # one generate at a time: the global RNG seed is per call
+
+    def _stop_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+        return ids
+
+    # --- the protocol -------------------------------------------------------------------------
+
+    def render(self, prompt: Prompt) -> str:
+        messages = list(prompt.messages)
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:  # base models without a template: a plain transcript
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return text + prompt.prefix
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
+                 cancel: threading.Event | None = None) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        per_call = max(1, self.max_batch_rows // max(1, params.n))
+        results: list[list[Completion]] = []
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start : start + per_call]
+            results.extend(self._run([self.render(p) for p in chunk], params, cancel or threading.Event()))
+        return results
+
+    def stream(self, prompt: Prompt, params: SamplingParams,
+               cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
+        cancel = cancel or threading.Event()
+        events: queue.Queue = queue.Queue()
+        hold_back = max((len(s) for s in params.stop), default=1) - 1
+        streamer = _QueueStreamer(self.tokenizer, params.n, self.stop_ids | {self.tokenizer.pad_token_id}, events,
+                                  hold_back)
+        done = object()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for index, completion in enumerate(self._run([self.render(prompt)], params, cancel, streamer)[0]):
+                    rest = streamer.decoders[index].finish(completion.text)
+                    events.put(StreamDelta(index, rest, completion))
+            except BaseException as exc:  # surfaced in the consumer's thread
+                failure.append(exc)
+            finally:
+                events.put(done)
+
+        worker = threading.Thread(target=work, name="thinktime-generate", daemon=True)
+        worker.start()
+        try:
+            while (event := events.get()) is not done:
+                yield event
+        finally:  # the consumer stopped early (Ctrl-C, a closed connection): stop generating
+            cancel.set()
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    def close(self) -> None:
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _run(self, texts: list[str], params: SamplingParams, cancel: threading.Event,
+             streamer: BaseStreamer | None = None) -> list[list[Completion]]:
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompt_lengths = enc.attention_mask.sum(dim=1).tolist()
+        width = enc.input_ids.shape[1]
+        max_new = params.max_new_tokens
+        if self.context_length:
+            if width >= self.context_length:
+                raise BadInputError(
+                    f"the prompt is {width} tokens but {self.model_name} takes at most {self.context_length}",
+                    hint="shorten the question or the system prompt (--no-think drops the thinking prompt)")
+            max_new = min(max_new, self.context_length - width)
+        kwargs = dict(
+            max_new_tokens=max_new,
+            num_return_sequences=params.n,
+            eos_token_id=sorted(self.stop_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
+        )
+        if params.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        device = self.model.device
+        with self._lock, torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            out = self.model.generate(input_ids=enc.input_ids.to(device),
+                                      attention_mask=enc.attention_mask.to(device), **kwargs)
+        new_tokens = out[:, width:].tolist()
+        stop_ids = self.stop_ids | {self.tokenizer.pad_token_id}
+        completions: list[list[Completion]] = []
+        for p, prompt_len in enumerate(prompt_lengths):
+            row_completions = []
+            for row in new_tokens[p * params.n : (p + 1) * params.n]:
+                cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+                ids = row[:cut]
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                stop_at = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+                if stop_at >= 0:  # stop strings are not part of the output (OpenAI semantics)
+                    text, finish, used = text[:stop_at], "stop", len(ids)
+                elif cut < len(row):  # the model ended its turn; that token was generated too
+                    finish, used = "stop", len(ids) + 1
+                else:
+                    finish, used = ("cancelled" if cancel.is_set() else "length"), len(ids)
+                row_completions.append(Completion(text, finish, int(prompt_len), used, ids))
+            completions.append(row_completions)
+        return completions
+
+
+def _stored_as_fp32(path) -> bool:
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    return str(config.get("torch_dtype") or config.get("dtype") or "").endswith("float32")

@@ -1,0 +1,83 @@
+"""What every strategy shares: the run context, the token budget, and turning completions into results."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from thinktime.answers import extract_answer
+from thinktime.engines.base import Engine
+from thinktime.reasoning import split_reasoning
+from thinktime.types import Candidate, Completion, Event, Prompt, Result, SamplingParams, Usage
+
+
+class Budget:
+    """A cap on generated (completion) tokens for a whole strategy run; `None` means no cap."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+        self.used = Usage()
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(0, self.limit - self.used.completion_tokens)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.remaining == 0
+
+    def cap(self, max_new_tokens: int, n: int = 1) -> int:
+        """The most new tokens each of `n` parallel samples may take without overrunning the cap."""
+        if self.remaining is None:
+            return max_new_tokens
+        return max(0, min(max_new_tokens, self.remaining // max(1, n)))
+
+    def charge(self, completions: list[Completion], prompt_tokens: int = 0) -> None:
+        self.used = self.used + Usage(prompt_tokens, sum(c.completion_tokens for c in completions))
+
+
+@dataclass
+class Context:
+    """Everything a strategy needs for one question; a strategy never sees a concrete engine class."""
+
+    question: str
+    prompt: Prompt
+    engine: Engine
+    params: SamplingParams
+    budget: Budget = field(default_factory=Budget)
+    emit: Callable[[Event], None] = lambda event: None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    options: dict = field(default_factory=dict)  # strategy-specific settings (n, width, ...)
+    started: float = field(default_factory=time.perf_counter)
+
+    def sampling(self, **changes) -> SamplingParams:
+        return replace(self.params, **changes)
+
+
+def to_candidate(completion: Completion) -> Candidate:
+    extraction = extract_answer(split_reasoning(completion.text).answer or completion.text)
+    if extraction.value is None:  # nothing in the closing statement: look at the whole chain
+        extraction = extract_answer(completion.text)
+    return Candidate(completion.text, extraction.value, extraction.method, completion.finish_reason,
+                     completion.usage)
+
+
+def make_result(ctx: Context, chosen: Candidate, strategy: str, candidates: list[Candidate],
+                usage: Usage, details: dict | None = None) -> Result:
+    split = split_reasoning(chosen.text)
+    return Result(
+        question=ctx.question,
+        answer=chosen.answer,
+        answer_method=chosen.answer_method,
+        reasoning=split.reasoning,
+        content=split.answer,
+        text=chosen.text,
+        finish_reason=chosen.finish_reason,
+        usage=usage,
+        seconds=time.perf_counter() - ctx.started,
+        strategy=strategy,
+        model=ctx.engine.model_name,
+        candidates=candidates,
+        details=details or {},
+    )

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as hf_logging
 
 from thinktime import models
 from thinktime.engines.base import Engine
@@ -153,6 +154,7 @@ class TransformersEngine(Engine):
         models.check_fits(self.model_name, weight_bytes, self.device,
                           bytes_per_param_scale=torch.finfo(self.dtype).bits / 8 / stored_bytes_per_param)
 
+        hf_logging.disable_progress_bar()  # thinktime shows its own progress; keep the output clean
         self.tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"  # batched decoding needs prompts aligned at the right
         load_kwargs = dict(dtype=self.dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_bin)

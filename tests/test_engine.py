@@ -1,0 +1,120 @@
+"""The transformers engine on the real embedded model, loaded through the real loader."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from thinktime import models
+from thinktime.errors import BadInputError
+from thinktime.types import Prompt, SamplingParams
+
+QUESTION = [{"role": "system", "content": "You are a careful calculator."},
+            {"role": "user", "content": "What is 12 + 30?"}]
+
+
+def test_embedded_model_loads_from_the_wheel_through_the_cache(engine):
+    assert engine.model_name == "smollm2-135m"
+    gguf = models.embedded_gguf()
+    assert gguf is not None and gguf.name == models.EMBEDDED_FILE
+    cached = models.models_dir() / "smollm2-135m"
+    assert (cached / "model.safetensors").is_file()  # dequantised once, reloaded from safetensors
+    started = time.perf_counter()
+    models.resolve("smollm2-135m")  # second resolution: no conversion
+    assert time.perf_counter() - started < 2.0
+    assert 2 in engine.stop_ids  # <|im_end|> ends the turn
+
+
+def test_system_prompt_reaches_the_tokens_through_the_chat_template(engine):
+    rendered = engine.render(Prompt.of(QUESTION))
+    assert rendered.startswith("<|im_start|>system\nYou are a careful calculator.<|im_end|>")
+    assert rendered.endswith("<|im_start|>assistant\n")
+    ids = engine.tokenizer(rendered, add_special_tokens=False).input_ids
+    system_ids = engine.tokenizer("You are a careful calculator.", add_special_tokens=False).input_ids
+    assert any(ids[i:i + len(system_ids)] == system_ids for i in range(len(ids)))
+
+
+def test_prefix_continues_the_assistant_turn(engine):
+    rendered = engine.render(Prompt.of(QUESTION, prefix="Let me think."))
+    assert rendered.endswith("<|im_start|>assistant\nLet me think.")
+
+
+def test_greedy_stream_equals_generate(engine):
+    params = SamplingParams(max_new_tokens=40)
+    [[whole]] = engine.generate([Prompt.of(QUESTION)], params)
+    deltas = list(engine.stream(Prompt.of(QUESTION), params))
+    streamed = "".join(d.text for d in deltas)
+    assert streamed == whole.text
+    assert len([d for d in deltas if d.text]) > 3  # real streaming: many pieces, not one
+    final = deltas[-1].completion
+    assert final is not None and final.token_ids == whole.token_ids
+    assert final.completion_tokens == whole.completion_tokens
+
+
+def test_only_new_tokens_are_decoded_and_counted_exactly(engine):
+    [[c]] = engine.generate([Prompt.of(QUESTION)], SamplingParams(max_new_tokens=30))
+    assert "careful calculator" not in c.text  # the seed decoded the prompt back into the answer
+    assert c.prompt_tokens == engine.count_tokens(engine.render(Prompt.of(QUESTION)))
+    expected = len(c.token_ids) + (1 if c.finish_reason == "stop" else 0)
+    assert c.completion_tokens == expected
+    assert c.completion_tokens <= 30
+
+
+def test_length_finish_reason_when_the_limit_cuts(engine):
+    [[c]] = engine.generate([Prompt.of(QUESTION)], SamplingParams(max_new_tokens=3))
+    assert c.finish_reason == "length"
+    assert c.completion_tokens == 3
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, n=3, seed=1234)
+    first = [c.text for c in engine.generate([Prompt.of(QUESTION)], params)[0]]
+    again = [c.text for c in engine.generate([Prompt.of(QUESTION)], params)[0]]
+    other = [c.text for c in engine.generate([Prompt.of(QUESTION)],
+                                             SamplingParams(max_new_tokens=24, temperature=1.0, n=3, seed=99))[0]]
+    assert first == again
+    assert len(first) == 3
+    assert other != first
+
+
+def test_many_prompts_in_one_batch_with_left_padding(engine):
+    short = Prompt.of([{"role": "user", "content": "Hi"}])
+    long = Prompt.of([{"role": "user", "content": "Please add these numbers: 1, 2, 3, 4, 5, 6, 7, 8, 9."}])
+    params = SamplingParams(max_new_tokens=12)
+    batched = engine.generate([short, long], params)
+    assert engine.tokenizer.padding_side == "left"
+    assert [len(r) for r in batched] == [1, 1]
+    alone = engine.generate([long], params)[0][0]
+    assert batched[1][0].prompt_tokens == alone.prompt_tokens
+    assert batched[0][0].prompt_tokens < batched[1][0].prompt_tokens
+    # Left padding keeps the last prompt token at the end, so greedy output starts the same.
+    assert batched[1][0].token_ids[:4] == alone.token_ids[:4]
+
+
+def test_stop_strings_end_the_text_and_are_left_out(engine):
+    params = SamplingParams(max_new_tokens=40, stop=(" ",))
+    [[c]] = engine.generate([Prompt.of(QUESTION)], params)
+    assert " " not in c.text
+    assert c.finish_reason == "stop"
+    streamed = "".join(d.text for d in engine.stream(Prompt.of(QUESTION), params))
+    assert streamed == c.text
+
+
+def test_cancel_stops_generation(engine):
+    cancel = threading.Event()
+    params = SamplingParams(max_new_tokens=400, temperature=1.0, seed=0)
+    stream = engine.stream(Prompt.of(QUESTION), params, cancel)
+    first = next(stream)
+    assert first.text
+    cancel.set()
+    rest = list(stream)
+    final = rest[-1].completion
+    assert final.finish_reason in ("cancelled", "stop")
+    assert final.completion_tokens < 400
+
+
+def test_prompt_longer_than_the_context_is_refused(engine):
+    huge = Prompt.of([{"role": "user", "content": "word " * (engine.context_length + 10)}])
+    with pytest.raises(BadInputError, match="takes at most"):
+        engine.generate([huge], SamplingParams(max_new_tokens=4))

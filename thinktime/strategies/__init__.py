@@ -4,11 +4,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from thinktime.errors import BadInputError
-from thinktime.strategies import cot
+from thinktime.strategies import beam, best_of_n, budget_forcing, cot, mcts, reflect, self_consistency
 from thinktime.strategies.base import Budget, Context
 from thinktime.types import Result
 
-STRATEGIES: dict[str, Callable[[Context], Result]] = {cot.NAME: cot.run}
+STRATEGIES: dict[str, Callable[[Context], Result]] = {
+    m.NAME: m.run for m in (cot, self_consistency, best_of_n, reflect, budget_forcing, beam, mcts)
+}
+# What each strategy accepts in `options` (cot takes none); the CLI and docs read this.
+STRATEGY_OPTIONS = {m.NAME: getattr(m, "OPTIONS", {}) for m in
+                    (cot, self_consistency, best_of_n, reflect, budget_forcing, beam, mcts)}
 
 
 def get_strategy(name: str) -> Callable[[Context], Result]:
@@ -19,4 +24,4 @@ def get_strategy(name: str) -> Callable[[Context], Result]:
                             hint=f"choose one of: {', '.join(STRATEGIES)}") from None
 
 
-__all__ = ["STRATEGIES", "Budget", "Context", "get_strategy"]
+__all__ = ["STRATEGIES", "STRATEGY_OPTIONS", "Budget", "Context", "get_strategy"]

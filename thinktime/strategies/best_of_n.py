@@ -1,0 +1,66 @@
+"""best-of-n: sample N chains, score each, keep the best (or let scores vote: weighted majority).
+
+Scorers (`scorer` option): "self" (the policy model judges each chain: yes/no), or a reward model
+loaded through transformers: "prm:PATH" (Qwen2.5-Math-PRM, Skywork-o1-Open-PRM, RLHFlow PRMs; a
+chain's step scores are combined by `aggregate`) or "orm:PATH" (one score per chain).
+`select=best` keeps the highest-scored chain (ties: the first sampled); `select=weighted` sums the
+scores of chains with math-equivalent answers and keeps the heaviest answer (weighted majority),
+returning its best-scored chain.
+"""
+from __future__ import annotations
+
+from thinktime.scorers import AGGREGATES, aggregate, make_scorer
+from thinktime.strategies.base import Context, make_result, to_candidate
+from thinktime.strategies.options import Option, positive, read_options
+from thinktime.strategies.sampling import generate, nothing_generated, sampling_temperature
+from thinktime.strategies.steps import DEFAULT_DELIMITER, split_steps
+from thinktime.types import Event, Result
+from thinktime.voting import group_answers
+
+NAME = "best-of-n"
+OPTIONS = {
+    "n": Option(4, "chains to sample", int, positive),
+    "scorer": Option("self", "self, prm:PATH, orm:PATH (or a Scorer object from Python)", str),
+    "aggregate": Option("last", "how step scores make a chain's score", str, choices=AGGREGATES),
+    "select": Option("best", "best: the top-scored chain; weighted: scores vote per answer", str,
+                     choices=("best", "weighted")),
+    "delimiter": Option(DEFAULT_DELIMITER, "what separates steps for a PRM", str),
+    "judges": Option(1, "self-judging: judgements per chain", int, positive),
+    "judge_tokens": Option(256, "self-judging: the most tokens per judgement", int, positive),
+}
+
+
+def run(ctx: Context) -> Result:
+    opts = read_options(NAME, OPTIONS, ctx.options)
+    n = opts["n"]
+    scorer = make_scorer(ctx, opts["scorer"], judges=opts["judges"], judge_tokens=opts["judge_tokens"])
+    max_new = ctx.params.max_new_tokens
+    if ctx.budget.remaining is not None and scorer.name == "self":
+        # Leave the judge its share, or a small budget would all go to chains nobody can judge.
+        per_chain = max_new + opts["judges"] * opts["judge_tokens"]
+        max_new = max(1, min(max_new, ctx.budget.remaining * max_new // per_chain // n))
+    for i in range(n):
+        ctx.emit(Event("candidate_started", i))
+    out = generate(ctx, [ctx.prompt], n, max_new, temperature=sampling_temperature(ctx))
+    if out is None:
+        return make_result(ctx, nothing_generated(), NAME, [], ctx.budget.used,
+                           {"stop_reason": "cancelled" if ctx.cancel.is_set() else "budget exhausted"})
+    candidates = [to_candidate(c) for c in out[0]]
+    step_scores = scorer.score(ctx.question, [split_steps(c.text, opts["delimiter"]) or [c.text] for c in candidates])
+    for i, (candidate, steps) in enumerate(zip(candidates, step_scores)):
+        candidate.score = aggregate(steps, opts["aggregate"])
+        ctx.emit(Event("candidate_finished", i, data={"answer": candidate.answer, "score": candidate.score,
+                                                      "tokens": candidate.usage.completion_tokens}))
+    best = max(range(len(candidates)), key=lambda i: (candidates[i].score, -i))
+    details: dict = {"scorer": scorer.name, "aggregate": opts["aggregate"], "select": opts["select"],
+                     "scores": [c.score for c in candidates], "step_scores": step_scores}
+    if opts["select"] == "weighted":
+        groups = group_answers([c.answer for c in candidates], [c.score for c in candidates])
+        details["votes"] = [{"answer": g.answer, "weight": round(g.weight, 4), "members": g.members} for g in groups]
+        for g in groups:
+            for m in g.members:
+                candidates[m].votes = len(g.members)
+        if groups:
+            best = max(groups[0].members, key=lambda i: (candidates[i].score, -i))
+    ctx.emit(Event("progress", data={"scores": details["scores"], "best": best}))
+    return make_result(ctx, candidates[best], NAME, candidates, ctx.budget.used, details)

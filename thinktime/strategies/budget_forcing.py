@@ -1,0 +1,105 @@
+"""budget: budget forcing as in s1 (Muennighoff et al., 2025): control how long the model thinks.
+
+- Minimum: when the model ends its thinking before `min_tokens`, the end is replaced by "Wait"
+  (or the question language's equivalent, "等等") and the chain continues from there, at most
+  `max_waits` times. The end is the `</think>` tag for models that think in tags, else the end of
+  the turn.
+- Maximum: when the thinking reaches `max_tokens`, it is cut, the thinking is closed, and the
+  model is asked for the final answer with a forced "Final answer: \\boxed{" (at most
+  `answer_tokens` more tokens).
+The chain continues through `Prompt.prefix`, so on the transformers engine the KV cache of the
+chain so far is reused instead of prefilled again.
+"""
+from __future__ import annotations
+
+from thinktime.prompts import detect_language
+from thinktime.reasoning import THINK_CLOSE
+from thinktime.strategies.base import Context, make_result, to_candidate
+from thinktime.strategies.options import Option, positive, read_options
+from thinktime.strategies.sampling import nothing_generated, stream_one
+from thinktime.types import Completion, Event, Prompt, Result
+
+NAME = "budget"
+WAIT = {"en": "Wait", "zh": "等等"}
+FINAL_ANSWER = {"en": "Final answer: \\boxed{", "zh": "最终答案：\\boxed{"}
+OPTIONS = {
+    "min_tokens": Option(0, "thinking tokens to reach before an end is accepted", int, lambda v: v >= 0),
+    "max_tokens": Option(None, "thinking tokens at most, then cut and ask for the answer (default: max_new_tokens)",
+                         int, positive),
+    "max_waits": Option(4, "how many times an early end may be replaced by Wait", int, lambda v: v >= 0),
+    "wait": Option(None, "the word that replaces an early end (default: Wait, or 等等 for Chinese)", str),
+    "answer_tokens": Option(64, "tokens for the final answer after a cut or after closing </think>", int, positive),
+    "think_tags": Option(None, "the model thinks in <think> tags (default: from the model's alias)", bool),
+}
+
+
+def run(ctx: Context) -> Result:
+    opts = read_options(NAME, OPTIONS, ctx.options)
+    lang = detect_language(ctx.question)
+    wait = opts["wait"] or WAIT[lang]
+    think_tags = opts["think_tags"]
+    if think_tags is None:
+        think_tags = bool(getattr(getattr(ctx.engine, "spec", None), "think_tags", False))
+    limit = opts["max_tokens"] or ctx.params.max_new_tokens
+    stop = (THINK_CLOSE,) if think_tags else ()
+    pieces: list[Completion] = []
+    text, thought, waits, call = "", 0, 0, 0
+
+    def add(inserted: str) -> None:  # text thinktime writes into the chain is streamed like the model's
+        nonlocal text
+        text += inserted
+        ctx.emit(Event("delta", 0, inserted))
+
+    def continue_chain(max_new: int, stop_at=()) -> Completion | None:
+        nonlocal text, call
+        completion = stream_one(ctx, Prompt(ctx.prompt.messages, ctx.prompt.prefix + text), max_new, call=call,
+                                stop=stop_at)
+        call += 1
+        if completion is not None:
+            pieces.append(completion)
+            text += completion.text
+        return completion
+
+    ctx.emit(Event("candidate_started", 0))
+    outcome = "cut"
+    while True:
+        room = limit - thought
+        if ctx.budget.remaining is not None:  # keep room for the final answer
+            room = min(room, ctx.budget.remaining - opts["answer_tokens"])
+        if room < 1:
+            break
+        piece = continue_chain(room, stop)
+        if piece is None:
+            break
+        thought += piece.completion_tokens
+        if piece.finish_reason == "cancelled":
+            outcome = "cancelled"
+            break
+        if piece.finish_reason == "length":
+            if thought < limit and ctx.budget.remaining is None:
+                outcome = "ended"  # the engine's own limit (context window): nothing more fits
+            break
+        if thought < opts["min_tokens"] and waits < opts["max_waits"]:
+            waits += 1
+            add(("" if text.endswith(("\n", " ")) or not text else " ") + wait)
+            ctx.emit(Event("progress", data={"waits": waits, "thinking_tokens": thought}))
+            continue
+        outcome = "ended"
+        break
+
+    if outcome == "cut" and not ctx.cancel.is_set():
+        add(("\n" + THINK_CLOSE if think_tags else "") + "\n\n" + FINAL_ANSWER[lang])
+        continue_chain(opts["answer_tokens"])
+    elif outcome == "ended" and think_tags and pieces and pieces[-1].finish_reason == "stop":
+        add(THINK_CLOSE + "\n\n")  # the model closed its thinking: let it write the answer
+        continue_chain(opts["answer_tokens"])
+    if not pieces:
+        return make_result(ctx, nothing_generated(), NAME, [], ctx.budget.used,
+                           {"stop_reason": "cancelled" if ctx.cancel.is_set() else "budget exhausted"})
+    whole = Completion(text, pieces[-1].finish_reason, sum(p.prompt_tokens for p in pieces),
+                       sum(p.completion_tokens for p in pieces))
+    candidate = to_candidate(whole)
+    ctx.emit(Event("candidate_finished", 0, data={"answer": candidate.answer, "tokens": whole.completion_tokens}))
+    details = {"thinking_tokens": thought, "waits": waits, "forced_answer": outcome == "cut",
+               "calls": len(pieces), "min_tokens": opts["min_tokens"], "max_tokens": limit}
+    return make_result(ctx, candidate, NAME, [candidate], ctx.budget.used, details)

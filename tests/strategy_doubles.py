@@ -25,6 +25,7 @@ class ScriptedEngine(Engine):
         self.ordered = not callable(script)
         self.script = iter(script).__next__ if self.ordered else script
         self.calls: list[tuple[list[Prompt], object]] = []
+        self.completion_tokens = 0  # everything it ever generated
 
     def render(self, prompt: Prompt) -> str:
         return "".join(f"{m['role']}: {m['content']}\n" for m in prompt.messages) + "assistant: " + prompt.prefix
@@ -41,6 +42,7 @@ class ScriptedEngine(Engine):
                 text = self.script() if self.ordered else self.script(prompt, k)
                 row.append(self._complete(prompt, text, params))
             out.append(row)
+        self.completion_tokens += sum(c.completion_tokens for row in out for c in row)
         return out
 
     def _complete(self, prompt: Prompt, text: str, params) -> Completion:

@@ -35,7 +35,7 @@ class Thinker:
         if isinstance(engine, Engine):
             self.engine = engine
         else:
-            if model is None:
+            if model is None and not engine.startswith("openai"):  # a server names its own model
                 import torch
 
                 model = models.DEFAULT_GPU_MODEL if torch.cuda.is_available() else models.DEFAULT_CPU_MODEL

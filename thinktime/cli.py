@@ -51,7 +51,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=version_call
 # Options shared by every command that loads a model.
 ModelOpt = typer.Option(None, "--model", "-m", help="Alias, local folder, .gguf file or hub repo id. "
                         "Default: internlm3-8b-instruct on a GPU, the embedded smollm2-135m on a CPU.")
-EngineOpt = typer.Option("transformers", "--engine", help="Inference engine.")
+EngineOpt = typer.Option("transformers", "--engine", help="Inference engine: transformers, vllm, openai, "
+                         "or openai:URL for any OpenAI-compatible server.")
 DeviceOpt = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:1, ...")
 DtypeOpt = typer.Option(None, "--dtype", help="auto (default), bf16, fp16, fp32.")
 LangOpt = typer.Option("auto", "--lang", help="Thinking prompt language: auto (by the question), en, zh.")
@@ -63,6 +64,25 @@ TopPOpt = typer.Option(1.0, "--top-p")
 SeedOpt = typer.Option(None, "--seed", help="Makes sampling reproducible.")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default).")
 SourceOpt = typer.Option(None, "--source", help="Where to download from when needed: hf or modelscope.")
+# Engine options (--engine vllm | openai | openai:URL); None means the engine's default.
+BaseUrlOpt = typer.Option(None, "--base-url", help="--engine openai: the server's URL, e.g. http://127.0.0.1:8000/v1 "
+                          "(or write --engine openai:URL).")
+ApiKeyOpt = typer.Option(None, "--api-key", help="--engine openai: the server's API key "
+                         "(default: $THINKTIME_API_KEY or $OPENAI_API_KEY).")
+TensorParallelOpt = typer.Option(None, "--tensor-parallel-size", help="--engine vllm: GPUs that split each layer.")
+PipelineParallelOpt = typer.Option(None, "--pipeline-parallel-size", help="--engine vllm: GPUs (or nodes) that split "
+                                   "the layers into stages.")
+DataParallelOpt = typer.Option(None, "--data-parallel-size", help="--engine vllm: independent model replicas.")
+ExecutorOpt = typer.Option(None, "--distributed-executor-backend", help="--engine vllm: ray (multi-node) or mp.")
+
+
+def engine_options(base_url=None, api_key=None, tensor_parallel_size=None, pipeline_parallel_size=None,
+                   data_parallel_size=None, distributed_executor_backend=None) -> dict:
+    """The engine options a command was given (unset ones left out, so each engine keeps its defaults)."""
+    values = dict(base_url=base_url, api_key=api_key, tensor_parallel_size=tensor_parallel_size,
+                  pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
+                  distributed_executor_backend=distributed_executor_backend)
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens, temperature,
@@ -146,13 +166,18 @@ def solve(
     strategy: str = typer.Option("cot", "--strategy", "-s", help="Test-time compute strategy."),
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Cap on generated tokens per question."),
     trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
+    base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
+    tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
+    data_parallel_size: Optional[int] = DataParallelOpt, distributed_executor_backend: Optional[str] = ExecutorOpt,
 ) -> None:
     """Think about questions: stream the reasoning live, then print the checked final answer."""
     with friendly_errors():
         items = read_questions(questions or [], file)
         thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
                                 temperature, top_p, seed, trust_remote_code, source, strategy=strategy,
-                                budget_tokens=budget_tokens)
+                                budget_tokens=budget_tokens,
+                                **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
+                                                 data_parallel_size, distributed_executor_backend))
         if as_json:
             for result in thinker.solve_many(items):
                 print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
@@ -178,11 +203,16 @@ def chat(
     no_think: bool = NoThinkOpt, max_new_tokens: Optional[int] = MaxTokensOpt,
     temperature: float = TemperatureOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt,
     trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
+    base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
+    tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
+    data_parallel_size: Optional[int] = DataParallelOpt, distributed_executor_backend: Optional[str] = ExecutorOpt,
 ) -> None:
     """A multi-turn conversation. /reset forgets the history, /exit (or Ctrl-D) leaves."""
     with friendly_errors():
         thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
-                                temperature, top_p, seed, trust_remote_code, source)
+                                temperature, top_p, seed, trust_remote_code, source,
+                                **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
+                                                 data_parallel_size, distributed_executor_backend))
         history: list[dict[str, str]] = []
         err.print(f"[dim]chatting with {thinker.model_name}; /reset to forget, /exit to leave[/]")
         while True:

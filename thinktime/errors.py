@@ -40,6 +40,12 @@ class InsufficientMemoryError(ThinktimeError):
     exit_code = 5
 
 
+class EngineError(ThinktimeError):
+    """An inference engine or model server failed: unreachable, refused the request, or broke off."""
+
+    exit_code = 6
+
+
 # Exit codes documented in the README; 130 is the shell's convention for Ctrl-C.
 EXIT_OK = 0
 EXIT_INTERRUPTED = 130

@@ -1,0 +1,545 @@
+"""The OpenAI-compatible engine: any `/v1` server (vLLM serve, SGLang, LMDeploy, Ollama, the DeepSeek API,
+thinktime's own server) behind the same protocol as the local engines.
+
+What it does with a server:
+
+* **Samples.** One request with `n` where the server supports it; where it rejects `n` (an HTTP
+  400 that names it) or silently returns fewer choices (Ollama), the missing samples are asked
+  for as parallel requests with `n=1`, sample `i` seeded `seed + i` (as vLLM seeds its children).
+  At most `max_parallel` requests are in flight per engine.
+* **Streaming, always.** Every request streams (`stream_options.include_usage`), so `stream()`
+  yields text as the server makes it and a cancel event closes the connection (the server
+  stops generating) and keeps the text made so far, for `generate()` as well.
+* **Retries** with exponential backoff and jitter (honouring `Retry-After`) on 429, 5xx and
+  dropped connections, until text has reached the caller; after that a failure is an error.
+* **Reasoning.** Servers that split thinking out (`reasoning_content`, or `reasoning`) get it
+  folded back as `<think>reasoning</think>answer`, so `thinktime.reasoning.split_reasoning`
+  separates it again exactly as for a local model that thinks in tags.
+* **Token counts** come from the server's `usage`. With `n > 1` a server reports one total for
+  all samples: it is shared among them in proportion to their text length (the sum is exact).
+  `count_tokens` uses the local tokenizer when one is given, else the server's `/tokenize`
+  (vLLM, SGLang, thinktime), else an estimate of 4 characters per token.
+* **Continuing a partial reply** (`Prompt.prefix`): with a local `tokenizer` the prompt is
+  rendered exactly as the local engines render it and sent to `/completions`; without one the
+  chat request carries the prefix as a final assistant message with `continue_final_message`
+  (vLLM, SGLang, thinktime); `continuation="prefix"` uses the DeepSeek API's `prefix: true` (its
+  `/beta` base URL). Servers that support none of these cannot continue a prefix.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from thinktime import models
+from thinktime.engines.base import Engine
+from thinktime.engines.chat import render_chat
+from thinktime.errors import BadInputError, EngineError
+from thinktime.reasoning import THINK_CLOSE, THINK_OPEN
+from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+CONTINUATIONS = ("auto", "completions", "continue_final_message", "prefix")
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class _NotSupported(Exception):
+    """The server rejected a feature (n > 1); the caller falls back."""
+
+
+class _Choice:
+    """One sample's pieces as they stream in."""
+
+    __slots__ = ("reasoning", "content", "finish_reason", "thinking_open", "thinking_closed")
+
+    def __init__(self):
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.finish_reason: str | None = None
+        self.thinking_open = False
+        self.thinking_closed = False
+
+    def add_reasoning(self, text: str) -> str:
+        self.reasoning.append(text)
+        if not self.thinking_open:
+            self.thinking_open = True
+            return THINK_OPEN + text
+        return text
+
+    def add_content(self, text: str) -> str:
+        self.content.append(text)
+        if self.thinking_open and not self.thinking_closed:
+            self.thinking_closed = True
+            return THINK_CLOSE + text
+        return text
+
+    def close(self, finish_reason: str) -> str:
+        """Finish the sample; returns text still owed to a stream (a closing think tag)."""
+        self.finish_reason = finish_reason
+        if self.thinking_open and not self.thinking_closed and finish_reason == "stop":
+            self.thinking_closed = True
+            return THINK_CLOSE
+        return ""
+
+    @property
+    def text(self) -> str:
+        reasoning, content = "".join(self.reasoning), "".join(self.content)
+        if not self.thinking_open:
+            return content
+        return THINK_OPEN + reasoning + (THINK_CLOSE if self.thinking_closed else "") + content
+
+
+class OpenAIEngine(Engine):
+    name = "openai"
+
+    def __init__(self, model: str | None = None, *, base_url: str | None = None, api_key: str | None = None,
+                 device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+                 source: str | None = None, tokenizer: str | None = None, max_parallel: int = 8,
+                 timeout: float = 600.0, max_retries: int = 5, supports_n: bool | None = None,
+                 continuation: str = "auto", extra_body: dict | None = None):
+        del dtype, source  # the server decides; accepted so every engine takes the same options
+        if continuation not in CONTINUATIONS:
+            raise BadInputError(f"unknown continuation mode {continuation!r}", hint=f"use one of {CONTINUATIONS}")
+        if max_parallel < 1:
+            raise BadInputError("max_parallel must be at least 1")
+        self.base_url = normalise_base_url(base_url or os.environ.get("THINKTIME_BASE_URL")
+                                           or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL)
+        self.api_key = api_key if api_key is not None else (os.environ.get("THINKTIME_API_KEY")
+                                                            or os.environ.get("OPENAI_API_KEY"))
+        self.device = device or "remote"
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.supports_n = supports_n
+        self.continuation = continuation
+        self.extra_body = dict(extra_body or {})
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="thinktime-http")
+        self._estimated_warned = False
+        self._tokenize_ok: bool | None = None
+
+        served = self._served_models()
+        self.model_name, info = self._pick_model(model, served)
+        self.context_length = next((info[k] for k in ("max_model_len", "context_length", "context_window")
+                                    if isinstance(info.get(k), int)), None)
+        self.spec = _spec_for(model) or _spec_for(self.model_name)
+        self.tokenizer = None
+        if tokenizer:
+            from transformers import AutoTokenizer
+
+            path = models.resolve(tokenizer, download=False).path
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+    # --- the protocol -------------------------------------------------------------------------
+
+    def render(self, prompt: Prompt) -> str:
+        """With a local tokenizer: exactly what the model sees. Without: a readable transcript (the
+        server applies its own chat template)."""
+        if self.tokenizer is not None:
+            return render_chat(self.tokenizer, prompt)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in prompt.messages) + "assistant: " + prompt.prefix
+
+    def count_tokens(self, text: str) -> int:
+        if self.tokenizer is not None:
+            return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        if self._tokenize_ok is not False:
+            try:
+                body = self._post_json(self._root_url() + "/tokenize",
+                                       {"model": self.model_name, "prompt": text, "add_special_tokens": False})
+                count = body.get("count", len(body.get("tokens", [])))
+                self._tokenize_ok = True
+                return int(count)
+            except EngineError:
+                self._tokenize_ok = False
+        if not self._estimated_warned:
+            self._estimated_warned = True
+            log.warning("%s has no /tokenize endpoint and no local tokenizer was given: token counts of "
+                        "arbitrary text are estimated (4 characters per token); pass tokenizer= for exact ones",
+                        self.base_url)
+        return max(1, round(len(text) / 4)) if text else 0
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
+                 cancel: threading.Event | None = None) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        cancel = cancel or threading.Event()
+        if len(prompts) == 1:
+            return [self._sample(prompts[0], params, cancel, None)]
+        with ThreadPoolExecutor(min(len(prompts), 64), thread_name_prefix="thinktime-prompt") as outer:
+            futures = [outer.submit(self._sample, p, params, cancel, None) for p in prompts]
+            return [f.result() for f in futures]
+
+    def stream(self, prompt: Prompt, params: SamplingParams,
+               cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
+        cancel = cancel or threading.Event()
+        events: queue.Queue = queue.Queue()
+        done = object()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for index, completion in enumerate(self._sample(prompt, params, cancel,
+                                                                lambda i, text: events.put(StreamDelta(i, text)))):
+                    events.put(StreamDelta(index, "", completion))
+            except BaseException as exc:
+                failure.append(exc)
+            finally:
+                events.put(done)
+
+        worker = threading.Thread(target=work, name="thinktime-openai-stream", daemon=True)
+        worker.start()
+        try:
+            while (event := events.get()) is not done:
+                yield event
+        finally:  # the consumer stopped early: close the connections, the server stops generating
+            cancel.set()
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    def _sample(self, prompt: Prompt, params: SamplingParams, cancel: threading.Event,
+                on_delta: Callable[[int, str], None] | None) -> list[Completion]:
+        """`params.n` completions of one prompt: one request with n, parallel n=1 requests for what is missing."""
+        n = params.n
+        done: dict[int, Completion] = {}
+        if n == 1 or self.supports_n is not False:
+            try:
+                done.update(self._pool.submit(self._request, prompt, params, n, params.seed, 0, cancel,
+                                              on_delta).result())
+            except _NotSupported:
+                self.supports_n = False
+            if n > 1 and done:
+                self.supports_n = len(done) >= n
+        missing = [i for i in range(n) if i not in done]
+        if missing and not cancel.is_set():
+            futures = {i: self._pool.submit(self._request, prompt, params, 1,
+                                            None if params.seed is None else params.seed + i, i, cancel, on_delta)
+                       for i in missing}
+            for i, future in futures.items():
+                done.update(future.result())
+        for i in range(n):  # cancelled before the request started
+            done.setdefault(i, Completion("", "cancelled", 0, 0))
+        return [done[i] for i in range(n)]
+
+    def _body(self, prompt: Prompt, params: SamplingParams, n: int, seed: int | None) -> tuple[str, dict]:
+        body: dict = {"model": self.model_name, "max_tokens": params.max_new_tokens, "stream": True,
+                      "stream_options": {"include_usage": True}}
+        if params.greedy:
+            body["temperature"] = 0.0
+        else:
+            body.update(temperature=params.temperature, top_p=params.top_p)
+        if n != 1:
+            body["n"] = n
+        if seed is not None:
+            body["seed"] = seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        body.update(self.extra_body)
+        messages = [dict(m) for m in prompt.messages]
+        if not prompt.prefix:
+            return "/chat/completions", {**body, "messages": messages}
+        mode = self.continuation
+        if mode == "auto":
+            mode = "completions" if self.tokenizer is not None else "continue_final_message"
+        if mode == "completions":
+            if self.tokenizer is None:
+                raise BadInputError("continuing a reply through /completions needs the model's tokenizer",
+                                    hint="pass tokenizer= (an alias or folder) to the openai engine")
+            return "/completions", {**body, "prompt": self.render(prompt)}
+        if mode == "prefix":  # the DeepSeek API (beta): the last assistant message is a prefix
+            return "/chat/completions", {**body, "messages": messages + [
+                {"role": "assistant", "content": prompt.prefix, "prefix": True}]}
+        return "/chat/completions", {**body, "messages": messages + [{"role": "assistant", "content": prompt.prefix}],
+                                     "continue_final_message": True, "add_generation_prompt": False}
+
+    def _request(self, prompt: Prompt, params: SamplingParams, n: int, seed: int | None, offset: int,
+                 cancel: threading.Event, on_delta: Callable[[int, str], None] | None) -> dict[int, Completion]:
+        """One streaming request (retried while nothing has reached the caller); choices keyed offset + index."""
+        import requests
+
+        path, body = self._body(prompt, params, n, seed)
+        emitted = False
+
+        def emit(index: int, text: str) -> None:
+            nonlocal emitted
+            if text and on_delta is not None:
+                emitted = True
+                on_delta(offset + index, text)
+
+        attempt = 0
+        while True:
+            choices: dict[int, _Choice] = {}
+            usage: dict = {}
+            try:
+                response = self._open(path, body, cancel)
+                if response is None:  # cancelled while waiting to retry
+                    return {}
+                try:
+                    for chunk in _events(response):
+                        if cancel.is_set():
+                            break
+                        if chunk.get("error"):
+                            raise EngineError(f"{self.base_url} reported an error mid-stream: "
+                                              f"{_error_text(chunk['error'])}")
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for item in chunk.get("choices") or ():
+                            index = int(item.get("index", 0))
+                            choice = choices.setdefault(index, _Choice())
+                            delta = item.get("delta") or {}
+                            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                            if reasoning:
+                                emit(index, choice.add_reasoning(reasoning))
+                            text = delta.get("content") if "delta" in item else item.get("text")
+                            if text:
+                                emit(index, choice.add_content(text))
+                            if item.get("finish_reason"):
+                                emit(index, choice.close(_finish(item["finish_reason"])))
+                except requests.RequestException as exc:  # the connection dropped mid-stream
+                    raise _Retryable(f"the stream broke off ({type(exc).__name__})") from None
+                finally:
+                    response.close()
+                break
+            except _Retryable as exc:
+                attempt += 1
+                if emitted or attempt > self.max_retries or cancel.is_set():
+                    raise EngineError(f"{self.base_url}{path} failed: {exc}",
+                                      hint="check that the server is up and not overloaded") from None
+                log.info("%s%s: %s; retry %d of %d", self.base_url, path, exc, attempt, self.max_retries)
+                _sleep(exc.retry_after, attempt, cancel)
+        for choice in choices.values():  # the stream ended without a finish reason: we closed it
+            if choice.finish_reason is None:
+                choice.finish_reason = "cancelled" if cancel.is_set() else "length"
+        return self._completions(prompt, choices, usage, offset)
+
+    def _completions(self, prompt: Prompt, choices: dict[int, _Choice], usage: dict,
+                     offset: int) -> dict[int, Completion]:
+        texts = {i: c.text for i, c in choices.items()}
+        prompt_tokens = usage.get("prompt_tokens")
+        if prompt_tokens is None:
+            prompt_tokens = self.count_tokens(self.render(prompt))
+        total = usage.get("completion_tokens")
+        if total is None:
+            counts = {i: self.count_tokens(t) for i, t in texts.items()}
+        else:
+            counts = _share(int(total), {i: len(t) for i, t in texts.items()})
+        return {offset + i: Completion(texts[i], choices[i].finish_reason, int(prompt_tokens), counts[i])
+                for i in sorted(choices)}
+
+    # --- HTTP ---------------------------------------------------------------------------------
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = requests.Session()
+            if self.api_key:
+                session.headers["Authorization"] = f"Bearer {self.api_key}"
+            self._local.session = session
+        return session
+
+    def _root_url(self) -> str:
+        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+
+    def _open(self, path: str, body: dict, cancel: threading.Event):
+        """POST a streaming request; returns the open response, raises _Retryable or EngineError."""
+        import requests
+
+        if cancel.is_set():
+            return None
+        try:
+            response = self._session().post(self.base_url + path, json=body, stream=True,
+                                            timeout=(10, self.timeout))
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retryable(f"cannot reach the server ({type(exc).__name__})") from None
+        if response.status_code == 200:
+            return response
+        text = response.text
+        response.close()
+        if response.status_code in _RETRY_STATUS:
+            raise _Retryable(f"HTTP {response.status_code}: {_error_text(text)}",
+                             retry_after=response.headers.get("Retry-After"))
+        if response.status_code == 400 and body.get("n", 1) > 1 and _mentions_n(text):
+            raise _NotSupported(text)
+        raise _http_error(self.base_url + path, response.status_code, text, self.model_name)
+
+    def _post_json(self, url: str, body: dict) -> dict:
+        import requests
+
+        try:
+            response = self._session().post(url, json=body, timeout=(10, 60))
+        except requests.RequestException as exc:
+            raise EngineError(f"cannot reach {url}: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise _http_error(url, response.status_code, response.text, self.model_name)
+        return response.json()
+
+    def _served_models(self) -> list[dict] | None:
+        """The server's /models list; None when the server has no such endpoint."""
+        import requests
+
+        url = self.base_url + "/models"
+        for attempt in range(1, 4):
+            try:
+                response = self._session().get(url, timeout=(10, 60))
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if attempt == 3:
+                    raise EngineError(f"cannot reach the model server at {self.base_url} ({type(exc).__name__})",
+                                      hint="start the server, or point --base-url at it "
+                                           "(e.g. http://127.0.0.1:8000/v1)") from None
+                time.sleep(0.5 * attempt)
+                continue
+            if response.status_code == 404:
+                return None
+            if response.status_code in _RETRY_STATUS and attempt < 3:
+                time.sleep(0.5 * attempt)
+                continue
+            if response.status_code != 200:
+                raise _http_error(url, response.status_code, response.text, None)
+            try:
+                return list(response.json().get("data") or [])
+            except ValueError:
+                raise EngineError(f"{url} did not answer with JSON: is this an OpenAI-compatible /v1 URL?",
+                                  hint="the base URL usually ends in /v1") from None
+        return None
+
+    @staticmethod
+    def _pick_model(model: str | None, served: list[dict] | None) -> tuple[str, dict]:
+        if served is None:  # no /models endpoint: trust the caller
+            if not model:
+                raise BadInputError("this server does not list its models: name one with --model")
+            return model, {}
+        ids = {m.get("id"): m for m in served if m.get("id")}
+        if not ids:
+            raise EngineError("the server lists no models", hint="load a model into the server first")
+        if not model:
+            first = next(iter(ids))
+            return first, ids[first]
+        if model in ids:
+            return model, ids[model]
+        spec = models.ALIASES.get(model.lower())
+        for candidate in (spec.hf_repo if spec else None, model.split("/")[-1]):
+            for served_id in ids:
+                if candidate and served_id.lower() in (candidate.lower(), candidate.split("/")[-1].lower()):
+                    return served_id, ids[served_id]
+        raise BadInputError(f"the server does not serve {model!r}",
+                            hint=f"it serves: {', '.join(ids)}; pass one of them with --model, or leave --model out")
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: str | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def normalise_base_url(url: str) -> str:
+    """`host:port`, `http://host:port` or `http://host:port/v1` -> `http://host:port/v1` (paths kept)."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    scheme, rest = url.split("://", 1)
+    if "/" not in rest:  # no path given: the OpenAI convention
+        url += "/v1"
+    for suffix in ("/chat/completions", "/completions"):
+        if url.endswith(suffix):
+            url = url[: -len(suffix)]
+    return url
+
+
+def _events(response) -> Iterator[dict]:
+    """Server-sent events: one JSON object per `data:` line until [DONE]."""
+    for raw in response.iter_lines(decode_unicode=False):
+        if not raw or not raw.startswith(b"data:"):
+            continue
+        data = raw[5:].strip()
+        if data == b"[DONE]":
+            return
+        try:
+            yield json.loads(data)
+        except ValueError:
+            continue
+
+
+def _finish(reason: str) -> str:
+    return {"stop": "stop", "eos": "stop", "length": "length", "abort": "cancelled"}.get(reason, "stop")
+
+
+def _share(total: int, weights: dict[int, int]) -> dict[int, int]:
+    """Split `total` among keys in proportion to weights (largest remainder): the parts sum to `total`."""
+    if not weights:
+        return {}
+    if not sum(weights.values()):
+        weights = {k: 1 for k in weights}
+    scale = sum(weights.values())
+    raw = {k: total * w / scale for k, w in weights.items()}
+    parts = {k: int(v) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: raw[k] - parts[k], reverse=True)[: total - sum(parts.values())]:
+        parts[k] += 1
+    return parts
+
+
+def _sleep(retry_after: str | None, attempt: int, cancel: threading.Event) -> None:
+    try:
+        delay = float(retry_after) if retry_after else 0.0
+    except ValueError:
+        delay = 0.0
+    delay = max(delay, min(30.0, 0.5 * 2 ** (attempt - 1))) * (1 + random.random() * 0.25)
+    cancel.wait(delay)
+
+
+def _error_text(payload) -> str:
+    if isinstance(payload, str):
+        try:
+            payload = json.loads(payload)
+        except ValueError:
+            return payload.strip()[:300] or "(empty body)"
+    if isinstance(payload, dict):
+        inner = payload.get("error", payload)
+        if isinstance(inner, dict):
+            return str(inner.get("message") or inner)[:300]
+        if isinstance(inner, str):
+            return inner[:300]
+        if "detail" in payload:
+            return str(payload["detail"])[:300]
+    return str(payload)[:300]
+
+
+def _mentions_n(text: str) -> bool:
+    message = _error_text(text).lower()
+    return any(k in message for k in ("'n'", '"n"', " n ", "n must", "n>1", "n > 1", "parameter n", "`n`",
+                                      "n should", "best_of", "multiple choices", "n=", "field n"))
+
+
+def _http_error(url: str, status: int, text: str, model: str | None) -> EngineError:
+    message = _error_text(text)
+    if status in (401, 403):
+        return EngineError(f"{url} refused the API key (HTTP {status}): {message}",
+                           hint="pass --api-key, or set THINKTIME_API_KEY / OPENAI_API_KEY")
+    if status == 404:
+        return EngineError(f"{url} was not found (HTTP 404): {message}",
+                           hint="check --base-url (it usually ends in /v1)" + (f" and --model ({model})" if model else ""))
+    return EngineError(f"{url} answered HTTP {status}: {message}")
+
+
+def _spec_for(name: str | None) -> models.ModelSpec | None:
+    """The alias behind a served model id (so think-tag models get their prompt), if any."""
+    if not name:
+        return None
+    lowered = name.lower()
+    for spec in models.ALIASES.values():
+        if lowered in (spec.alias, (spec.hf_repo or "").lower(), (spec.hf_repo or "").split("/")[-1].lower()):
+            return spec
+    return None

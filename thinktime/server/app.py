@@ -1,0 +1,522 @@
+"""An OpenAI-compatible chat-completions server on top of one Thinker.
+
+Reasoning and answer travel apart, as DeepSeek's API does: `message.reasoning_content` holds the
+chain of thought and `message.content` the closing statement; streams send `delta.reasoning_content`
+and `delta.content` as tokens are generated (see `streaming.py` for where the answer starts).
+The strategy comes from the model name (`smollm2-135m:self-consistency-8`, `...:sc-16`) or the
+extra body field `{"thinktime": {"strategy": "beam", "n": 8, "budget_tokens": 20000}}`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import re
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from thinktime.api import Thinker
+from thinktime.errors import ThinktimeError
+from thinktime.server.protocol import APIError, ChatRequest, error_type, parse_request
+from thinktime.server.scheduler import Job, QueueFull, Scheduler
+from thinktime.server.streaming import CandidateView, ReasoningStream, reply_split
+from thinktime.strategies import STRATEGIES, get_strategy
+from thinktime.types import Event, StreamDelta
+
+# Short names people type after the colon; each applies only when its target strategy exists.
+STRATEGY_ALIASES = {"sc": "self-consistency", "maj": "self-consistency", "bon": "best-of-n",
+                    "best-of": "best-of-n", "budget-forcing": "budget", "s1": "budget"}
+
+
+@dataclass
+class ServerConfig:
+    api_key: str | None = None
+    served_names: tuple[str, ...] = ()
+    max_queue: int = 64
+    max_batch: int | None = None
+    batch_wait: float = 0.02
+    request_timeout: float = 600.0
+    default_max_tokens: int | None = None
+    max_tokens_limit: int | None = None
+    max_n: int = 16
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+def resolve_strategy(name: str) -> str | None:
+    if name in STRATEGIES:
+        return name
+    target = STRATEGY_ALIASES.get(name)
+    return target if target in STRATEGIES else None
+
+
+def parse_model(model: str, names: tuple[str, ...]) -> tuple[str, str | None, int | None]:
+    """'base[:strategy[-N]]' -> (base, strategy, n); raises a 404 for anything unknown."""
+    base, _, suffix = model.partition(":") if ":" in model and model.split(":", 1)[0] in names else (model, "", "")
+    if base not in names:
+        raise APIError(404, f"The model '{model}' does not exist. This server serves: {', '.join(names)}",
+                       type="invalid_request_error", param="model", code="model_not_found")
+    if not suffix:
+        return base, None, None
+    strategy = resolve_strategy(suffix)
+    if strategy is not None:
+        return base, strategy, None
+    match = re.fullmatch(r"(.+?)-(\d{1,4})", suffix)
+    if match and (strategy := resolve_strategy(match.group(1))) is not None and int(match.group(2)) >= 1:
+        return base, strategy, int(match.group(2))
+    raise APIError(404, f"The model '{model}' does not exist: unknown strategy '{suffix}' "
+                        f"(strategies: {', '.join(STRATEGIES)})", param="model", code="model_not_found")
+
+
+class ChatService:
+    """Turns validated requests into jobs on the scheduler, and their results into OpenAI objects."""
+
+    def __init__(self, thinker: Thinker, config: ServerConfig):
+        self.thinker = thinker
+        self.engine = thinker.engine
+        self.config = config
+        self.names = config.served_names or (thinker.model_name,)
+        self.scheduler = Scheduler(self.engine, max_queue=config.max_queue, max_batch=config.max_batch,
+                                   batch_wait=config.batch_wait)
+        self.context_length = self.engine.context_length
+        self.max_tokens_limit = config.max_tokens_limit or self.context_length or 32768
+        self.default_max_tokens = min(config.default_max_tokens or thinker.max_new_tokens, self.max_tokens_limit)
+        spec = getattr(self.engine, "spec", None)
+        self.think_tags = bool(spec and spec.think_tags)
+        # Counting prompt tokens on the event loop's side must not share the engine's tokenizer,
+        # whose padding state the worker changes while it generates.
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        self._tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else None
+        self._count_lock = threading.Lock()
+
+    # --- building a run ------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        with self._count_lock:
+            if self._tokenizer is not None:
+                return len(self._tokenizer(text, add_special_tokens=False).input_ids)
+            return self.engine.count_tokens(text)
+
+    def prepare(self, req: ChatRequest):
+        base, strategy, suffix_n = parse_model(req.model, self.names)
+        options = req.thinktime
+        if options and options.strategy is not None:
+            strategy = resolve_strategy(options.strategy)
+            if strategy is None:
+                raise APIError(400, f"unknown strategy '{options.strategy}'; choose one of: {', '.join(STRATEGIES)}",
+                               param="thinktime.strategy", code="invalid_value")
+        strategy = strategy or self.thinker.strategy
+        strategy_n = (options.n if options and options.n is not None else None) or suffix_n
+        extra = dict(options.model_extra or {}) if options else {}
+
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if max_tokens is None:
+            max_tokens = self.default_max_tokens
+        elif not 1 <= max_tokens <= self.max_tokens_limit:
+            raise APIError(400, f"{param} must be between 1 and {self.max_tokens_limit}, got {max_tokens}",
+                           param=param, code="invalid_value")
+        if not 1 <= req.n <= self.config.max_n:
+            raise APIError(400, f"n must be between 1 and {self.config.max_n}, got {req.n}", param="n",
+                           code="invalid_value")
+        if req.n > 1 and strategy != "cot":
+            raise APIError(400, f"n > 1 returns independent chains and needs the cot strategy; strategy "
+                                f"'{strategy}' draws its own samples: set thinktime.n (or a model suffix "
+                                f"like ':{strategy}-8') instead", param="n", code="invalid_value")
+        stop = req.stop_strings()
+
+        question, history, system = self._conversation(req)
+        thinker = self.thinker
+        if system is not None or (options and options.lang):
+            thinker = copy.copy(thinker)
+            if system is not None:
+                thinker.system_prompt = system
+            if options and options.lang:
+                thinker.lang = options.lang
+        try:
+            ctx = thinker.context(
+                question, history=history, strategy=strategy,
+                budget_tokens=options.budget_tokens if options else None,
+                options={**extra, **({"n": strategy_n} if strategy_n else {})},
+                max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                stop=stop or None)
+        except ThinktimeError as exc:
+            raise APIError(400, exc.message, param="messages", code="invalid_value") from None
+        rendered = self.engine.render(ctx.prompt)
+        if self.context_length and len(rendered) > self.context_length * 32:  # surely over: skip counting
+            raise self._too_long(None)
+        prompt_tokens = self.count_tokens(rendered)
+        if self.context_length and prompt_tokens >= self.context_length:
+            raise self._too_long(prompt_tokens)
+        if strategy != "cot":
+            _check_options(strategy, ctx.options)
+        return base, strategy, ctx, prompt_tokens
+
+    def _too_long(self, tokens: int | None) -> APIError:
+        size = f"{tokens} tokens" if tokens is not None else "far longer than that"
+        return APIError(400, f"This model's maximum context length is {self.context_length} tokens; "
+                             f"the messages are {size}.", param="messages", code="context_length_exceeded")
+
+    @staticmethod
+    def _conversation(req: ChatRequest) -> tuple[str, list[dict[str, str]], str | None]:
+        messages = req.messages
+        last = messages[-1]
+        if last.role != "user":
+            raise APIError(400, "the last message must come from the user", param="messages", code="invalid_value")
+        question = last.text()
+        if not question.strip():
+            raise APIError(400, "the last user message is empty", param="messages", code="invalid_value")
+        systems = [m.text() for m in messages[:-1] if m.role in ("system", "developer")]
+        history = [{"role": m.role, "content": m.text()} for m in messages[:-1] if m.role in ("user", "assistant")]
+        return question, history, ("\n\n".join(systems) if systems else None)
+
+    # --- non-streaming -------------------------------------------------------------------------
+
+    def make_job(self, loop: asyncio.AbstractEventLoop, strategy: str, ctx, n: int, stream_to=None) -> Job:
+        future = loop.create_future()
+        if stream_to is None and strategy == "cot":
+            params = replace(ctx.params, n=n, max_new_tokens=ctx.budget.cap(ctx.params.max_new_tokens, n))
+            if params.max_new_tokens < 1:
+                raise APIError(400, "budget_tokens leaves no room for n chains", param="thinktime.budget_tokens")
+            return Job(loop, future, prompt=ctx.prompt, params=params)
+        job = Job(loop, future)
+        ctx.cancel = job.cancel
+        if stream_to is None:
+            job.run = lambda cancel: get_strategy(strategy)(ctx)
+            return job
+
+        def push(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(stream_to.put_nowait, item)
+            except RuntimeError:
+                pass
+
+        if strategy == "cot":
+            params = replace(ctx.params, n=n, max_new_tokens=ctx.budget.cap(ctx.params.max_new_tokens, n))
+
+            def run(cancel: threading.Event):
+                try:
+                    for delta in self.engine.stream(ctx.prompt, params, cancel):
+                        push(delta)
+                finally:
+                    push(None)
+        else:
+            ctx.emit = push
+
+            def run(cancel: threading.Event):
+                try:
+                    push(Event("result", result=get_strategy(strategy)(ctx)))
+                finally:
+                    push(None)
+        job.run = run
+        return job
+
+    def completion_body(self, rid: str, model: str, strategy: str, result: Any, prompt_tokens: int) -> dict:
+        created = int(time.time())
+        if isinstance(result, list):  # cot: n completions of one prompt
+            choices = []
+            for i, completion in enumerate(result):
+                reasoning, content = reply_split(completion.text, completion.finish_reason, self.think_tags)
+                choices.append({"index": i, "message": {"role": "assistant", "content": content,
+                                                        "reasoning_content": reasoning, "refusal": None},
+                                "logprobs": None, "finish_reason": _finish(completion.finish_reason)})
+            usage = {"prompt_tokens": result[0].prompt_tokens,
+                     "completion_tokens": sum(c.completion_tokens for c in result)}
+            extension = {"strategy": "cot"}
+        else:
+            reasoning, content = reply_split(result.text, result.finish_reason, self.think_tags)
+            choices = [{"index": 0, "message": {"role": "assistant", "content": content,
+                                                "reasoning_content": reasoning, "refusal": None},
+                        "logprobs": None, "finish_reason": _finish(result.finish_reason)}]
+            usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
+            extension = _extension(result)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "system_fingerprint": None, "choices": choices, "usage": usage, "thinktime": extension}
+
+
+def _check_options(strategy: str, options: dict) -> None:
+    """Unknown or bad strategy options are a 400 now, not an error in the middle of a stream."""
+    from thinktime import strategies
+
+    check = getattr(strategies, "check_options", None)
+    if check is None:
+        return
+    try:
+        check(strategy, {k: v for k, v in options.items() if k != "strategy"})
+    except ThinktimeError as exc:
+        raise APIError(400, exc.message, param="thinktime", code="invalid_value") from None
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _extension(result) -> dict:
+    """thinktime's own fields: the checked answer and, for multi-chain strategies, votes and candidates."""
+    return {"strategy": result.strategy, "answer": result.answer, "answer_method": result.answer_method,
+            "seconds": round(result.seconds, 3),
+            "candidates": [{"answer": c.answer, "votes": c.votes, "score": c.score,
+                            "finish_reason": c.finish_reason, "completion_tokens": c.usage.completion_tokens}
+                           for c in result.candidates],
+            "details": _jsonable(result.details)}
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return json.loads(json.dumps(value, default=str))
+
+
+def _chunk(rid: str, created: int, model: str, choices: list[dict], usage: Any = None, include_usage=False,
+           **extra) -> str:
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None, "choices": choices, **extra}
+    if include_usage:
+        body["usage"] = usage
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _delta(index: int, finish: str | None = None, **fields) -> dict:
+    return {"index": index, "delta": fields, "logprobs": None, "finish_reason": finish}
+
+
+def create_app(thinker: Thinker, config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    service = ChatService(thinker, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(service.scheduler.close)
+
+    app = FastAPI(title="thinktime", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        error = APIError(exc.status_code, str(exc.detail), type=error_type(exc.status_code),
+                         code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse(APIError(400, str(exc.errors()[:1])).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body(),
+                            status_code=500)
+
+    async def check_key(request: Request) -> None:
+        """With a key set, /v1 needs 'Authorization: Bearer <key>' (a dependency, not a middleware:
+        Starlette's BaseHTTPMiddleware would hide client disconnects from the handlers)."""
+        if not config.api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = [Depends(check_key)]
+
+    @app.get("/health")
+    async def health():
+        s = service.scheduler
+        return {"status": "ok", "model": service.names[0], "queued": s.queued, "running": len(s.running),
+                "max_queue": s.max_queue, **s.stats}
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "thinktime"}
+
+    @app.get("/v1/models", dependencies=v1)
+    async def list_models():
+        data = []
+        for name in service.names:
+            data.append(model_card(name))
+            data.extend(model_card(f"{name}:{s}") for s in STRATEGIES if s != "cot")
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=v1)
+    async def get_model(model_id: str):
+        parse_model(model_id, service.names)
+        return model_card(model_id)
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(request: Request):
+        body = await request.body()
+        if len(body) > config.max_body_bytes:
+            raise APIError(413, f"the request body is over {config.max_body_bytes} bytes", code="request_too_large")
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        try:
+            req = parse_request(payload)
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+        base, strategy, ctx, prompt_tokens = service.prepare(req)
+        loop = asyncio.get_running_loop()
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + config.request_timeout
+        if req.stream:
+            events: asyncio.Queue = asyncio.Queue()
+            job = service.make_job(loop, strategy, ctx, req.n, stream_to=events)
+            _submit(service, job)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(service, job, events, rid, req.model, strategy, req.n, include_usage, deadline),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        job = service.make_job(loop, strategy, ctx, req.n)
+        _submit(service, job)
+        try:
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=0.25)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    service.scheduler.withdraw(job)
+                    return Response(status_code=499)
+                if time.monotonic() > deadline:
+                    service.scheduler.withdraw(job)
+                    raise APIError(504, f"the request took longer than {config.request_timeout:g} s",
+                                   type="timeout_error", code="timeout")
+        except asyncio.CancelledError:  # the server is cancelling this handler (client gone, shutdown)
+            service.scheduler.withdraw(job)
+            raise
+        result = _outcome(job)
+        content = service.completion_body(rid, req.model, strategy, result, prompt_tokens)
+        return JSONResponse(content)
+
+    return app
+
+
+def _submit(service: ChatService, job: Job) -> None:
+    try:
+        service.scheduler.submit(job)
+    except QueueFull as exc:
+        raise APIError(429, f"The server is busy ({service.scheduler.max_queue} requests waiting); "
+                            f"retry after {exc.retry_after} s", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+
+
+def _outcome(job: Job):
+    error = job.future.exception()
+    if error is None:
+        return job.future.result()
+    if isinstance(error, ThinktimeError):
+        raise APIError(400, error.message, code="invalid_value")
+    if isinstance(error, asyncio.CancelledError):
+        raise APIError(504, "the request was cancelled before it finished", type="timeout_error", code="cancelled")
+    raise APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")
+
+
+async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: str, model: str, strategy: str,
+                  n: int, include_usage: bool, deadline: float):
+    created = int(time.time())
+    chunk = lambda choices, **kw: _chunk(rid, created, model, choices, None, include_usage, **kw)  # noqa: E731
+    splitters = [ReasoningStream(service.think_tags) for _ in range(n)]
+    view = CandidateView()
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    finished: set[int] = set()
+    try:
+        yield chunk([_delta(i, role="assistant", content="") for i in range(n)])
+        while True:
+            try:
+                item = await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if time.monotonic() > deadline:
+                    service.scheduler.withdraw(job)
+                    error = APIError(504, "the request took longer than the server's timeout",
+                                     type="timeout_error", code="timeout")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    break
+                if job.future.done() and events.empty():
+                    item = None  # the job ended without streaming (withdrawn, failed to start)
+                else:
+                    yield ": waiting\n\n"  # keeps proxies patient and notices a closed connection
+                    continue
+            if item is None:
+                if job.future.done() or await _settled(job):
+                    error = job.future.exception()
+                    if error is not None and not isinstance(error, asyncio.CancelledError):
+                        message = error.message if isinstance(error, ThinktimeError) else \
+                            f"generation failed: {type(error).__name__}"
+                        body = APIError(400 if isinstance(error, ThinktimeError) else 500, message,
+                                        type="invalid_request_error" if isinstance(error, ThinktimeError)
+                                        else "server_error").body()
+                        yield f"data: {json.dumps(body)}\n\n"
+                break
+            if isinstance(item, StreamDelta):  # cot: choice `index` of n
+                splitter = splitters[item.index]
+                if item.text:
+                    reasoning, content = splitter.feed(item.text)
+                    if reasoning:
+                        yield chunk([_delta(item.index, reasoning_content=reasoning)])
+                    if content:
+                        yield chunk([_delta(item.index, content=content)])
+                if item.completion is not None:
+                    c = item.completion
+                    reasoning, content = splitter.finish(c.finish_reason)
+                    if reasoning:
+                        yield chunk([_delta(item.index, reasoning_content=reasoning)])
+                    if content:
+                        yield chunk([_delta(item.index, content=content)])
+                    usage["prompt_tokens"] = c.prompt_tokens
+                    usage["completion_tokens"] += c.completion_tokens
+                    finished.add(item.index)
+                    yield chunk([_delta(item.index, _finish(c.finish_reason))])
+            elif isinstance(item, Event):  # another strategy: its chains as reasoning, then its answer
+                text = ""
+                if item.kind == "delta":
+                    text = view.delta(item.index, item.text)
+                elif item.kind == "candidate_finished":
+                    text = view.finish(item.index, item.data)
+                elif item.kind == "progress":
+                    text = view.progress(item.data)
+                elif item.kind == "result":
+                    result = item.result
+                    text = view.flush(result)
+                    if text:
+                        yield chunk([_delta(0, reasoning_content=text)])
+                    _, content = reply_split(result.text, result.finish_reason, service.think_tags)
+                    if content:
+                        yield chunk([_delta(0, content=content)])
+                    usage = {"prompt_tokens": result.usage.prompt_tokens,
+                             "completion_tokens": result.usage.completion_tokens}
+                    finished.add(0)
+                    yield chunk([_delta(0, _finish(result.finish_reason))], thinktime=_extension(result))
+                    continue
+                if text:
+                    yield chunk([_delta(0, reasoning_content=text)])
+        if include_usage and finished:
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield _chunk(rid, created, model, [], usage, True)
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (or we are done): stop the work
+        if not job.future.done():
+            service.scheduler.withdraw(job)
+
+
+async def _settled(job: Job) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.shield(job.future), timeout=5)
+    except BaseException:
+        pass
+    return job.future.done()

@@ -1,0 +1,222 @@
+"""`thinktime ui`: a Gradio chat that shows the thinking as it happens, and works offline.
+
+The thinking streams into a collapsible panel (a chat message with a title and a pending status),
+the answer below it; multi-chain strategies show their candidates and votes beside the chat. It runs
+on the same core as the server and the CLI: `Thinker.stream` for events, `ReasoningStream` for where
+the answer starts.
+
+Offline: Gradio's telemetry and version check are turned off before it is imported, the default
+theme's fonts are served locally, there is no share link and no server-side rendering (node), and
+the page loads nothing from another host (the browser test checks every request).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from thinktime.api import Thinker
+from thinktime.server.streaming import CandidateView, ReasoningStream, reply_split
+from thinktime.strategies import STRATEGIES
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry, no version check (they call api.gradio.app)
+
+LANGS = ("auto", "en", "zh")
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "$", "right": "$", "display": False}]
+CSS = "#answer-box {min-height: 2em} footer {display: none !important}"
+
+
+class ChatSession:
+    """What one browser tab's request does; independent of Gradio so it can be tested directly."""
+
+    def __init__(self, thinker: Thinker):
+        self.thinker = thinker
+        spec = getattr(thinker.engine, "spec", None)
+        self.think_tags = bool(spec and spec.think_tags)
+
+    def respond(self, question: str, chat: list[dict], history: list[dict], strategy: str = "cot", n: int = 4,
+                budget: float | None = None, lang: str = "auto", max_new_tokens: int | None = None,
+                temperature: float = 0.0, cancel: threading.Event | None = None
+                ) -> Iterator[tuple[list[dict], list[dict], str]]:
+        """Yields (chat messages, thinker history, candidates markdown) as the answer grows."""
+        question = (question or "").strip()
+        if not question:
+            yield chat, history, ""
+            return
+        thinker = self.thinker
+        if lang != thinker.lang:
+            thinker = copy.copy(thinker)
+            thinker.lang = lang
+        chat = chat + [{"role": "user", "content": question},
+                       {"role": "assistant", "content": "",
+                        "metadata": {"title": "💭 Thinking…", "status": "pending"}}]
+        thinking = chat[-1]
+        answer: dict[str, Any] | None = None
+        splitter = ReasoningStream(self.think_tags)
+        view = CandidateView()
+        options = {"n": int(n)} if strategy != "cot" else {}
+        board = ""
+        yield chat, history, board
+        stream = thinker.stream(question, history=history, strategy=strategy, options=options,
+                                budget_tokens=int(budget) if budget else None, cancel=cancel,
+                                max_new_tokens=int(max_new_tokens) if max_new_tokens else None,
+                                temperature=float(temperature))
+        result = None
+        try:
+            for event in stream:
+                if event.kind == "delta":
+                    if strategy == "cot":
+                        reasoning, content = splitter.feed(event.text)
+                    else:
+                        reasoning, content = view.delta(event.index, event.text), ""
+                    thinking["content"] += reasoning
+                    if content:
+                        if answer is None:
+                            answer = {"role": "assistant", "content": ""}
+                            chat.append(answer)
+                        answer["content"] += content
+                elif event.kind == "candidate_finished" and strategy != "cot":
+                    thinking["content"] += view.finish(event.index, event.data)
+                    board = _board_progress(event, board)
+                elif event.kind == "progress":
+                    board = _progress(event.data) or board
+                    if strategy != "cot":
+                        thinking["content"] += view.progress(event.data)
+                elif event.kind == "result":
+                    result = event.result
+                else:
+                    continue
+                yield chat, history, board
+        except Exception as exc:  # shown in the chat; the UI keeps going
+            thinking["metadata"] = {"title": "💭 Thinking (stopped)", "status": "done"}
+            chat.append({"role": "assistant", "content": f"⚠️ {type(exc).__name__}: {exc}"})
+            yield chat, history, board
+            return
+        if result is None:  # stopped
+            thinking["metadata"] = {"title": "💭 Thinking (stopped)", "status": "done"}
+            yield chat, history, board
+            return
+        reasoning, content = reply_split(result.text, result.finish_reason, self.think_tags)
+        if strategy == "cot":
+            thinking["content"] = reasoning or thinking["content"]
+        else:
+            thinking["content"] += view.flush(result)
+        tokens = result.usage.completion_tokens
+        thinking["metadata"] = {"title": f"💭 Thought for {result.seconds:.1f} s · {tokens} tokens", "status": "done",
+                                "duration": round(result.seconds, 1)}
+        if answer is None:
+            answer = {"role": "assistant", "content": ""}
+            chat.append(answer)
+        answer["content"] = _answer_text(result, content)
+        board = _board(result) or board
+        history = history + [{"role": "user", "content": question},
+                             {"role": "assistant", "content": content or result.text[-2000:]}]
+        yield chat, history, board
+
+
+def _answer_text(result, content: str) -> str:
+    lines = [content] if content else []
+    if result.answer is not None:
+        how = "checked: \\boxed{}" if result.answer_method == "boxed" else f"fallback: {result.answer_method}"
+        lines.append(f"**Answer:** `{result.answer}` ({how})")
+    elif not content:
+        lines.append("_(no answer: the chain was cut by the token limit)_" if result.finish_reason == "length"
+                     else "_(the model gave no answer)_")
+    return "\n\n".join(lines)
+
+
+def _progress(data: dict) -> str:
+    votes = data.get("votes") if isinstance(data, dict) else None
+    if isinstance(votes, dict):
+        votes = [{"answer": a, "votes": v} for a, v in votes.items()]
+    if not isinstance(votes, list) or not votes:
+        return ""
+    rows = "\n".join(f"| `{v.get('answer')}` | {v.get('votes')} |" for v in votes if isinstance(v, dict))
+    done = f" ({data['samples']} of {data['n']} chains)" if "samples" in data and "n" in data else ""
+    return f"**Votes so far{done}**\n\n| answer | votes |\n|---|---|\n" + rows
+
+
+def _board_progress(event, board: str) -> str:
+    answer = event.data.get("answer") if isinstance(event.data, dict) else None
+    line = f"- candidate {event.index + 1}: `{answer}`"
+    return (board + "\n" if board else "**Candidates**\n\n") + line
+
+
+def _board(result) -> str:
+    if len(result.candidates) <= 1:
+        return ""
+    rows = []
+    for i, c in enumerate(result.candidates):
+        chosen = " ✔" if c.answer == result.answer and c.answer is not None else ""
+        votes = "" if c.votes is None else c.votes
+        score = "" if c.score is None else f"{c.score:.3f}"
+        rows.append(f"| {i + 1} | `{c.answer}`{chosen} | {votes} | {score} | {c.usage.completion_tokens} |")
+    return (f"**{result.strategy}: {len(result.candidates)} candidates** — answer `{result.answer}`\n\n"
+            "| # | answer | votes | score | tokens |\n|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def build(thinker: Thinker):
+    import gradio as gr
+
+    session = ChatSession(thinker)
+    cancels: dict[str, threading.Event] = {}
+    strategies = list(STRATEGIES)
+
+    def respond(question, chat, history, strategy, n, budget, lang, max_new_tokens, temperature,
+                request: gr.Request):
+        key = getattr(request, "session_hash", None) or "default"
+        cancel = cancels[key] = threading.Event()
+        try:
+            for chat_out, history_out, board in session.respond(question, chat or [], history or [], strategy, n,
+                                                                budget, lang, max_new_tokens, temperature, cancel):
+                yield chat_out, history_out, board, ""
+        finally:
+            cancel.set()
+
+    def stop(request: gr.Request):
+        event = cancels.get(getattr(request, "session_hash", None) or "default")
+        if event is not None:
+            event.set()
+
+    with gr.Blocks(title="thinktime", analytics_enabled=False, fill_height=True) as demo:
+        gr.Markdown(f"### thinktime · `{thinker.model_name}` · the thinking streams in the panel, "
+                    f"the answer below it")
+        history = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=4):
+                chatbot = gr.Chatbot(label="conversation", height=560, latex_delimiters=LATEX, elem_id="chat",
+                                     buttons=["copy"], feedback_options=None)
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask a question (math works best), Enter to send",
+                                          show_label=False, scale=6, elem_id="question", autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
+                    clear = gr.Button("Clear", scale=1, elem_id="clear")
+            with gr.Column(scale=2):
+                strategy = gr.Dropdown(strategies, value=thinker.strategy if thinker.strategy in strategies
+                                       else strategies[0], label="strategy", elem_id="strategy")
+                n = gr.Slider(1, 32, value=4, step=1, label="N (chains for multi-chain strategies)")
+                budget = gr.Number(value=0, precision=0, minimum=0, label="budget (total new tokens, 0 = none)")
+                lang = gr.Radio(list(LANGS), value=thinker.lang, label="thinking prompt language")
+                max_new = gr.Slider(16, max(thinker.max_new_tokens, 64), value=thinker.max_new_tokens, step=16,
+                                    label="max new tokens per chain")
+                temperature = gr.Slider(0.0, 1.5, value=thinker.temperature, step=0.05, label="temperature")
+                board = gr.Markdown("", elem_id="candidates")
+        inputs = [question, chatbot, history, strategy, n, budget, lang, max_new, temperature]
+        outputs = [chatbot, history, board, question]
+        events = [question.submit(respond, inputs, outputs), send.click(respond, inputs, outputs)]
+        stop_btn.click(stop, None, None, cancels=events)
+        clear.click(lambda: ([], [], "", ""), None, [chatbot, history, board, question])
+    demo.queue(default_concurrency_limit=1)  # one engine: requests take turns
+    return demo
+
+
+def launch(thinker: Thinker, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    demo = build(thinker)
+    demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=True, quiet=True,
+                prevent_thread_lock=not block, css=CSS, footer_links=[], mcp_server=False, pwa=False,
+                enable_monitoring=False)
+    return demo

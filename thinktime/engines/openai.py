@@ -220,7 +220,7 @@ class OpenAIEngine(Engine):
                                               on_delta).result())
             except _NotSupported:
                 self.supports_n = False
-            if n > 1 and done:
+            if n > 1 and done and not cancel.is_set():  # remembered: later calls skip the probe
                 self.supports_n = len(done) >= n
         missing = [i for i in range(n) if i not in done]
         if missing and not cancel.is_set():

@@ -17,11 +17,13 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from thinktime.api import Thinker
-from thinktime.server.streaming import CandidateView, ReasoningStream, reply_split
-from thinktime.strategies import STRATEGIES
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry, no version check (both call home)
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry, no version check (they call api.gradio.app)
+import gradio as gr  # noqa: E402  (after the line above)
+
+from thinktime.api import Thinker  # noqa: E402
+from thinktime.server.streaming import CandidateView, ReasoningStream, reply_split  # noqa: E402
+from thinktime.strategies import STRATEGIES  # noqa: E402
 
 LANGS = ("auto", "en", "zh")
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
@@ -52,7 +54,7 @@ class ChatSession:
             thinker.lang = lang
         chat = chat + [{"role": "user", "content": question},
                        {"role": "assistant", "content": "",
-                        "metadata": {"title": "💭 Thinking…", "status": "pending"}}]
+                        "metadata": {"title": "Thinking…", "status": "pending"}}]
         thinking = chat[-1]
         answer: dict[str, Any] | None = None
         splitter = ReasoningStream(self.think_tags)
@@ -91,12 +93,12 @@ class ChatSession:
                     continue
                 yield chat, history, board
         except Exception as exc:  # shown in the chat; the UI keeps going
-            thinking["metadata"] = {"title": "💭 Thinking (stopped)", "status": "done"}
+            thinking["metadata"] = {"title": "Thinking (stopped)", "status": "done"}
             chat.append({"role": "assistant", "content": f"⚠️ {type(exc).__name__}: {exc}"})
             yield chat, history, board
             return
         if result is None:  # stopped
-            thinking["metadata"] = {"title": "💭 Thinking (stopped)", "status": "done"}
+            thinking["metadata"] = {"title": "Thinking (stopped)", "status": "done"}
             yield chat, history, board
             return
         reasoning, content = reply_split(result.text, result.finish_reason, self.think_tags)
@@ -105,7 +107,7 @@ class ChatSession:
         else:
             thinking["content"] += view.flush(result)
         tokens = result.usage.completion_tokens
-        thinking["metadata"] = {"title": f"💭 Thought for {result.seconds:.1f} s · {tokens} tokens", "status": "done",
+        thinking["metadata"] = {"title": f"Thought for {result.seconds:.1f} s · {tokens} tokens", "status": "done",
                                 "duration": round(result.seconds, 1)}
         if answer is None:
             answer = {"role": "assistant", "content": ""}
@@ -158,9 +160,7 @@ def _board(result) -> str:
             "| # | answer | votes | score | tokens |\n|---|---|---|---|---|\n" + "\n".join(rows))
 
 
-def build(thinker: Thinker):
-    import gradio as gr
-
+def build(thinker: Thinker) -> gr.Blocks:
     session = ChatSession(thinker)
     cancels: dict[str, threading.Event] = {}
     strategies = list(STRATEGIES)
@@ -192,9 +192,9 @@ def build(thinker: Thinker):
                 with gr.Row():
                     question = gr.Textbox(placeholder="Ask a question (math works best), Enter to send",
                                           show_label=False, scale=6, elem_id="question", autofocus=True)
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                    stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
-                    clear = gr.Button("Clear", scale=1, elem_id="clear")
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=70, elem_id="send")
+                    stop_btn = gr.Button("Stop", scale=1, min_width=70, elem_id="stop")
+                    clear = gr.Button("Clear", scale=1, min_width=70, elem_id="clear")
             with gr.Column(scale=2):
                 strategy = gr.Dropdown(strategies, value=thinker.strategy if thinker.strategy in strategies
                                        else strategies[0], label="strategy", elem_id="strategy")

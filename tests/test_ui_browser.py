@@ -1,0 +1,89 @@
+"""The web chat in headless Debian chromium: ask, watch the thinking and the answer appear, offline.
+
+Driven by playwright's Python API against the system chromium (`executable_path`), never a
+downloaded browser. The screenshot lands in artifacts/ (gitignored) for a person to look at.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def ui_url(engine):
+    from thinktime import Thinker
+    from thinktime.server.background import free_port
+    from thinktime.ui.app import launch
+
+    thinker = Thinker(engine=engine, max_new_tokens=24)
+    port = free_port()
+    demo = launch(thinker, host="127.0.0.1", port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        print("SKIP reason: Debian chromium is not installed (apt-get install chromium chromium-driver)")
+        pytest.skip("Debian chromium is not installed (apt-get install chromium chromium-driver)")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+def test_ask_see_thinking_then_answer_offline(browser, ui_url):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    foreign: list[str] = []
+    page.on("request", lambda r: foreign.append(r.url) if urlparse(r.url).hostname not in
+            ("127.0.0.1", "localhost", None) and not r.url.startswith(("data:", "blob:")) else None)
+    page.goto(ui_url, wait_until="load", timeout=60_000)
+    page.locator("#question textarea").wait_for(timeout=60_000)
+    page.locator("#question textarea").fill("What is 3 plus 4?")
+    page.locator("#send").click()
+    chat = page.locator("#chat")
+    # the thinking panel appears (collapsible, titled) while the chain streams into it
+    page.get_by_text("Thinking", exact=False).first.wait_for(timeout=60_000)
+    saw_partial = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = chat.inner_text()
+        if "Thought for" in text:
+            break
+        saw_partial = saw_partial or "Thinking…" in text
+        time.sleep(0.1)
+    text = chat.inner_text()
+    assert "Thought for" in text, text  # finished: the panel title says how long it thought
+    assert "What is 3 plus 4?" in text
+    assert saw_partial, "the thinking panel never showed its pending state while streaming"
+    # the answer sits below the panel (24 tokens cut this chain short: the UI says so)
+    assert "no answer" in text or "Answer:" in text, text
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui_chat.png"), full_page=True)
+    # open the thinking panel: the chain of thought is inside it
+    page.get_by_text("Thought for", exact=False).first.click()
+    page.screenshot(path=str(ARTIFACTS / "ui_chat_thinking_open.png"), full_page=True)
+    # a second turn keeps the conversation; this one the small model answers outright
+    page.locator("#question textarea").fill("What is 3+4? Put the answer in \\boxed{}.")
+    page.locator("#send").click()
+    page.wait_for_function("document.querySelector('#chat').innerText.split('Thought for').length > 2",
+                           timeout=120_000)
+    text = chat.inner_text()
+    assert "What is 3 plus 4?" in text and "Put the answer in" in text
+    assert text.count("Thought for") == 2 and "Answer:" in text.split("Put the answer in")[-1], text
+    page.screenshot(path=str(ARTIFACTS / "ui_chat_two_turns.png"), full_page=True)
+    assert not foreign, f"the page loaded from other hosts: {foreign}"
+    page.close()

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from thinktime import models, prompts
 from thinktime.engines import Engine, create_engine
 from thinktime.errors import BadInputError
-from thinktime.strategies import Budget, Context, get_strategy
+from thinktime.strategies import Budget, Context, check_options, get_strategy
 from thinktime.strategies.base import make_result, to_candidate
 from thinktime.types import Event, Prompt, Result, SamplingParams
 
@@ -30,7 +30,7 @@ class Thinker:
                  device: str | None = None, dtype: str | None = None, lang: str = "auto",
                  system_prompt: str | None = None, think: bool = True, max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 strategy: str = "cot", budget_tokens: int | None = None,
+                 strategy: str = "cot", budget_tokens: int | None = None, options: dict | None = None,
                  trust_remote_code: bool = False, source: str | None = None, **engine_options):
         if isinstance(engine, Engine):
             self.engine = engine
@@ -50,7 +50,10 @@ class Thinker:
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.strategy = strategy
         self.budget_tokens = budget_tokens
+        # Settings for `strategy` (n, width, scorer, ...); a solve() that names another strategy starts from none.
+        self.options = dict(options or {})
         get_strategy(strategy)  # fail now, not at the first question
+        check_options(strategy, self.options)
 
     @property
     def model_name(self) -> str:
@@ -90,7 +93,8 @@ class Thinker:
         ctx = Context(question=question, prompt=Prompt.of(self.messages(question, history)), engine=self.engine,
                       params=self.sampling(**sampling),
                       budget=Budget(budget_tokens if budget_tokens is not None else self.budget_tokens),
-                      options=dict(options or {}))
+                      options={**(self.options if (strategy or self.strategy) == self.strategy else {}),
+                               **(options or {})})
         if emit is not None:
             ctx.emit = emit
         if cancel is not None:

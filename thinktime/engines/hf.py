@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from thinktime import models
 from thinktime.engines.base import Engine
+from thinktime.engines.prefix_cache import PrefixCache
 from thinktime.errors import BadInputError, InsufficientMemoryError
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
@@ -143,7 +144,7 @@ class TransformersEngine(Engine):
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, allow_bin: bool = False, source: str | None = None,
-                 max_batch_rows: int = 64):
+                 max_batch_rows: int = 64, prefix_cache_tokens: int = 32768):
         explicit_cpu = device == "cpu"
         self.device = pick_device(device)
         known = models.ALIASES.get(model.strip().lower()) if isinstance(model, str) else None
@@ -177,6 +178,9 @@ class TransformersEngine(Engine):
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.max_batch_rows = max_batch_rows
         self._lock = threading.Lock()  # one generate at a time: the global RNG seed is per call
+        # KV caches of continued prompts (a Prompt.prefix), so a chain that grows step by step is
+        # not prefilled again in full at every step; 0 turns it off.
+        self.prefix_cache = PrefixCache(self.model, prefix_cache_tokens)
 
     def _refuse_cpu_for_large(self, name: str, params_b: float, explicit_cpu: bool) -> None:
         if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
@@ -219,7 +223,8 @@ class TransformersEngine(Engine):
         results: list[list[Completion]] = []
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
-            results.extend(self._run([self.render(p) for p in chunk], params, cancel or threading.Event()))
+            results.extend(self._run([self.render(p) for p in chunk], params, cancel or threading.Event(),
+                                     reuse=all(p.prefix for p in chunk)))
         return results
 
     def stream(self, prompt: Prompt, params: SamplingParams,
@@ -233,7 +238,8 @@ class TransformersEngine(Engine):
 
         def work() -> None:
             try:
-                for index, completion in enumerate(self._run([self.render(prompt)], params, cancel, streamer)[0]):
+                for index, completion in enumerate(self._run([self.render(prompt)], params, cancel, streamer,
+                                                                 reuse=bool(prompt.prefix))[0]):
                     rest = streamer.decoders[index].finish(completion.text)
                     events.put(StreamDelta(index, rest, completion))
             except BaseException as exc:  # surfaced in the consumer's thread
@@ -260,7 +266,7 @@ class TransformersEngine(Engine):
     # --- internals ----------------------------------------------------------------------------
 
     def _run(self, texts: list[str], params: SamplingParams, cancel: threading.Event,
-             streamer: BaseStreamer | None = None) -> list[list[Completion]]:
+             streamer: BaseStreamer | None = None, reuse: bool = False) -> list[list[Completion]]:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         prompt_lengths = enc.attention_mask.sum(dim=1).tolist()
         width = enc.input_ids.shape[1]
@@ -273,7 +279,6 @@ class TransformersEngine(Engine):
             max_new = min(max_new, self.context_length - width)
         kwargs = dict(
             max_new_tokens=max_new,
-            num_return_sequences=params.n,
             eos_token_id=sorted(self.stop_ids),
             pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
@@ -287,11 +292,18 @@ class TransformersEngine(Engine):
         if streamer is not None:
             kwargs["streamer"] = streamer
         device = self.model.device
+        # Each prompt repeated n times, rather than num_return_sequences, which greedy decoding refuses.
+        input_ids = enc.input_ids.repeat_interleave(params.n, 0).to(device)
+        attention_mask = enc.attention_mask.repeat_interleave(params.n, 0).to(device)
         with self._lock, torch.inference_mode():
+            if reuse:
+                rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
+                cached = self.prefix_cache.batch_for(rows, params.n)
+                if cached is not None:
+                    kwargs[self.prefix_cache.kwarg] = cached
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            out = self.model.generate(input_ids=enc.input_ids.to(device),
-                                      attention_mask=enc.attention_mask.to(device), **kwargs)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = out[:, width:].tolist()
         stop_ids = self.stop_ids | {self.tokenizer.pad_token_id}
         completions: list[list[Completion]] = []

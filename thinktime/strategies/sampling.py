@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from thinktime.strategies.base import Context
-from thinktime.types import Completion, Event, Prompt
+from thinktime.types import Candidate, Completion, Event, Prompt, Usage
 
 # Sampling N chains at temperature 0 would give N copies of one chain: multi-sample strategies
 # sample at this temperature unless the caller chose one above 0.
@@ -60,8 +60,6 @@ def stream_one(ctx: Context, prompt: Prompt, max_new_tokens: int, *, index: int 
     return completion
 
 
-def nothing_generated() -> "Candidate":
+def nothing_generated() -> Candidate:
     """The stand-in chosen candidate when the budget allowed no chain at all."""
-    from thinktime.types import Candidate, Usage
-
     return Candidate("", None, None, "length", Usage())

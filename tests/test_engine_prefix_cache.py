@@ -1,0 +1,55 @@
+"""The transformers engine reuses the KV cache of a continued prompt instead of prefilling it again."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from thinktime.types import Prompt, SamplingParams
+
+MESSAGES = [{"role": "user", "content": "What is 12 + 30?"}]
+
+
+@contextmanager
+def no_reuse(engine):
+    engine.prefix_cache.enabled = False
+    try:
+        yield
+    finally:
+        engine.prefix_cache.enabled = True
+
+
+def test_a_growing_prefix_is_prefilled_only_once(engine):
+    engine.prefix_cache.clear()
+    first = Prompt.of(MESSAGES, prefix="Let me add.\n\n")
+    step = engine.generate([first], SamplingParams(max_new_tokens=8))[0][0]
+    computed = engine.prefix_cache.computed_tokens
+    assert computed == step.prompt_tokens - 1  # everything but the last prompt token
+    second = Prompt.of(MESSAGES, prefix=first.prefix + step.text + "\n\n")
+    again = engine.generate([second], SamplingParams(max_new_tokens=8))[0][0]
+    new_tokens = engine.prefix_cache.computed_tokens - computed
+    # only the step and the delimiter were prefilled (a few tokens of slack for re-tokenisation)
+    assert new_tokens <= again.prompt_tokens - step.prompt_tokens + 3
+    assert engine.prefix_cache.reused_tokens >= step.prompt_tokens - 4
+
+
+def test_reuse_gives_the_same_continuations(engine):
+    prompts = [Prompt.of(MESSAGES, prefix="First,"), Prompt.of([{"role": "user", "content": "Name a colour."}],
+                                                                prefix="Sure")]
+    greedy = SamplingParams(max_new_tokens=12)
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.8, n=2, seed=5)
+    with no_reuse(engine):
+        expected = [engine.generate(prompts, greedy), engine.generate(prompts, sampled)]
+    engine.generate(prompts, greedy)  # fill the cache
+    got = [engine.generate(prompts, greedy), engine.generate(prompts, sampled)]
+    for want, have in zip(expected, got):
+        assert [[c.token_ids for c in row] for row in want] == [[c.token_ids for c in row] for row in have]
+        assert [[c.completion_tokens for c in row] for row in want] == [[c.completion_tokens for c in row]
+                                                                         for row in have]
+    streamed = "".join(d.text for d in engine.stream(prompts[0], greedy))
+    assert streamed == expected[0][0][0].text
+
+
+def test_fresh_prompts_do_not_touch_the_cache_and_greedy_n_works(engine):
+    engine.prefix_cache.clear()
+    rows = engine.generate([Prompt.of(MESSAGES)], SamplingParams(max_new_tokens=6, n=2))[0]
+    assert not engine.prefix_cache.entries
+    assert rows[0].token_ids == rows[1].token_ids  # greedy n > 1: n equal chains, not an error

@@ -1,31 +1,31 @@
 """`thinktime eval` and `thinktime report`. Light at import time: the heavy work is imported inside."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from thinktime.cli import (DeviceOpt, DtypeOpt, EngineOpt, LangOpt, MaxTokensOpt, ModelOpt, NoThinkOpt, SourceOpt,
-                           SystemPromptOpt, TopPOpt, TrustOpt, _make_thinker, app, err, friendly_errors, out)
+from thinktime.cli import (ApiKeyOpt, BaseUrlOpt, DataParallelOpt, DeviceOpt, DtypeOpt, EngineOpt, ExecutorOpt, LangOpt,
+                           MaxTokensOpt, ModelOpt, NoThinkOpt, PipelineParallelOpt, SourceOpt, SystemPromptOpt,
+                           TensorParallelOpt, TopPOpt, TrustOpt, _make_thinker, app, engine_options, err,
+                           friendly_errors, out)
 from thinktime.errors import BadInputError
 
 DEFAULT_RUNS_DIR = Path("runs")
 
 
 def parse_options(items: list[str]) -> dict:
-    """`--option width=4 --option judge=self` -> {"width": 4, "judge": "self"} (values read as JSON when they can be)."""
+    """`--option width=4 --option scorer=self` -> {"width": 4, "scorer": "self"}."""
+    from thinktime.strategies.options import parse_value
+
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise BadInputError(f"bad --option {item!r}", hint="use --option key=value, e.g. --option width=4")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
+        options[key.strip()] = parse_value(value)
     return options
 
 
@@ -66,6 +66,8 @@ def eval_command(
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Token cap per problem for "
                                                 "registry strategies."),
     option: list[str] = typer.Option([], "--option", help="Strategy option key=value (repeatable)."),
+    scale_option: Optional[str] = typer.Option(None, "--scale-option", help="The strategy option that -n sets "
+                                               "(default: n, rounds, max_tokens, width or iterations by strategy)."),
     batch_problems: Optional[int] = typer.Option(None, "--batch-problems", help="Problems per engine call "
                                                  "(default: 8 sequences per call)."),
     save_text: bool = typer.Option(True, "--save-text/--no-save-text", help="Keep each chain's text in the records."),
@@ -73,6 +75,9 @@ def eval_command(
     dtype: Optional[str] = DtypeOpt, lang: str = LangOpt, system_prompt: Optional[Path] = SystemPromptOpt,
     no_think: bool = NoThinkOpt, max_new_tokens: Optional[int] = MaxTokensOpt, top_p: float = TopPOpt,
     trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
+    base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
+    tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
+    data_parallel_size: Optional[int] = DataParallelOpt, distributed_executor_backend: Optional[str] = ExecutorOpt,
 ) -> None:
     """Measure accuracy against thinking time; resumable (rerun the same command after a crash)."""
     with friendly_errors():
@@ -86,13 +91,16 @@ def eval_command(
         if batch_problems is not None and batch_problems < 1:
             raise BadInputError("--batch-problems must be at least 1")
         settings = Settings(strategy=strategy, ns=ns, seed=seed, batch_problems=batch_problems,
-                            options=parse_options(option), budget_tokens=budget_tokens, save_text=save_text)
+                            options=parse_options(option), budget_tokens=budget_tokens, save_text=save_text,
+                            scale_option=scale_option)
         data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, data_seed=data_seed)
         if temperature is None:
             temperature = 0.0 if settings.max_n == 1 else DEFAULT_SAMPLING_TEMPERATURE
+        check_settings(settings, temperature)
         thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
-                                temperature, top_p, seed, trust_remote_code, source)
-        check_settings(thinker, settings)
+                                temperature, top_p, seed, trust_remote_code, source,
+                                **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
+                                                 data_parallel_size, distributed_executor_backend))
         config = build_config(thinker, data, settings)
         folder = output or default_folder(config, config_hash(config))
         with RunStore(folder, config) as store:

@@ -68,12 +68,12 @@ class RunSummary:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _label(strategy: str, k: int, ns: list[int], sampled: bool) -> str:
+def _label(strategy: str, k: int, ns: list[int], sampled: bool, scale: str | None) -> str:
     if sampled:
         if strategy == "cot" and ns == [1]:
             return "cot"
         return "sample@1" if k == 1 else f"maj@{k}"
-    return f"{strategy} n={k}"
+    return f"{strategy} {scale}={k}" if scale else strategy
 
 
 def run_name(config: dict) -> str:
@@ -96,7 +96,7 @@ def summarize(folder: str | Path) -> RunSummary:
         if sampled and records:
             estimate = sum(pass_at_k(len(r["candidates"]), sum(c["correct"] for c in r["candidates"]), k)
                            for r in records if len(r["candidates"]) >= k) / len(records)
-        points.append(Point(_label(config.get("strategy", "?"), k, ns, sampled), k, len(rows),
+        points.append(Point(_label(config.get("strategy", "?"), k, ns, sampled, config.get("scale_option")), k, len(rows),
                             sum(bool(r["correct"]) for r in rows), sum(bool(r["simple"]) for r in rows),
                             sum(r["tokens"] for r in rows) / len(rows) if rows else 0.0, estimate))
     disagreements: dict[tuple, Disagreement] = {}
@@ -223,8 +223,8 @@ def plot(summaries: list[RunSummary], path: str | Path) -> Path:
             continue
         xs = [p.avg_tokens for p in points]
         ys = [100 * p.accuracy for p in points]
-        lows = [100 * (p.accuracy - p.interval[0]) for p in points]
-        highs = [100 * (p.interval[1] - p.accuracy) for p in points]
+        lows = [max(0.0, 100 * (p.accuracy - p.interval[0])) for p in points]
+        highs = [max(0.0, 100 * (p.interval[1] - p.accuracy)) for p in points]
         ax.errorbar(xs, ys, yerr=[lows, highs], marker="o", capsize=3, label=f"{s.name} ({s.problems} problems)")
         for p, x, y in zip(points, xs, ys):
             ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)

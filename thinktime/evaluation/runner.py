@@ -5,7 +5,9 @@ Two paths:
   every smaller n from the first k of the same samples (maj@k by thinktime.voting; pass@k in the
   report). Several problems share one engine call when n is small.
 - any other strategy in thinktime.strategies: run it through the registry with a Context from
-  Thinker.context, once per n in the list (options["n"] = n), each run graded on its own.
+  Thinker.context, once per value in the list, each run graded on its own. The list sets the
+  strategy's own size knob (SCALE_OPTION: best-of-n's n, reflect's rounds, budget's max_tokens,
+  beam's width, mcts's iterations), or the option named by `scale_option`.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from thinktime.evaluation.store import RunStore
 SAMPLED = {"cot": "cot", "self-consistency": "self-consistency", "sc": "self-consistency",
            "majority": "self-consistency"}
 DEFAULT_SAMPLING_TEMPERATURE = 0.7
+# What -n sets for each registry strategy: the knob that spends more compute as it grows.
+SCALE_OPTION = {"self-consistency": "n", "best-of-n": "n", "reflect": "rounds", "budget": "max_tokens",
+                "beam": "width", "mcts": "iterations"}
 
 
 @dataclass
@@ -34,6 +39,7 @@ class Settings:
     options: dict[str, Any] = field(default_factory=dict)  # strategy options for registry strategies
     budget_tokens: int | None = None
     save_text: bool = True
+    scale_option: str | None = None  # registry strategies: the option -n sets (default SCALE_OPTION)
 
     @property
     def sampled(self) -> bool:
@@ -42,6 +48,21 @@ class Settings:
     @property
     def max_n(self) -> int:
         return max(self.ns)
+
+    @property
+    def scale(self) -> str | None:
+        """The strategy option that -n sets (None on the n-list path)."""
+        if self.sampled:
+            return None
+        return self.scale_option or SCALE_OPTION.get(self.strategy)
+
+    def strategy_options(self, k: int) -> dict[str, Any]:
+        if self.scale is None:
+            if self.ns != [1]:
+                raise BadInputError(f"strategy {self.strategy!r} has no size option for -n to set",
+                                    hint="pass --scale-option NAME, or use -n 1")
+            return dict(self.options)
+        return {**self.options, self.scale: k}
 
 
 def parse_ns(text: str | Sequence[int]) -> list[int]:
@@ -81,20 +102,24 @@ def build_config(thinker, dataset: Dataset, settings: Settings) -> dict[str, Any
         "system_prompt_sha": hashlib.sha256(probe.encode()).hexdigest()[:12],
         "lang": thinker.lang,
         "options": settings.options,
+        "scale_option": settings.scale,
         "budget_tokens": settings.budget_tokens,
         "grader": GRADER_VERSION,
     }
 
 
-def check_settings(thinker, settings: Settings) -> None:
-    from thinktime.strategies import get_strategy
+def check_settings(settings: Settings, temperature: float) -> None:
+    """Refuse what cannot work, before any model loads."""
+    from thinktime.strategies import check_options, get_strategy
 
     if not settings.sampled:
         get_strategy(settings.strategy)  # a clear error for an unknown name, before any work
+        for k in settings.ns:
+            check_options(settings.strategy, settings.strategy_options(k))
     elif settings.budget_tokens is not None:
         raise BadInputError(f"--budget-tokens does not apply to {settings.strategy} with an n-list",
                             hint="cap each chain with --max-new-tokens instead")
-    if settings.max_n > 1 and thinker.temperature <= 0 and settings.sampled:
+    if settings.max_n > 1 and temperature <= 0 and settings.sampled:
         raise BadInputError(f"-n {settings.max_n} with greedy decoding draws {settings.max_n} identical chains",
                             hint=f"sample with --temperature > 0 (e.g. {DEFAULT_SAMPLING_TEMPERATURE}), or use -n 1")
 
@@ -158,7 +183,7 @@ def _strategy_record(thinker, problem: Problem, settings: Settings) -> dict:
     by_k, candidates, seconds, prompt_tokens, tokens = {}, [], 0.0, 0, 0
     for k in settings.ns:
         ctx = thinker.context(problem.question, strategy=settings.strategy, budget_tokens=settings.budget_tokens,
-                              options={**settings.options, "n": k}, seed=problem_seed(settings.seed, problem.id))
+                              options=settings.strategy_options(k), seed=problem_seed(settings.seed, problem.id))
         started = time.perf_counter()
         result = strategy(ctx)
         spent = time.perf_counter() - started
@@ -181,7 +206,7 @@ def _strategy_record(thinker, problem: Problem, settings: Settings) -> dict:
 def run_eval(thinker, dataset: Dataset, store: RunStore, settings: Settings,
              on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Evaluate every problem of `dataset` not yet in `store`; returns all the run's records."""
-    check_settings(thinker, settings)
+    check_settings(settings, thinker.temperature)
     pending = [p for p in dataset.problems if p.id not in store.done]
     if settings.sampled:
         per_call = settings.batch_problems or max(1, 8 // settings.max_n)

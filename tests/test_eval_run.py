@@ -1,0 +1,174 @@
+"""End to end: the embedded model evaluated on `arith`, a run killed with SIGKILL and resumed, reports and plots."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from thinktime import Thinker
+from thinktime.cli import app
+from thinktime.evaluation.datasets import load_dataset
+from thinktime.evaluation.report import PLOT, summarize, write_report
+from thinktime.evaluation.runner import Settings, build_config, run_eval
+from thinktime.evaluation.store import RECORDS, RunStore, read_records
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def evaluate(thinker, dataset, settings, folder):
+    config = build_config(thinker, dataset, settings)
+    seen = []
+    with RunStore(folder, config) as store:
+        records = run_eval(thinker, dataset, store, settings, on_record=seen.append)
+    return records, seen
+
+
+@pytest.fixture(scope="module")
+def runs(engine, tmp_path_factory):
+    """Two real runs of the embedded model on three level-1 problems: greedy cot, and sampled n = 1,2."""
+    base = tmp_path_factory.mktemp("runs")
+    data = load_dataset("arith:1", limit=3)
+    cot = Thinker(engine=engine, max_new_tokens=48)
+    sampled = Thinker(engine=engine, max_new_tokens=24, temperature=0.7)
+    return {
+        "data": data,
+        "cot": (base / "cot", *evaluate(cot, data, Settings("cot", [1]), base / "cot")),
+        "sc": (base / "sc", *evaluate(sampled, data, Settings("self-consistency", [1, 2], seed=3), base / "sc")),
+    }
+
+
+def test_a_complete_eval_writes_one_graded_record_per_problem(runs):
+    folder, records, seen = runs["cot"]
+    assert [r["id"] for r in records] == [p.id for p in runs["data"].problems]
+    assert [r["id"] for r in seen] == [r["id"] for r in records]  # each reported as it finished
+    assert read_records(folder) == records  # and on disk
+    for record, problem in zip(records, runs["data"].problems):
+        assert record["gold"] == problem.gold and record["question"] == problem.question
+        (candidate,) = record["candidates"]
+        assert 0 < candidate["tokens"] <= 48 and candidate["finish"] in ("stop", "length")
+        assert candidate["text"]
+        assert record["chosen"] == candidate["answer"]
+        assert record["correct"] == candidate["correct"]
+        assert record["by_k"]["1"]["tokens"] == candidate["tokens"] == record["completion_tokens"]
+        assert record["seconds"] > 0 and record["prompt_tokens"] > 0
+    assert json.loads((folder / "config.json").read_text())["config"]["max_new_tokens"] == 48
+
+
+def test_smaller_n_come_from_the_same_samples(runs):
+    _, records, _ = runs["sc"]
+    for record in records:
+        candidates = record["candidates"]
+        assert len(candidates) == 2
+        one, two = record["by_k"]["1"], record["by_k"]["2"]
+        assert one["answer"] == candidates[0]["answer"]  # maj@1 is the first sample
+        assert one["tokens"] == candidates[0]["tokens"]
+        assert two["tokens"] == candidates[0]["tokens"] + candidates[1]["tokens"]
+        assert two["answer"] in (candidates[0]["answer"], candidates[1]["answer"])
+        assert record["chosen"] == two["answer"]
+    summary = summarize(runs["sc"][0])
+    assert [p.label for p in summary.points] == ["sample@1", "maj@2"]
+    assert all(0.0 <= p.pass_at_k <= 1.0 for p in summary.points)
+    assert summary.points[1].pass_at_k >= summary.points[0].pass_at_k
+
+
+def test_a_registry_strategy_runs_once_per_n(engine, tmp_path):
+    data = load_dataset("arith:1", limit=1)
+    thinker = Thinker(engine=engine, max_new_tokens=32)
+    settings = Settings("budget", [8, 16], options={"answer_tokens": 6})
+    (record,), _ = evaluate(thinker, data, settings, tmp_path)
+    assert set(record["by_k"]) == {"8", "16"}
+    for k, point in record["by_k"].items():
+        assert 0 < point["tokens"] <= int(k) + 6
+    assert [p.label for p in summarize(tmp_path).points] == ["budget max_tokens=8", "budget max_tokens=16"]
+
+
+def test_report_table_markdown_and_plot(runs, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(runs["cot"][0]), str(runs["sc"][0]), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "accuracy against thinking tokens" in result.output and "maj@2" in result.output
+    markdown = (out / "report.md").read_text()
+    for expected in ("| cot ·", "maj@2", "sample@1", "[95% CI]", "At equal token budgets", "pass@k",
+                     "Grader disagreements", PLOT):
+        assert expected in markdown
+    png = out / PLOT
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_grader_disagreements_are_listed(tmp_path):
+    config = {"model": "m", "dataset": "d", "strategy": "cot", "n": [1]}
+    with RunStore(tmp_path, config) as store:
+        candidate = {"answer": "\\frac{\\sqrt{3}}{2}", "tokens": 5, "correct": True, "simple": False}
+        store.append({"id": "p1", "gold": "\\frac{\\sqrt3}{2}", "candidates": [candidate], "chosen": candidate["answer"],
+                      "correct": True, "simple": False, "completion_tokens": 5, "seconds": 0.1,
+                      "by_k": {"1": {"answer": candidate["answer"], "correct": True, "simple": False, "tokens": 5}}})
+    summaries, md, png = write_report([tmp_path])
+    assert len(summaries[0].disagreements) == 1
+    assert "`\\frac{\\sqrt{3}}{2}`" in md.read_text() and png.is_file()
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a thinktime run" in result.output
+
+
+def _eval_command(folder: Path, max_new_tokens: int = 8) -> list[str]:
+    # the console script, as users run it (`python -m thinktime.cli` would build a second app without area commands)
+    return [str(Path(sys.executable).parent / "thinktime"), "eval", "-d", "arith:2", "--limit", "5", "--batch-problems", "1",
+            "--max-new-tokens", str(max_new_tokens), "--output", str(folder)]
+
+
+def test_a_killed_eval_resumes_without_loss_or_duplicates(tmp_path):
+    folder = tmp_path / "run"
+    records = folder / RECORDS
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_eval_command(folder), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if records.is_file() and records.read_bytes().count(b"\n") >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"eval ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        assert records.is_file(), "no record written within the deadline"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = records.read_bytes()
+    kept = before[: before.rfind(b"\n") + 1]
+    done_before = kept.count(b"\n")
+    assert 1 <= done_before < 5
+
+    resumed = subprocess.run(_eval_command(folder), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming, {done_before}/5 done" in resumed.stderr
+    after = records.read_bytes()
+    assert after.startswith(kept)  # nothing recorded before the kill was redone or rewritten
+    ids = [json.loads(line)["id"] for line in after.decode().splitlines()]
+    assert ids == [f"arith-L2-{i:04d}" for i in range(5)]  # no loss, no duplicates, in order
+    assert "report:" in resumed.stdout and (folder / PLOT).is_file()
+
+    again = subprocess.run(_eval_command(folder), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and records.read_bytes() == after  # a finished run redoes nothing
+
+    changed = subprocess.run(_eval_command(folder, max_new_tokens=9), cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert changed.returncode == 2
+    assert "different configuration" in changed.stderr and "max_new_tokens: 8 -> 9" in changed.stderr
+    assert records.read_bytes() == after

@@ -1,0 +1,105 @@
+"""The STaR filter, rationalisation and pairing on fixed rationales: exact outcomes, no model."""
+from __future__ import annotations
+
+import pytest
+
+from thinktime.bootstrap.filter import Sample, grade_texts, incorrect, keep_correct, keep_rationalised, make_pairs
+from thinktime.bootstrap.hints import derives_answer, mentions_hint, quotes_hint, with_hint
+
+Q = "What is 47 + 38?"
+
+
+# --- quoting the hint ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", [
+    "47 + 38 = 85. So the answer is \\boxed{85}.",
+    "First add the tens: 40 + 30 = 70. Then the ones: 7 + 8 = 15. Total: 70 + 15 = 85.",
+    "47 plus 38 equals 85",
+    "$47 + 38 = \\boxed{85}$",
+    "47 + 38 = **85**\n\nThe answer is 85.",        # later mentions after the derivation are fine
+    "47 + 38 is equal to 85.",
+    "47加38等于85。",
+])
+def test_derived_answers_do_not_quote_the_hint(text):
+    assert not quotes_hint(text, "85", Q)
+
+
+@pytest.mark.parametrize("text,why", [
+    ("The hint says the answer is 85, so \\boxed{85}.", "names the hint"),
+    ("As HINTED, 47 + 38 = 85.", "names the hint in capitals"),
+    ("根据提示，47 + 38 = 85。", "names the hint in Chinese"),
+    ("The correct answer is 85. Indeed 47 + 38 = 85.", "copies the hint's wording"),
+    ("The answer is 85. Check: 47 + 38 = 85.", "states the answer before deriving it"),
+    ("\\boxed{85}", "never derives it"),
+    ("47 + 38 makes 85.", "no result of a computation"),
+])
+def test_quoting_the_hint(text, why):
+    assert quotes_hint(text, "85", Q), why
+
+
+def test_whole_numbers_only():
+    assert derives_answer("8.5 + 76.5 = 85", "85")
+    assert derives_answer("47 + 38 = 185 - 100 = 85", "85")  # 185 does not hold 85 as a whole number
+    assert not derives_answer("x = 850", "85")
+    assert not derives_answer("x = 8.5", "85")
+    assert derives_answer("1,000 + 234 = 1,234", "1234")  # thousands separators are the same number
+    assert derives_answer("5 - 12 = -7", "-7")
+
+
+def test_answer_also_in_the_question_needs_a_derivation_only():
+    question = "What is 60 - 30?"
+    assert not quotes_hint("Take 30 away from 60: 60 - 30 = 30.", "30", question)
+    assert quotes_hint("It is 30.", "30", question)
+
+
+def test_mentions_and_hint_text():
+    assert mentions_hint("no hint needed")
+    assert not mentions_hint("47 + 38 = 85")
+    hinted = with_hint(Q, "85")
+    assert hinted.startswith(Q) and "85" in hinted and "hint" in hinted.lower()
+    assert "提示" in with_hint("47加38等于多少?", "85", "zh")
+
+
+# --- the STaR filter ----------------------------------------------------------------------------
+
+def test_grading_uses_the_answer_fallbacks():
+    samples = grade_texts(["47 + 38 = 85", "It is \\boxed{86}.", "The answer is 85.", "no idea"], "85",
+                          ["stop", "stop", "length", "stop"])
+    assert [s.correct for s in samples] == [True, False, True, False]
+    assert [s.answer for s in samples] == ["85", "86", "85", None]
+    assert [s.usable for s in samples] == [True, False, False, False]  # a cut-off chain is never kept
+
+
+def test_keep_correct_distinct_in_order():
+    samples = [Sample("a = 85", "85", "stop", True), Sample("wrong 84", "84", "stop", False),
+               Sample("a  =  85", "85", "stop", True),   # the same text up to whitespace
+               Sample("b = 85", "85", "stop", True), Sample("c = 85", "85", "length", True)]
+    assert keep_correct(samples, keep=1) == ["a = 85"]
+    assert keep_correct(samples, keep=5) == ["a = 85", "b = 85"]
+    assert keep_correct([Sample("x", "84", "stop", False)], keep=3) == []
+
+
+def test_rationalisation_drops_quotes_and_counts_them():
+    texts = ["The hint says 85. \\boxed{85}",           # correct but quotes the hint
+             "47 + 38 = 85",                            # kept
+             "47 + 38 = 84",                            # wrong
+             "Answer: 85 because 47 + 38 = 85",         # states it first: quotes
+             "40 + 30 = 70, 7 + 8 = 15, 70 + 15 = 85"]  # kept
+    samples = grade_texts(texts, "85")
+    kept, quoted = keep_rationalised(samples, "85", Q, keep=5)
+    assert kept == ["47 + 38 = 85", "40 + 30 = 70, 7 + 8 = 15, 70 + 15 = 85"]
+    assert quoted == 2
+    assert keep_rationalised(samples, "85", Q, keep=1) == (["47 + 38 = 85"], 2)
+
+
+def test_incorrect_finished_first():
+    samples = [Sample("w1", "1", "length", False), Sample("ok", "85", "stop", True),
+               Sample("w2", "2", "stop", False), Sample("w2", "2", "stop", False), Sample(" ", None, "stop", False)]
+    assert incorrect(samples) == ["w2", "w1"]
+
+
+def test_pairs():
+    assert make_pairs(["c1"], ["r1", "r2", "r3"], max_pairs=2) == [("c1", "r1"), ("c1", "r2")]
+    assert make_pairs(["c1", "c2"], ["r1"], max_pairs=5) == [("c1", "r1"), ("c2", "r1")]
+    assert make_pairs(["c1", "c2"], ["r1", "r2", "r3"], max_pairs=9) == [("c1", "r1"), ("c2", "r2"), ("c1", "r3")]
+    assert make_pairs([], ["r1"], 2) == [] and make_pairs(["c1"], [], 2) == [] and make_pairs(["c"], ["r"], 0) == []

@@ -1,0 +1,159 @@
+"""`thinktime bootstrap` and `thinktime train`. Light at import time: the heavy work is imported inside."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from thinktime.cli import (ApiKeyOpt, BaseUrlOpt, DataParallelOpt, DeviceOpt, DtypeOpt, EngineOpt, ExecutorOpt,
+                           LangOpt, ModelOpt, PipelineParallelOpt, TensorParallelOpt, app, engine_options, err,
+                           friendly_errors, out)
+from thinktime.errors import BadInputError
+
+EpochsOpt = typer.Option(3.0, "--epochs", help="Training epochs.")
+LrOpt = typer.Option(None, "--lr", help="Learning rate (default by method: sft 3e-5 full / 2e-4 LoRA, "
+                     "dpo 1e-6 / 5e-6, rm 1e-5 / 1e-4).")
+BatchOpt = typer.Option(8, "--batch-size", help="Rows per training step (per device).")
+AccumOpt = typer.Option(1, "--grad-accum", help="Gradient accumulation steps.")
+MaxLenOpt = typer.Option(1024, "--max-length", help="Longest training sequence in tokens.")
+LoraOpt = typer.Option(False, "--lora/--full", help="LoRA adapters (merged into the saved model) or full fine-tuning.")
+LoraROpt = typer.Option(16, "--lora-r", help="LoRA rank.")
+
+
+def _log(message: str) -> None:
+    err.print(f"[dim]{message}[/]")
+
+
+def _default_model(model: Optional[str], device: Optional[str]) -> str:
+    if model:
+        return model
+    from thinktime import models
+
+    import torch
+
+    return models.DEFAULT_GPU_MODEL if torch.cuda.is_available() and device != "cpu" else models.DEFAULT_CPU_MODEL
+
+
+@app.command("train")
+def train_command(
+    method: str = typer.Argument(..., help="sft (chat rows), dpo (preference pairs) or rm (outcome reward model "
+                                 "from preference pairs)."),
+    data: list[Path] = typer.Option(..., "--data", help="Training JSONL (repeatable): sft.jsonl for sft, "
+                                    "pairs.jsonl for dpo and rm."),
+    output: Path = typer.Option(..., "--output", "-o", help="The model folder to write."),
+    model: Optional[str] = ModelOpt,
+    epochs: float = EpochsOpt, lr: Optional[float] = LrOpt, batch_size: int = BatchOpt, grad_accum: int = AccumOpt,
+    max_length: int = MaxLenOpt, max_steps: int = typer.Option(-1, "--max-steps", help="> 0: stop after this many "
+                                                                "steps (overrides --epochs)."),
+    lora: bool = LoraOpt, lora_r: int = LoraROpt,
+    beta: float = typer.Option(0.1, "--beta", help="dpo: strength of the KL penalty."),
+    full_sequence: bool = typer.Option(False, "--full-sequence", help="sft: loss on the whole chat, not only "
+                                       "the assistant reply."),
+    seed: int = typer.Option(0, "--seed"), device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Fine-tune with TRL (full or LoRA) and write a model folder that every engine loads (--model FOLDER)."""
+    with friendly_errors():
+        from thinktime.bootstrap.training import METHODS, TrainSettings, train
+
+        if method not in METHODS:
+            raise BadInputError(f"unknown training method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+        settings = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum,
+                                 max_length=max_length, max_steps=max_steps, lora=lora, lora_r=lora_r,
+                                 lora_alpha=2 * lora_r, beta=beta, completion_only=not full_sequence, seed=seed,
+                                 device=device, dtype=dtype)
+        info = train(method, _default_model(model, device), data, output, settings, log=_log)
+        out.print(f"[green]model:[/] {output}  ({info['steps']} steps, loss {info['train_loss']}, "
+                  f"{info['seconds']:.0f} s)")
+        if method == "rm":
+            out.print(f"use it: thinktime solve -s best-of-n -o scorer=orm:{output} ...")
+        else:
+            out.print(f"use it: thinktime solve --model {output} ...")
+
+
+@app.command("bootstrap")
+def bootstrap_command(
+    model: Optional[str] = ModelOpt,
+    dataset: str = typer.Option("arith:2", "--dataset", "-d", help="Problems with gold answers: arith:LEVEL, "
+                                "gsm8k, math500, ... or a .jsonl file."),
+    rounds: int = typer.Option(2, "--rounds", "-r", help="STaR rounds (each: sample, filter, fine-tune, evaluate)."),
+    samples: int = typer.Option(4, "--samples", "-k", help="Rationales sampled per training problem per round."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default runs/bootstrap-...)."),
+    train_problems: int = typer.Option(120, "--train-problems", help="Training problems (the first of the set)."),
+    eval_problems: int = typer.Option(100, "--eval-problems", help="Held-out problems (the last of the set)."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature for rationales."),
+    max_new_tokens: int = typer.Option(320, "--max-new-tokens", help="New tokens per rationale (and per held-out "
+                                       "answer)."),
+    keep: int = typer.Option(1, "--keep", help="Distinct correct rationales kept per problem."),
+    rationalise: bool = typer.Option(True, "--rationalise/--no-rationalise", help="Give failed problems the gold "
+                                     "answer as a hint and keep rationales that derive it without quoting the hint."),
+    max_pairs: int = typer.Option(2, "--max-pairs", help="Preference pairs per problem."),
+    restart: str = typer.Option("base", "--from", help="base: each round fine-tunes the starting model on all data "
+                                "so far (STaR); previous: continue from the last round's model on its new data."),
+    epochs: float = EpochsOpt, lr: Optional[float] = LrOpt, batch_size: int = BatchOpt, max_length: int = MaxLenOpt,
+    lora: bool = LoraOpt, lora_r: int = LoraROpt,
+    compare_n: int = typer.Option(0, "--compare-n", help="> 0: after the last round, train an outcome reward model "
+                                  "on all pairs and compare best-of-N with it against majority voting at N."),
+    no_train: bool = typer.Option(False, "--no-train", help="Sample and write the data only (any engine)."),
+    seed: int = typer.Option(0, "--seed"), data_seed: int = typer.Option(0, "--data-seed", help="arith: which "
+                                                                         "generated problems."),
+    engine: str = EngineOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, lang: str = LangOpt,
+    base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
+    tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
+    data_parallel_size: Optional[int] = DataParallelOpt, distributed_executor_backend: Optional[str] = ExecutorOpt,
+) -> None:
+    """STaR: the model learns from its own correct rationales, round after round; plots held-out accuracy."""
+    with friendly_errors():
+        import re
+
+        from thinktime.bootstrap.loop import BootstrapConfig, run_bootstrap
+        from thinktime.bootstrap.rounds import RoundSettings
+        from thinktime.bootstrap.training import TrainSettings
+
+        for name, value in (("--samples", samples), ("--keep", keep), ("--max-new-tokens", max_new_tokens),
+                            ("--batch-size", batch_size)):
+            if value < 1:
+                raise BadInputError(f"{name} must be at least 1")
+        if temperature <= 0:
+            raise BadInputError("--temperature must be above 0", hint="K greedy samples would all be the same chain")
+        model = _default_model(model, device)
+        if output is None:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}-{Path(model).name}-r{rounds}-k{samples}")
+            output = Path("runs") / f"bootstrap-{slug}"
+        config = BootstrapConfig(
+            model=model, dataset=dataset, rounds=rounds, output=str(output), engine=engine,
+            train_problems=train_problems, eval_problems=eval_problems, data_seed=data_seed, restart=restart,
+            lang=lang, device=device, dtype=dtype, train_model=not no_train, compare_n=compare_n,
+            engine_options=engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
+                                          data_parallel_size, distributed_executor_backend),
+            sampling=RoundSettings(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, keep=keep,
+                                   rationalise=rationalise, max_pairs=max_pairs, seed=seed),
+            training=TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length,
+                                   lora=lora, lora_r=lora_r, lora_alpha=2 * lora_r, seed=seed, device=device,
+                                   dtype=dtype),
+            reward_training=TrainSettings(epochs=2.0, batch_size=batch_size, max_length=max_length, lora=lora,
+                                          lora_r=lora_r, lora_alpha=2 * lora_r, seed=seed, device=device, dtype=dtype),
+        )
+        summary = run_bootstrap(config, log=_log)
+        _print_summary(summary, output)
+
+
+def _print_summary(summary: dict, output: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="STaR rounds (held-out accuracy, greedy)")
+    for column in ("round", "accuracy", "95% CI", "kept", "rationalised", "pairs", "train samples correct"):
+        table.add_column(column, justify="right")
+    for r in summary["rounds"]:
+        ev, d = r["eval"], r.get("data") or {}
+        table.add_row(str(r["round"]), f"{100 * ev['accuracy']:.1f}% ({ev['correct']}/{ev['total']})",
+                      f"{100 * ev['ci'][0]:.1f}-{100 * ev['ci'][1]:.1f}%", str(d.get("kept", "")),
+                      str(d.get("rationalised", "")), str(d.get("pairs", "")),
+                      f"{100 * d['sample_accuracy']:.1f}%" if d else "")
+    out.print(table)
+    rm = summary.get("reward_model")
+    if rm and "best_of_n" in rm:
+        n = rm["n"]
+        out.print(f"best-of-{n} with the trained ORM: {100 * rm['best_of_n']['accuracy']:.1f}%  ·  maj@{n}: "
+                  f"{100 * rm['majority']['accuracy']:.1f}%  ·  pass@{n}: {100 * rm['pass']['accuracy']:.1f}%")
+    out.print(f"[green]summary:[/] {output / 'summary.json'}\n[green]plot:[/]    {output / 'accuracy.png'}")

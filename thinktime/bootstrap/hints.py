@@ -1,0 +1,69 @@
+"""Rationalisation (STaR): show the model the gold answer as a hint, keep only chains that derive it.
+
+A chain written with the hint in view becomes training data for the question *without* the hint,
+so it must read as if the model had found the answer itself. `quotes_hint` is the test, and it is
+exact: a rationale quotes the hint when
+
+1. it mentions the hint: the word "hint" (any case, also "hints", "hinted"), or "提示", or the
+   hint's own wording "correct answer is" / "正确答案是" / "given answer"; or
+2. it states the answer before deriving it: the first place where the gold answer appears (as a
+   whole number: not a digit run inside a longer number, so "85" is not in "185" or "8.5") must be
+   the result of a computation, that is right after "=", "equals", "is equal to" or "等于"
+   (optionally with spaces, "$", "**" or "\\boxed{" in between); a rationale whose first mention
+   of the answer comes any other way ("The answer is 85. First, 47 + 38 = 85"), or that never
+   writes the answer as such a result, quotes the hint. When the gold answer also appears in the
+   question (60 - 30 = 30), its earlier mentions may be copied operands, so only the existence of
+   a derivation is required.
+
+Non-numeric gold answers (\\frac{3}{4}, x^2) are matched literally after the same "=" rule.
+"""
+from __future__ import annotations
+
+import re
+
+HINTS = {
+    "en": "{question}\n(Hint: the correct answer is {answer}. Work it out step by step on your own "
+          "and do not mention this hint.)",
+    "zh": "{question}\n（提示：正确答案是{answer}。请自己一步一步推导出来，不要提及这个提示。）",
+}
+
+_MENTIONS = re.compile(r"hint|提示|correct answer is|正确答案是|given answer", re.IGNORECASE)
+_RESULT_LEAD = r"(?:=|\bequals?\b|\bis equal to\b|等于)(?:\s|\$|\*\*|\\boxed\{|\\\(|\\\[)*"
+
+
+def with_hint(question: str, answer: str, lang: str = "en") -> str:
+    """The question followed by the gold answer as a hint, in the question's language."""
+    return HINTS[lang].format(question=question, answer=answer)
+
+
+def _answer_pattern(gold: str) -> str:
+    value = gold.strip().replace(",", "") if re.fullmatch(r"-?[\d,]+(?:\.\d+)?", gold.strip()) else gold.strip()
+    if re.fullmatch(r"-?\d+(?:\.\d+)?", value):
+        # a whole number: no digit (or decimal part) glued on either side; thousands separators allowed
+        digits = r",?".join(re.escape(c) for c in value.lstrip("-"))
+        sign = "-" if value.startswith("-") else ""
+        return rf"(?<![\d.,]){re.escape(sign)}{digits}(?!\d|[.,]\d)"
+    return re.escape(value)
+
+
+def mentions_hint(rationale: str) -> bool:
+    """Rule 1: the rationale talks about the hint (or copies its wording)."""
+    return _MENTIONS.search(rationale) is not None
+
+
+def derives_answer(rationale: str, gold: str, question: str = "") -> bool:
+    """Rule 2 passes: the answer appears first as a computation's result (see the module docstring)."""
+    pattern = _answer_pattern(gold)
+    occurrences = [m.start() for m in re.finditer(pattern, rationale)]
+    derivations = [m.start("answer") for m in
+                   re.finditer(rf"{_RESULT_LEAD}(?P<answer>{pattern})", rationale, re.IGNORECASE)]
+    if not derivations:
+        return False
+    if question and re.search(pattern, question):
+        return True  # earlier mentions may be operands copied from the question
+    return occurrences[0] == derivations[0]
+
+
+def quotes_hint(rationale: str, gold: str, question: str = "") -> bool:
+    """True when a rationale written with the hint in view leans on it (rule 1 or 2 above)."""
+    return mentions_hint(rationale) or not derives_answer(rationale, gold, question)

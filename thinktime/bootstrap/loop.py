@@ -1,0 +1,261 @@
+"""The STaR loop: evaluate, sample + filter + rationalise, fine-tune, evaluate again, R times.
+
+    OUT/config.json            the run's settings
+    OUT/round-0/eval/          the starting model on the held-out problems (a thinktime eval run folder)
+    OUT/round-R/sft.jsonl      SFT rows (chat, deep-thinking system prompt), pairs.jsonl, stats.json
+    OUT/round-R/model/         the fine-tuned model (every engine loads it with --model)
+    OUT/round-R/eval/          its held-out evaluation
+    OUT/summary.json           accuracy (with 95% Wilson interval) and data statistics per round
+    OUT/accuracy.png           the plot
+
+Round r samples the training problems with the model of round r-1. Fine-tuning follows STaR
+(Zelikman et al., 2022) by default (`restart="base"`): every round trains the *starting* model
+on the SFT data of all rounds so far, so errors do not compound through generations of
+fine-tuning; `restart="previous"` continues from the last round's model on the new round's data
+only (cheaper, drifts more). Held-out problems never enter training: the dataset's last
+`eval_problems` are held out, the first `train_problems` are sampled (any question also in the
+held-out set is dropped). Rerunning the same command resumes: finished rounds, models and eval
+records are reused.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from thinktime.bootstrap import data
+from thinktime.bootstrap.rounds import RoundSettings, RoundStats, run_round
+from thinktime.bootstrap.training import TRAIN_INFO, TrainSettings, train
+from thinktime.errors import BadInputError
+
+RESTARTS = ("base", "previous")
+
+
+@dataclass
+class BootstrapConfig:
+    model: str
+    dataset: str = "arith:2"
+    rounds: int = 2
+    output: str = "runs/bootstrap"
+    engine: str = "transformers"
+    train_problems: int = 120
+    eval_problems: int = 100
+    data_seed: int = 0
+    restart: str = "base"
+    eval_batch: int = 16  # held-out problems per engine call (greedy)
+    lang: str = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    train_model: bool = True  # False: sample and write data only (e.g. through a remote server)
+    compare_n: int = 0  # > 0: train an ORM on all pairs, compare best-of-N with it against maj@N
+    reward_training: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=2.0))
+    engine_options: dict = field(default_factory=dict)
+    sampling: RoundSettings = field(default_factory=RoundSettings)
+    training: TrainSettings = field(default_factory=TrainSettings)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["engine_options"] = {k: v for k, v in self.engine_options.items() if k != "api_key"}
+        return d
+
+
+def split_problems(config: BootstrapConfig):
+    """(training problems, held-out Dataset): disjoint, the held-out ones from the end of the set."""
+    from thinktime.evaluation.datasets import Dataset, load_dataset
+
+    if config.train_problems < 1 or config.eval_problems < 1:
+        raise BadInputError("--train-problems and --eval-problems must be at least 1")
+    full = load_dataset(config.dataset, limit=config.train_problems + config.eval_problems,
+                        data_seed=config.data_seed)
+    if len(full) < config.train_problems + config.eval_problems:
+        raise BadInputError(f"{config.dataset} has {len(full)} problems; {config.train_problems} for training and "
+                            f"{config.eval_problems} held out need more", hint="lower --train-problems/--eval-problems")
+    held = full.problems[len(full) - config.eval_problems:]
+    held_questions = {p.question for p in held}
+    train_set = [p for p in full.problems[:config.train_problems] if p.question not in held_questions]
+    fingerprint = hashlib.sha256(json.dumps([[p.id, p.question, p.gold] for p in held]).encode()).hexdigest()[:16]
+    heldout = Dataset(f"{full.name}-heldout", full.split, full.source, held, fingerprint)
+    return train_set, heldout
+
+
+def _free(engine) -> None:
+    if engine is None:
+        return
+    engine.close()
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def _evaluate(thinker, heldout, folder: Path, config: BootstrapConfig) -> dict:
+    from thinktime.evaluation.metrics import wilson
+    from thinktime.evaluation.runner import Settings, build_config, run_eval
+    from thinktime.evaluation.store import RunStore
+
+    settings = Settings(strategy="cot", ns=[1], seed=config.sampling.seed, batch_problems=config.eval_batch)
+    with RunStore(folder, build_config(thinker, heldout, settings)) as store:
+        records = run_eval(thinker, heldout, store, settings)
+    correct = sum(bool(r["correct"]) for r in records)
+    lo, hi = wilson(correct, len(records))
+    return {"correct": correct, "total": len(records), "accuracy": correct / len(records) if records else 0.0,
+            "ci": [round(lo, 4), round(hi, 4)],
+            "avg_tokens": round(sum(r["completion_tokens"] for r in records) / max(1, len(records)), 1),
+            "seconds": round(sum(r["seconds"] for r in records), 1), "folder": str(folder)}
+
+
+def _check_config(out: Path, config: BootstrapConfig) -> None:
+    path = out / "config.json"
+    new = config.to_dict()
+    if path.is_file():
+        old = json.loads(path.read_text())
+        keep = {"rounds"}  # more rounds may be added to a finished run
+        diff = sorted(k for k in set(old) | set(new) if k not in keep and old.get(k) != new.get(k))
+        if diff:
+            raise BadInputError(f"{out} holds a bootstrap run with other settings ({', '.join(diff)})",
+                                hint="pass another --output folder, or the same settings to resume it")
+    data.write_json(path, new)
+
+
+def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
+    """Run (or resume) the loop; returns the summary written to OUT/summary.json."""
+    from thinktime import models
+    from thinktime.api import Thinker
+    from thinktime.bootstrap.plot import plot_rounds
+    from thinktime.engines import create_engine
+
+    if config.restart not in RESTARTS:
+        raise BadInputError(f"unknown --from {config.restart!r}", hint="use base (STaR) or previous")
+    if config.rounds < 0:
+        raise BadInputError("--rounds must be at least 0")
+    if config.train_model and config.engine.startswith("openai"):
+        raise BadInputError("a remote server cannot sample from the models trained here",
+                            hint="use --engine transformers or vllm, or --no-train to write the data only")
+    out = Path(config.output)
+    _check_config(out, config)
+    train_set, heldout = split_problems(config)
+    base = str(models.resolve(config.model).path) if config.train_model else config.model
+    log(f"bootstrap: {len(train_set)} training problems, {len(heldout)} held out, {config.rounds} rounds -> {out}")
+    started = time.perf_counter()
+    summary: dict = {"config": config.to_dict(), "rounds": []}
+    current = config.model
+    engine = None
+    compare_records: list[dict] = []
+    for r in range(config.rounds + 1):
+        folder = out / f"round-{r}"
+        entry: dict = {"round": r, "model": current}
+        if r > 0:
+            entry["data"] = json.loads((folder / "stats.json").read_text())
+            info = folder / "model" / TRAIN_INFO
+            if info.is_file():
+                entry["train"] = {k: v for k, v in json.loads(info.read_text()).items() if k != "settings"}
+        engine = create_engine(config.engine, current, device=config.device, dtype=config.dtype,
+                               **config.engine_options)
+        thinker = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
+                          temperature=0.0, seed=config.sampling.seed)
+        t = time.perf_counter()
+        entry["eval"] = _evaluate(thinker, heldout, folder / "eval", config)
+        ev = entry["eval"]
+        log(f"round {r}: held-out accuracy {ev['correct']}/{ev['total']} = {100 * ev['accuracy']:.1f}% "
+            f"(95% CI {100 * ev['ci'][0]:.1f}-{100 * ev['ci'][1]:.1f}%), {time.perf_counter() - t:.0f} s")
+        summary["rounds"].append(entry)
+        if r == config.rounds:
+            if config.compare_n > 0:
+                from thinktime.bootstrap.compare import sample_heldout
+
+                t = time.perf_counter()
+                sampler = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
+                                  temperature=config.sampling.temperature, seed=config.sampling.seed)
+                compare_records = sample_heldout(sampler, heldout, config.compare_n, out / "compare" / "samples",
+                                                 seed=config.sampling.seed)
+                log(f"compare: {config.compare_n} samples per held-out problem, {time.perf_counter() - t:.0f} s")
+            break
+        nxt = out / f"round-{r + 1}"
+        if not (nxt / "stats.json").is_file():
+            t = time.perf_counter()
+            result = run_round(engine, thinker.messages, train_set, config.sampling, round_index=r + 1)
+            data.write_jsonl(nxt / "sft.jsonl", result.sft)
+            data.write_jsonl(nxt / "pairs.jsonl", result.pairs)
+            data.write_json(nxt / "stats.json", result.stats.to_dict())
+            s = result.stats
+            log(f"round {r + 1} data: {s.correct_samples}/{s.samples} samples correct, {s.kept} kept, "
+                f"{s.rationalised} rationalised ({s.rationalised_problems} problems, {s.quoted_hint} quoted the hint), "
+                f"{s.pairs} pairs, {time.perf_counter() - t:.0f} s")
+        _free(engine)
+        engine = thinker = None
+        if not config.train_model:
+            current_note = "data only (--no-train)"
+            log(f"round {r + 1}: {current_note}")
+            continue
+        model_dir = nxt / "model"
+        if not (model_dir / TRAIN_INFO).is_file():
+            rounds_so_far = range(1, r + 2) if config.restart == "base" else [r + 1]
+            files = [out / f"round-{k}" / "sft.jsonl" for k in rounds_so_far]
+            if not sum(len(data.read_jsonl(f)) for f in files):
+                raise BadInputError(f"round {r + 1} kept no rationale to train on",
+                                    hint="sample more (--samples), allow more tokens (--max-new-tokens), "
+                                         "or pick an easier --dataset level")
+            start_from = base if config.restart == "base" else current
+            train("sft", start_from, files, model_dir, config.training, log=log)
+        current = str(model_dir)
+    _free(engine)
+    if config.compare_n > 0 and config.train_model:
+        summary["reward_model"] = _reward_model_comparison(config, base, compare_records, out, log)
+    summary["rounds"] = [_fill(e, out) for e in summary["rounds"]]
+    first, last = summary["rounds"][0]["eval"], summary["rounds"][-1]["eval"]
+    summary["improvement"] = {
+        "from": first["accuracy"], "to": last["accuracy"],
+        "above_start_interval": last["accuracy"] > first["ci"][1],
+        "intervals_disjoint": last["ci"][0] > first["ci"][1],
+    }
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    data.write_json(out / "summary.json", summary)
+    name = Path(config.model).name if Path(config.model).exists() else config.model
+    plot_rounds(summary["rounds"], out / "accuracy.png", title=f"STaR on {heldout.name}: {name}")
+    log(f"bootstrap: {100 * first['accuracy']:.1f}% -> {100 * last['accuracy']:.1f}% held-out accuracy in "
+        f"{summary['seconds']:.0f} s; plot: {out / 'accuracy.png'}")
+    return summary
+
+
+def _reward_model_comparison(config: BootstrapConfig, base: str, records: list[dict], out: Path, log) -> dict:
+    """Train the outcome reward model on every round's pairs; best-of-N with it against maj@N."""
+    from thinktime.bootstrap.compare import compare_reward_model
+
+    rm_dir = out / "reward-model"
+    files = [f for f in sorted(out.glob("round-*/pairs.jsonl")) if data.read_jsonl(f)]
+    if not files:
+        log("compare: no preference pairs in any round: no reward model to train")
+        return {"skipped": "no preference pairs"}
+    if not (rm_dir / TRAIN_INFO).is_file():
+        train("rm", base, files, rm_dir, config.reward_training, log=log)
+    result = compare_reward_model(records, rm_dir, config.compare_n, device=config.device)
+    data.write_json(out / "compare" / "result.json", result)
+    n = config.compare_n
+    log(f"compare at N={n} on {result['problems']} held-out problems: best-of-{n} (ORM) "
+        f"{100 * result['best_of_n']['accuracy']:.1f}% vs maj@{n} {100 * result['majority']['accuracy']:.1f}% "
+        f"(ORM-weighted {100 * result['weighted']['accuracy']:.1f}%, pass@{n} {100 * result['pass']['accuracy']:.1f}%); "
+        f"ORM right where majority wrong: {result['disagreements']['best_of_n']}, the reverse: "
+        f"{result['disagreements']['majority']} (sign test p={result['sign_test_p']:.3f})")
+    return result
+
+
+def _fill(entry: dict, out: Path) -> dict:
+    """Data and training facts for a round entry (rounds trained in this process included)."""
+    r = entry["round"]
+    if r > 0 and "data" not in entry:
+        entry["data"] = json.loads((out / f"round-{r}" / "stats.json").read_text())
+    info = out / f"round-{r}" / "model" / TRAIN_INFO
+    if r > 0 and "train" not in entry and info.is_file():
+        entry["train"] = {k: v for k, v in json.loads(info.read_text()).items() if k != "settings"}
+    return entry
+
+
+__all__ = ["BootstrapConfig", "RESTARTS", "RoundSettings", "RoundStats", "TrainSettings", "run_bootstrap",
+           "split_problems"]

@@ -1,0 +1,142 @@
+"""One STaR round over the training problems, through any engine.
+
+1. Sample K rationales per problem (one batched `Engine.generate` per chunk of problems).
+2. Keep the correct ones (the STaR filter, thinktime.bootstrap.filter).
+3. Rationalise the problems with no kept rationale: sample again with the gold answer as a hint
+   (thinktime.bootstrap.hints) and keep what reaches it without quoting the hint.
+4. SFT rows (plain question -> kept rationale) and preference pairs (a correct rationale against
+   an incorrect one for the same problem; rationalised ones may be the correct side).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from thinktime.bootstrap import data
+from thinktime.bootstrap.filter import (Sample, grade_texts, incorrect, keep_correct, keep_rationalised,
+                                        make_pairs)
+from thinktime.bootstrap.hints import with_hint
+from thinktime.evaluation.datasets import Problem
+from thinktime.types import Prompt, SamplingParams
+
+
+@dataclass
+class RoundSettings:
+    samples: int = 4  # K rationales per problem
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 320
+    keep: int = 1  # kept rationales per problem (distinct)
+    rationalise: bool = True
+    max_pairs: int = 2  # preference pairs per problem
+    seed: int = 0
+    chunk: int = 16  # problems per engine call
+
+
+@dataclass
+class RoundStats:
+    round: int
+    problems: int = 0
+    samples: int = 0
+    correct_samples: int = 0
+    solved: int = 0  # problems with at least one correct sample
+    kept: int = 0  # rationales kept by the STaR filter
+    rationalised_problems: int = 0  # problems rescued by rationalisation
+    rationalised: int = 0  # rationales kept from hinted sampling
+    quoted_hint: int = 0  # correct hinted rationales dropped for quoting the hint
+    pairs: int = 0
+    sft_rows: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sample_accuracy(self) -> float:
+        return self.correct_samples / self.samples if self.samples else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sample_accuracy"] = round(self.sample_accuracy, 4)
+        d["pass_at_k"] = round(self.solved / self.problems, 4) if self.problems else 0.0
+        d["seconds"] = round(self.seconds, 2)
+        return d
+
+
+@dataclass
+class RoundResult:
+    stats: RoundStats
+    sft: list[dict]
+    pairs: list[dict]
+    samples: dict[str, list[Sample]]  # problem id -> its graded unhinted samples
+
+
+def _sample(engine, prompts: list[Prompt], settings: RoundSettings, n: int, seed: int,
+            on_chunk: Callable[[int], None] | None) -> list[list]:
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                            top_p=settings.top_p, n=n)
+    out: list[list] = []
+    for start in range(0, len(prompts), settings.chunk):
+        chunk = prompts[start:start + settings.chunk]
+        out.extend(engine.generate(chunk, SamplingParams(**{**params.__dict__, "seed": seed + start})))
+        if on_chunk:
+            on_chunk(len(chunk))
+    return out
+
+
+def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[Problem], settings: RoundSettings,
+              round_index: int = 1, on_progress: Callable[[str, int], None] | None = None) -> RoundResult:
+    """Sample, filter, rationalise and pair over `problems`; `messages(question)` builds the chat
+    (deep-thinking system prompt + question), as Thinker.messages does."""
+    from thinktime.prompts import detect_language
+
+    started = time.perf_counter()
+    stats = RoundStats(round=round_index, problems=len(problems))
+    seed = settings.seed + 100_003 * round_index
+    plain = [messages(p.question) for p in problems]
+    outputs = _sample(engine, [Prompt.of(m) for m in plain], settings, settings.samples, seed,
+                      on_progress and (lambda k: on_progress("sample", k)))
+    graded: dict[str, list[Sample]] = {}
+    kept: dict[str, list[str]] = {}
+    for problem, completions in zip(problems, outputs):
+        samples = grade_texts([c.text for c in completions], problem.gold, [c.finish_reason for c in completions],
+                              [c.completion_tokens for c in completions])
+        graded[problem.id] = samples
+        kept[problem.id] = keep_correct(samples, settings.keep)
+        stats.samples += len(samples)
+        stats.correct_samples += sum(s.correct for s in samples)
+        stats.solved += any(s.correct for s in samples)
+        stats.kept += len(kept[problem.id])
+        stats.completion_tokens += sum(c.completion_tokens for c in completions)
+
+    rationalised: dict[str, list[str]] = {}
+    failed = [i for i, p in enumerate(problems) if not kept[p.id]]
+    if settings.rationalise and failed:
+        hinted = [messages(with_hint(problems[i].question, problems[i].gold, detect_language(problems[i].question)))
+                  for i in failed]
+        hinted_out = _sample(engine, [Prompt.of(m) for m in hinted], settings, settings.samples, seed + 50_000,
+                             on_progress and (lambda k: on_progress("rationalise", k)))
+        for i, completions in zip(failed, hinted_out):
+            problem = problems[i]
+            samples = grade_texts([c.text for c in completions], problem.gold,
+                                  [c.finish_reason for c in completions])
+            texts, quoted = keep_rationalised(samples, problem.gold, problem.question, settings.keep)
+            stats.quoted_hint += quoted
+            stats.completion_tokens += sum(c.completion_tokens for c in completions)
+            if texts:
+                rationalised[problem.id] = texts
+                stats.rationalised_problems += 1
+                stats.rationalised += len(texts)
+
+    sft, pairs = [], []
+    for problem, prompt in zip(problems, plain):
+        for text in kept[problem.id]:
+            sft.append(data.sft_row(prompt, text, id=problem.id, round=round_index, kind="correct"))
+        for text in rationalised.get(problem.id, []):
+            sft.append(data.sft_row(prompt, text, id=problem.id, round=round_index, kind="rationalised"))
+        chosen = kept[problem.id] or rationalised.get(problem.id, [])
+        for good, bad in make_pairs(chosen, incorrect(graded[problem.id]), settings.max_pairs):
+            pairs.append(data.pair_row(prompt, good, bad, id=problem.id, round=round_index))
+    stats.sft_rows, stats.pairs = len(sft), len(pairs)
+    stats.seconds = time.perf_counter() - started
+    return RoundResult(stats, sft, pairs, graded)

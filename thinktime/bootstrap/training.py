@@ -1,0 +1,172 @@
+"""`thinktime train sft|dpo|rm`: TRL trainers with full fine-tuning or LoRA; writes a model folder.
+
+    sft  SFTTrainer on chat rows {"messages": [...]}; by default the loss covers the assistant reply
+         only (each row is given to TRL as conversational prompt-completion)
+    dpo  DPOTrainer on {"prompt", "chosen", "rejected"} (conversational); the reference model is the
+         starting model (with LoRA: the base with the adapter switched off)
+    rm   RewardTrainer: AutoModelForSequenceClassification with num_labels=1 on the same pairs, their
+         system message dropped, as thinktime's `orm:PATH` scorer reads [user, assistant]
+
+The output folder holds save_pretrained weights (safetensors) and the tokenizer, merged when LoRA
+was used, so `--model FOLDER` works with every engine (and `--scorer orm:FOLDER` for `rm`), plus
+thinktime-train.json (settings, loss per logging step, time). On a CPU the model trains in fp32;
+on a GPU in bf16 (an 8B model: pass --lora; gradient checkpointing is on there).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from thinktime.errors import BadInputError
+
+METHODS = ("sft", "dpo", "rm")
+# Learning rates that worked for each method (full fine-tuning, LoRA).
+DEFAULT_LR = {"sft": (3e-5, 2e-4), "dpo": (1e-6, 5e-6), "rm": (1e-5, 1e-4)}
+TRAIN_INFO = "thinktime-train.json"
+
+
+@dataclass
+class TrainSettings:
+    epochs: float = 3.0
+    learning_rate: float | None = None  # None: DEFAULT_LR by method and full/LoRA
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    max_steps: int = -1  # > 0 overrides epochs
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    beta: float = 0.1  # dpo
+    completion_only: bool = True  # sft: loss on the reply only
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None  # fp32 on CPU, bf16 on GPU by default
+    gradient_checkpointing: bool | None = None  # default: on for GPU
+
+    def lr(self, method: str) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[method][int(self.lora)]
+
+
+def _dtype_name(dtype: str | None, device: str) -> str:
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16",
+             "float16": "float16", "float32": "float32"}
+    if dtype in (None, "", "auto"):
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in names:
+        raise BadInputError(f"unknown dtype {dtype!r}", hint="use bf16, fp16 or fp32")
+    return names[dtype]
+
+
+def load_rows(method: str, files: Sequence[str | Path], completion_only: bool = True):
+    """The training files as a `datasets.Dataset` in the columns the method's trainer reads."""
+    from datasets import load_dataset
+
+    from thinktime.bootstrap.data import to_prompt_completion, without_system
+
+    paths = [str(Path(f)) for f in files]
+    for path in paths:
+        if not Path(path).is_file():
+            raise BadInputError(f"training data not found: {path}", hint="pass the sft.jsonl / pairs.jsonl files "
+                                "that `thinktime bootstrap` wrote")
+    rows = load_dataset("json", data_files=paths, split="train")
+    need = ["messages"] if method == "sft" else ["prompt", "chosen", "rejected"]
+    missing = [c for c in need if c not in rows.column_names]
+    if missing:
+        raise BadInputError(f"{method} data needs the columns {need}; missing {missing} in {', '.join(paths)}",
+                            hint="sft reads sft.jsonl ({\"messages\"}); dpo and rm read pairs.jsonl")
+    if len(rows) == 0:
+        raise BadInputError(f"no rows to train on in {', '.join(paths)}")
+    if method == "sft":
+        if completion_only:
+            return rows.map(to_prompt_completion, remove_columns=rows.column_names)
+        return rows.select_columns(["messages"])
+    if method == "rm":
+        return rows.map(without_system, remove_columns=rows.column_names)
+    return rows.select_columns(need)
+
+
+def train(method: str, model: str, data: Sequence[str | Path], output: str | Path,
+          settings: TrainSettings | None = None, log=print) -> dict:
+    """Train `model` on `data` with TRL and write a loadable model folder to `output`."""
+    if method not in METHODS:
+        raise BadInputError(f"unknown training method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+    settings = settings or TrainSettings()
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from thinktime import models
+    from thinktime.engines.hf import pick_device
+
+    started = time.perf_counter()
+    source = models.resolve(model).path
+    device = pick_device(settings.device)
+    dtype = _dtype_name(settings.dtype, device)
+    rows = load_rows(method, data, settings.completion_only)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    output = Path(output)
+    scratch = output.parent / f".{output.name}.checkpoints"
+    checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None \
+        else device.startswith("cuda")
+    steps_per_epoch = math.ceil(len(rows) / (settings.batch_size * settings.grad_accum))
+    common = dict(
+        output_dir=str(scratch), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr(method), lr_scheduler_type="linear", warmup_steps=0,
+        logging_steps=max(1, steps_per_epoch // 4), save_strategy="no", report_to="none", seed=settings.seed,
+        use_cpu=device == "cpu", bf16=dtype == "bfloat16" and device.startswith("cuda"),
+        fp16=dtype == "float16", model_init_kwargs={"dtype": dtype}, gradient_checkpointing=checkpointing,
+        max_length=settings.max_length, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    peft_config = None
+    if settings.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                                 target_modules="all-linear", task_type="SEQ_CLS" if method == "rm" else "CAUSAL_LM")
+    if method == "sft":
+        from trl import SFTConfig as Config, SFTTrainer as Trainer
+    elif method == "dpo":
+        from trl import DPOConfig as Config, DPOTrainer as Trainer
+
+        common["beta"] = settings.beta
+    else:
+        from trl import RewardConfig as Config, RewardTrainer as Trainer
+    log(f"{method}: {len(rows)} rows, {steps_per_epoch} steps/epoch x {settings.epochs} epochs, "
+        f"{'LoRA r=' + str(settings.lora_r) if settings.lora else 'full'} on {device} in {dtype}, "
+        f"lr {settings.lr(method):g}")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new score head and the like show up as loading warnings
+    try:
+        trainer = Trainer(model=str(source), args=Config(**common), train_dataset=rows, processing_class=tokenizer,
+                          peft_config=peft_config)
+        result = trainer.train()
+    finally:
+        hf_logging.set_verbosity(level)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if settings.lora:
+        trained = trained.merge_and_unload()
+    if output.exists():
+        shutil.rmtree(output)
+    trained.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    losses = [{"step": e["step"], "loss": round(e["loss"], 5)} for e in trainer.state.log_history if "loss" in e]
+    info = {"method": method, "base": str(source), "data": [str(d) for d in data], "rows": len(rows),
+            "settings": asdict(settings), "learning_rate": settings.lr(method), "device": device, "dtype": dtype,
+            "steps": trainer.state.global_step, "train_loss": round(float(result.training_loss), 5),
+            "losses": losses, "seconds": round(time.perf_counter() - started, 1)}
+    (output / TRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(scratch, ignore_errors=True)
+    del trainer, trained
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log(f"{method}: {info['steps']} steps, loss {info['train_loss']}, {info['seconds']} s -> {output}")
+    return info

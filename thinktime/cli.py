@@ -316,6 +316,7 @@ def list_models() -> None:
 # One line per area:
 import thinktime.server.commands  # noqa: E402,F401  (serve, ui)
 import thinktime.evaluation.commands  # noqa: E402,F401  (eval, report)
+import thinktime.bootstrap.commands  # noqa: E402,F401  (bootstrap, train)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build on this project's machines; on a GPU machine set TORCH to the build for your CUDA.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,train
 STAMP := $(VENV)/.installed-$(EXTRAS)
 QUESTION ?= 5的十次方等于多少?
 

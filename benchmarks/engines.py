@@ -110,6 +110,7 @@ def cold_start() -> dict:
 
 
 def machine() -> str:
+    import thinktime  # noqa: F401  (before torch: it sets the OpenMP wait policy)
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -118,7 +119,8 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, load avg {os.getloadavg()[0]:.1f}"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load avg {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:

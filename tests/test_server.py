@@ -202,6 +202,8 @@ def test_bad_requests_get_openai_errors(client, kwargs, status, param):
     (json.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400),
     (b"[" * 100000, 400),
+    (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 400),
+    (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}', 400),
 ])
 def test_malformed_bodies(server, raw, status):
     response = httpx.post(server.url + "/v1/chat/completions", content=raw,
@@ -231,8 +233,18 @@ def test_api_key_required_when_set(server_thinker):
         assert httpx.get(keyed.url + "/health").status_code == 200  # liveness stays open
 
 
-def test_sixteen_parallel_clients_all_answered_none_crossed(client, server, server_thinker):
+@pytest.fixture(scope="module")
+def plain(engine):
+    """A second server without the thinking system prompt: short prompts for the many-clients test."""
+    thinker = Thinker(engine=engine, max_new_tokens=6, think=False)
+    with BackgroundServer(create_app(thinker)) as running:
+        yield running, thinker, openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0,
+                                              timeout=300)
+
+
+def test_sixteen_parallel_clients_all_answered_none_crossed(plain):
     """8 greedy clients (batched onto one generate call) and 8 seeded sampling clients (run in turn)."""
+    server, server_thinker, client = plain
     questions = [f"Marker {i}: {'add ' * i}what is {i} plus {i}?" for i in range(16)]
     before = health(server)
 

@@ -24,12 +24,15 @@ def url(engine):
         yield server.url
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+# text with lone surrogates and control characters too: JSON can carry them, tokenizers cannot
+texts = st.text(max_size=20) | st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010), max_size=3) \
+    | st.text(st.characters(max_codepoint=0x1F), max_size=3)
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | texts,
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                       max_size=3), max_leaves=8)
 messages = st.lists(st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", "bogus"]) | json_values,
-     "content": st.text(max_size=40) | st.lists(st.fixed_dictionaries({"type": st.just("text"),
+     "content": texts | st.lists(st.fixed_dictionaries({"type": st.just("text"),
                                                                         "text": st.text(max_size=10)}), max_size=2)
      | json_values}), max_size=3)
 fields = {
@@ -43,7 +46,7 @@ fields = {
     "stream": st.booleans() | json_values,
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | json_values,
     "seed": st.integers(-2**70, 2**70) | json_values,
-    "stop": st.text(max_size=4) | st.lists(st.text(max_size=3), max_size=6) | json_values,
+    "stop": texts | st.lists(texts, max_size=6) | json_values,
     "thinktime": st.fixed_dictionaries({}, optional={"strategy": st.sampled_from(["cot", "self-consistency", "zz"]),
                                                      "n": st.integers(-1, 2), "budget_tokens": st.integers(-1, 4),
                                                      "lang": st.sampled_from(["en", "zh", "xx"])}) | json_values,
@@ -62,7 +65,7 @@ def check(response: httpx.Response) -> None:
 @given(body=bodies)
 def test_fuzzed_bodies_never_5xx(url, body):
     raw = json.dumps(body, allow_nan=True)
-    with httpx.stream("POST", url + "/v1/chat/completions", content=raw, timeout=120,
+    with httpx.stream("POST", url + "/v1/chat/completions", content=raw, timeout=300,
                       headers={"content-type": "application/json"}) as response:
         response.read()
     check(response)
@@ -76,7 +79,7 @@ def test_fuzzed_bodies_never_5xx(url, body):
 def test_one_or_two_fields_off_a_valid_request(url, changes):
     """Near-valid requests reach generation, streaming included: still never a 5xx."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "1+1?"}], "max_tokens": 2} | changes
-    with httpx.stream("POST", url + "/v1/chat/completions", content=json.dumps(body, allow_nan=True), timeout=120,
+    with httpx.stream("POST", url + "/v1/chat/completions", content=json.dumps(body, allow_nan=True), timeout=300,
                       headers={"content-type": "application/json"}) as response:
         response.read()
     check(response)
@@ -89,12 +92,12 @@ STATUS: list[int] = []
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(raw=st.binary(max_size=200))
 def test_fuzzed_bytes_never_5xx(url, raw):
-    check(httpx.post(url + "/v1/chat/completions", content=raw, timeout=60))
+    check(httpx.post(url + "/v1/chat/completions", content=raw, timeout=300))
 
 
 def test_still_serving_after_fuzzing(url):
     if STATUS:  # the near-valid requests reached the model, not only the validator
-        assert STATUS.count(200) >= 10, STATUS
-    response = httpx.post(url + "/v1/chat/completions", timeout=60,
+        assert STATUS.count(200) >= 5, STATUS
+    response = httpx.post(url + "/v1/chat/completions", timeout=300,
                           json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1

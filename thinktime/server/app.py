@@ -366,6 +366,13 @@ def create_app(thinker: Thinker, config: ServerConfig | None = None) -> FastAPI:
             payload = json.loads(body)
         except (ValueError, RecursionError) as exc:
             raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        try:  # JSON may escape lone surrogates ("\ud800"), which no tokenizer can encode
+            json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request holds text that is not valid Unicode (a lone surrogate)",
+                           code="invalid_value") from None
+        except (ValueError, RecursionError):  # NaN is fine here; only the nesting depth can fail
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
         try:
             req = parse_request(payload)
         except RecursionError:

@@ -324,4 +324,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m thinktime.cli`: the area modules above registered their commands on the importable
+    # `thinktime.cli` module's app, not on this `__main__` copy; run that one.
+    from thinktime.cli import main as _main
+
+    _main()

@@ -103,3 +103,26 @@ def test_pairs():
     assert make_pairs(["c1", "c2"], ["r1"], max_pairs=5) == [("c1", "r1"), ("c2", "r1")]
     assert make_pairs(["c1", "c2"], ["r1", "r2", "r3"], max_pairs=9) == [("c1", "r1"), ("c2", "r2"), ("c1", "r3")]
     assert make_pairs([], ["r1"], 2) == [] and make_pairs(["c1"], [], 2) == [] and make_pairs(["c"], ["r"], 0) == []
+
+
+# --- best-of-n with the ORM against majority, on the same samples ---------------------------------
+
+def test_selection_rules_on_the_same_samples():
+    from thinktime.bootstrap.compare import compare_selection
+
+    def rec(answers, golds, maj):
+        return {"candidates": [{"answer": a, "correct": c} for a, c in zip(answers, golds)],
+                "by_k": {"3": {"correct": maj}}}
+
+    records = [rec(["5", "6", "6"], [True, False, False], False),   # the ORM rescues a wrong majority
+               rec(["7", "7", "7"], [True, True, True], True),
+               rec(["1", "2", "2"], [False, True, True], True)]     # the ORM picks the wrong chain
+    scores = [[0.9, 0.1, 0.2], [0.1, 0.2, 0.3], [0.9, 0.1, 0.1]]
+    result = compare_selection(records, scores, 3)
+    assert result["problems"] == 3
+    assert {k: result[k]["correct"] for k in ("majority", "best_of_n", "weighted", "pass", "first_sample")} == \
+        {"majority": 2, "best_of_n": 2, "weighted": 2, "pass": 3, "first_sample": 2}
+    assert result["disagreements"] == {"best_of_n": 1, "majority": 1}
+    assert result["sign_test_p"] == 1.0
+    lo, hi = result["majority"]["ci"]
+    assert lo < 2 / 3 < hi

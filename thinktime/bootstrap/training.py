@@ -91,6 +91,19 @@ def load_rows(method: str, files: Sequence[str | Path], completion_only: bool = 
     return rows.select_columns(need)
 
 
+def _report_through(trainer, log, method: str) -> None:
+    """Training progress through `log` (stderr in the CLI) instead of transformers' printed dicts."""
+    from transformers import PrinterCallback, TrainerCallback
+
+    class Report(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                log(f"{method}: step {state.global_step}/{state.max_steps} loss {float(logs['loss']):.4f}")
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(Report())
+
+
 def train(method: str, model: str, data: Sequence[str | Path], output: str | Path,
           settings: TrainSettings | None = None, log=print) -> dict:
     """Train `model` on `data` with TRL and write a loadable model folder to `output`."""
@@ -148,6 +161,7 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     try:
         trainer = Trainer(model=str(source), args=Config(**common), train_dataset=rows, processing_class=tokenizer,
                           peft_config=peft_config)
+        _report_through(trainer, log, method)
         result = trainer.train()
     finally:
         hf_logging.set_verbosity(level)

@@ -337,3 +337,38 @@ def test_full_queue_answers_429_with_retry_after_then_timeout(server):
     finally:
         scheduler.max_queue, config.request_timeout = old_queue, old_timeout
     assert health(server)["status"] == "ok"
+
+
+def test_thinktime_serve_command_end_to_end():
+    """`thinktime serve` as users run it: a subprocess on the loopback, with a key."""
+    import os
+    import subprocess
+    import sys
+
+    from thinktime.server.background import free_port
+
+    port = free_port()
+    env = dict(os.environ, THINKTIME_API_KEY=KEY)
+    process = subprocess.Popen([sys.executable, "-m", "thinktime.cli", "serve", "--model", MODEL, "--port", str(port),
+                                "--max-new-tokens", "4", "--no-think"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "thinktime serve did not come up"
+            time.sleep(0.3)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+        assert reply.usage.completion_tokens <= 4 and reply.choices[0].message is not None
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}/v1" in output  # bound to the loopback by default

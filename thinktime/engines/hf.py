@@ -6,8 +6,10 @@ fed by `generate` step by step, not a method that does not exist).
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -144,7 +146,7 @@ class TransformersEngine(Engine):
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, allow_bin: bool = False, source: str | None = None,
-                 max_batch_rows: int = 64, prefix_cache_tokens: int = 32768):
+                 max_batch_rows: int = 64, prefix_cache_tokens: int = 32768, fast: bool | None = None):
         explicit_cpu = device == "cpu"
         self.device = pick_device(device)
         known = models.ALIASES.get(model.strip().lower()) if isinstance(model, str) else None
@@ -181,6 +183,19 @@ class TransformersEngine(Engine):
         # KV caches of continued prompts (a Prompt.prefix), so a chain that grows step by step is
         # not prefilled again in full at every step; 0 turns it off.
         self.prefix_cache = PrefixCache(self.model, prefix_cache_tokens)
+        # The fast decoder (static KV cache, CUDA graphs; thinktime/engines/fast.py): the default on CUDA,
+        # off with fast=False (--no-fast) or THINKTIME_FAST=0; calls it cannot serve go to generate().
+        self.fast = None
+        if fast is None:
+            fast = self.device.startswith("cuda") and \
+                os.environ.get("THINKTIME_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
+        if fast:
+            from thinktime.engines.fast import FastDecoder, FastPathUnavailable
+
+            try:
+                self.fast = FastDecoder(self.model)
+            except FastPathUnavailable as exc:
+                warnings.warn(f"thinktime fast decoding off: {exc}; using generate", RuntimeWarning, stacklevel=2)
 
     def _refuse_cpu_for_large(self, name: str, params_b: float, explicit_cpu: bool) -> None:
         if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
@@ -224,7 +239,7 @@ class TransformersEngine(Engine):
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
             results.extend(self._run([self.render(p) for p in chunk], params, cancel or threading.Event(),
-                                     reuse=all(p.prefix for p in chunk)))
+                                     reuse=all(p.prefix for p in chunk) or _forks(params)))
         return results
 
     def stream(self, prompt: Prompt, params: SamplingParams,
@@ -239,7 +254,7 @@ class TransformersEngine(Engine):
         def work() -> None:
             try:
                 for index, completion in enumerate(self._run([self.render(prompt)], params, cancel, streamer,
-                                                                 reuse=bool(prompt.prefix))[0]):
+                                                                 reuse=bool(prompt.prefix) or _forks(params))[0]):
                     rest = streamer.decoders[index].finish(completion.text)
                     events.put(StreamDelta(index, rest, completion))
             except BaseException as exc:  # surfaced in the consumer's thread
@@ -259,6 +274,7 @@ class TransformersEngine(Engine):
             raise failure[0]
 
     def close(self) -> None:
+        self.fast = None  # it holds the weights and its KV cache
         del self.model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -303,8 +319,14 @@ class TransformersEngine(Engine):
                     kwargs[self.prefix_cache.kwarg] = cached
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        new_tokens = out[:, width:].tolist()
+            new_tokens = None
+            if self.fast is not None:  # None when it cannot serve this call (it says why, once)
+                from thinktime.engines.fast import run_for_engine
+
+                new_tokens = run_for_engine(self, enc, params, max_new, cancel, streamer, reuse)
+            if new_tokens is None:
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                new_tokens = out[:, width:].tolist()
         stop_ids = self.stop_ids | {self.tokenizer.pad_token_id}
         completions: list[list[Completion]] = []
         for p, prompt_len in enumerate(prompt_lengths):
@@ -323,6 +345,13 @@ class TransformersEngine(Engine):
                 row_completions.append(Completion(text, finish, int(prompt_len), used, ids))
             completions.append(row_completions)
         return completions
+
+
+def _forks(params: SamplingParams) -> bool:
+    """n sampled chains of one prompt: prefill it once and fork its KV cache into the n rows (the
+    prefix cache) instead of prefilling n copies; 8 chains of a 479-token thinking prompt spent
+    half their time in prefill on 2 CPU cores. Greedy calls keep the uncached path (see prefix_cache)."""
+    return params.n > 1 and not params.greedy
 
 
 def _stored_as_fp32(path) -> bool:

@@ -1,0 +1,282 @@
+"""Decoding speed of an 8B InternLM3-shaped model: plain `generate` against thinktime's fast decoder.
+
+On a CUDA machine (the default) it builds the InternLM3-8B shape (InternLM3Config where transformers
+has it, else LlamaConfig with the same shapes: 48 layers, hidden 4096, MLP 10240, 32 heads, 2 KV
+heads, vocab 128512) with random bf16 weights, takes a 600-token prompt and 256 new tokens, and in
+the same run measures:
+
+- the copy bandwidth of the card (a large device-to-device copy; bytes read + written per second),
+  which gives the batch-1 floor: weight bytes / bandwidth per token;
+- plain `model.generate` (as the seed and the engine's fallback call it): batch 1 greedy, and 16 and
+  64 samples of the one prompt (rows repeated, T=0.7, top-p 0.95);
+- thinktime's FastDecoder (thinktime/engines/fast.py, what TransformersEngine uses on CUDA) on the
+  same model and prompt: batch 1 greedy, n=16 and n=64 sampled; the first call of each includes
+  compiling and graph capture (reported as warm-up), the second is timed;
+- whether greedy outputs match token for token (where they part, the reference's top-2 logit gap
+  at that step tells a bf16 near-tie from a bug).
+
+It prints one table (tok/s, ms per step, % of the bandwidth floor, warm-up) and, with --out, writes
+it as Markdown and JSON. It finishes in under 6 minutes on an H100/H200.
+
+`--cpu` runs a tiny random model on the CPU instead (seconds): the same code paths, checking
+greedy equality, sample shapes and seeded reproducibility; CI runs it (tests/test_engine_fast.py).
+
+    PYTHONUNBUFFERED=1 timeout 420 python3 benchmarks/gpu_decode.py --out /tmp/gpu_decode
+    python benchmarks/gpu_decode.py --cpu
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_fast():
+    """thinktime.engines.fast; by file path where thinktime's other dependencies are not installed."""
+    try:
+        from thinktime.engines import fast
+
+        return fast
+    except Exception:
+        spec = importlib.util.spec_from_file_location("thinktime_fast", ROOT / "thinktime" / "engines" / "fast.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["thinktime_fast"] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+def build_config(tiny: bool):
+    shape = dict(vocab_size=128512, hidden_size=4096, intermediate_size=10240, num_hidden_layers=48,
+                 num_attention_heads=32, num_key_value_heads=2, head_dim=128, max_position_embeddings=32768,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if tiny:
+        shape.update(vocab_size=1024, hidden_size=128, intermediate_size=320, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    cls = getattr(transformers, "InternLM3Config", None)
+    name = "InternLM3Config"
+    if cls is None:
+        cls, name = transformers.LlamaConfig, "LlamaConfig (this transformers has no InternLM3Config)"
+    return cls(**shape), name
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (the batch-1 decode ceiling)."""
+    n = 1 << 30  # 2 GiB of bf16 each way
+    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 20
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    sync(device)
+    seconds = start.elapsed_time(end) / 1e3 / reps
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / seconds
+
+
+def run_generate(model, prompt, rows: int, new: int, greedy: bool, seed: int = 0):
+    ids = torch.tensor([prompt] * rows, device=model.device)
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    if greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=0.7, top_p=0.95, top_k=None)
+    torch.manual_seed(seed)
+    sync(model.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    sync(model.device)
+    return out[:, len(prompt):].tolist(), time.perf_counter() - started
+
+
+def run_fast(decoder, prompt, n: int, new: int, greedy: bool, seed: int = 0):
+    sync(decoder.device)
+    started = time.perf_counter()
+    rows = decoder.generate([prompt], n=n, max_new_tokens=new, greedy=greedy, temperature=0.7, top_p=0.95,
+                            seed=seed, stop_ids=(), pad_id=0)
+    sync(decoder.device)
+    return rows, time.perf_counter() - started
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def top2_gap(model, prompt, tokens, at: int) -> float:
+    """The reference's gap between its two best logits where the outputs part (teacher-forced)."""
+    ids = torch.tensor([prompt + tokens[:at]], device=model.device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="a tiny random model on the CPU: correctness only")
+    parser.add_argument("--prompt-tokens", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--samples", default="16,64", help="n for the sampled rows (comma-separated)")
+    parser.add_argument("--no-compile", action="store_true", help="CUDA graphs over eager kernels only")
+    parser.add_argument("--out", default=None, help="folder for gpu_decode.md and gpu_decode.json")
+    args = parser.parse_args()
+    fast = load_fast()
+
+    if not args.cpu and not torch.cuda.is_available():
+        print("no CUDA GPU visible: run with --cpu for the correctness check", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu else "cuda")
+    dtype = torch.float32 if args.cpu else torch.bfloat16
+    prompt_len = args.prompt_tokens or (48 if args.cpu else 600)
+    new = args.new_tokens or (24 if args.cpu else 256)
+    samples = [int(x) for x in args.samples.split(",") if x] if not args.cpu else [4]
+    began = time.perf_counter()
+    torch.manual_seed(0)
+    config, config_name = build_config(tiny=args.cpu)
+    built = time.perf_counter()
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    sync(device)
+    build_s = time.perf_counter() - built
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, config.vocab_size, (prompt_len,), generator=generator).tolist()
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "config": config_name,
+        "layers": config.num_hidden_layers, "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+        "weight_gb": round(weight_bytes / 1e9, 2), "dtype": str(dtype).replace("torch.", ""),
+        "prompt_tokens": prompt_len, "new_tokens": new, "build_s": round(build_s, 1),
+    }
+    print(f"{info['device']} | torch {info['torch']} | transformers {info['transformers']} | {config_name} | "
+          f"{info['weight_gb']} GB of {info['dtype']} weights | prompt {prompt_len} | new {new}", flush=True)
+
+    floor_ms = None
+    if device.type == "cuda":
+        bandwidth = copy_bandwidth(device)
+        floor_ms = weight_bytes / bandwidth * 1e3
+        info["copy_bandwidth_tb_s"] = round(bandwidth / 1e12, 2)
+        info["floor_ms_per_step"] = round(floor_ms, 2)
+        print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + written) -> batch-1 floor {floor_ms:.2f} ms/token "
+              f"({1e3 / floor_ms:.0f} tok/s)", flush=True)
+
+    rows_out = []
+
+    def record(engine, label, rows, n_tokens, seconds, warmup=None):
+        ms = seconds / new * 1e3
+        row = {"engine": engine, "run": label, "rows": rows, "tok_s": round(n_tokens / seconds, 1),
+               "ms_per_step": round(ms, 2), "floor_pct": round(floor_ms / ms * 100, 1) if floor_ms else None,
+               "warmup_s": round(warmup, 1) if warmup is not None else None}
+        rows_out.append(row)
+        print(f"  {engine:10s} {label:14s} {row['tok_s']:9.1f} tok/s  {row['ms_per_step']:8.2f} ms/step"
+              + (f"  {row['floor_pct']:5.1f}% of floor" if floor_ms else "")
+              + (f"  warm-up {warmup:.1f} s" if warmup is not None else ""), flush=True)
+
+    # --- plain generate ----------------------------------------------------------------------------
+    run_generate(model, prompt[:32], 1, 4, True)  # CUDA context, cuBLAS handles: not counted
+    reference, seconds = run_generate(model, prompt, 1, new, True)
+    record("generate", "batch 1 greedy", 1, new, seconds)
+    for n in samples:
+        out, seconds = run_generate(model, prompt, n, new, False)
+        record("generate", f"n={n} sampled", n, n * new, seconds)
+
+    # --- thinktime's fast decoder --------------------------------------------------------------------
+    started = time.perf_counter()
+    decoder = fast.FastDecoder(model, compile=False if args.no_compile else None)
+    setup_s = time.perf_counter() - started
+    info.update(fast_compile=decoder.use_compile, fast_graphs=decoder.use_graphs, fast_setup_s=round(setup_s, 2))
+    checks = {}
+    cold, cold_s = run_fast(decoder, prompt, 1, new, True)
+    warm, warm_s = run_fast(decoder, prompt, 1, new, True)
+    record("thinktime", "batch 1 greedy", 1, new, warm_s, warmup=setup_s + cold_s - warm_s)
+    checks["greedy_repeatable"] = cold[0] == warm[0]
+    diff = first_difference(reference[0], warm[0])
+    checks["greedy_equals_generate"] = diff is None
+    if diff is not None:
+        gap = top2_gap(model, prompt, reference[0], diff)
+        checks["first_difference"] = {"at": diff, "reference_top2_gap": round(gap, 5)}
+        print(f"  greedy outputs part at token {diff} of {new}; the reference's top-2 logit gap there is {gap:.4f}"
+              f" ({'a near-tie under bf16 rounding' if gap < 0.0625 else 'NOT a near-tie: a bug'})", flush=True)
+    else:
+        print(f"  greedy outputs identical to generate ({new} tokens)", flush=True)
+    for n in samples:
+        cold, cold_s = run_fast(decoder, prompt, n, new, False, seed=7)
+        warm, warm_s = run_fast(decoder, prompt, n, new, False, seed=7)
+        record("thinktime", f"n={n} sampled", n, n * new, warm_s, warmup=cold_s - warm_s)
+        checks[f"n={n}_shape"] = len(warm) == n and all(len(r) == new for r in warm)
+        checks[f"n={n}_seeded_repeatable"] = cold == warm
+        checks[f"n={n}_distinct_samples"] = len({tuple(r) for r in warm})
+    if args.cpu:  # the tiny model also checks several prompts of different lengths in one batch
+        prompts = [prompt, prompt[:30], prompt[5:45]]
+        batch = decoder.generate(prompts, n=1, max_new_tokens=new, greedy=True, stop_ids=(), pad_id=0)
+        alone = [run_generate(model, p, 1, new, True)[0][0] for p in prompts]
+        checks["mixed_lengths_equal_generate"] = batch == alone
+    info["fast_stats"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in decoder.stats.items()}
+    info["compile_error"], info["graph_error"] = decoder.compile_error, decoder.graph_error
+    info["checks"] = checks
+    info["total_s"] = round(time.perf_counter() - began, 1)
+
+    by = {(r["engine"], r["run"]): r for r in rows_out}
+    lines = [f"{info['device']}, torch {info['torch']}, transformers {info['transformers']}, {config_name}, "
+             f"{info['weight_gb']} GB {info['dtype']} weights, {prompt_len}-token prompt, {new} new tokens, "
+             f"{info['date']}" + (f"; copy bandwidth {info['copy_bandwidth_tb_s']} TB/s, floor "
+                                  f"{info['floor_ms_per_step']} ms/token" if floor_ms else ""),
+             "",
+             "| run | generate tok/s | thinktime tok/s | speed-up | thinktime ms/step | % of floor | warm-up s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label in ["batch 1 greedy"] + [f"n={n} sampled" for n in samples]:
+        g, t = by[("generate", label)], by[("thinktime", label)]
+        lines.append(f"| {label} | {g['tok_s']} | {t['tok_s']} | {t['tok_s'] / g['tok_s']:.1f}x | {t['ms_per_step']} | "
+                     f"{t['floor_pct'] if t['floor_pct'] is not None else '-'} | {t['warmup_s']} |")
+    lines += ["", "checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()),
+              f"fast decoder: compile={decoder.use_compile} graphs={decoder.use_graphs} "
+              f"captures={decoder.stats['captures']} capture_s={decoder.stats['capture_s']:.1f}"
+              + (f" compile_error={decoder.compile_error}" if decoder.compile_error else "")
+              + (f" graph_error={decoder.graph_error}" if decoder.graph_error else ""),
+              f"total {info['total_s']} s"]
+    table = "\n".join(lines)
+    print("\n" + table, flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_decode.md").write_text(table + "\n")
+        (out / "gpu_decode.json").write_text(json.dumps({"info": info, "rows": rows_out}, indent=2) + "\n")
+    ok = checks["greedy_repeatable"] and all(v for k, v in checks.items() if k.endswith(("_shape", "_repeatable")))
+    if args.cpu:
+        ok = ok and checks["greedy_equals_generate"] and checks.get("mixed_lengths_equal_generate", True)
+    elif not checks["greedy_equals_generate"]:
+        ok = ok and checks["first_difference"]["reference_top2_gap"] < 0.0625
+    print("OK" if ok else "FAILED", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -239,7 +239,7 @@ class TransformersEngine(Engine):
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
             results.extend(self._run([self.render(p) for p in chunk], params, cancel or threading.Event(),
-                                     reuse=all(p.prefix for p in chunk) or _forks(params)))
+                                     reuse=all(p.prefix for p in chunk)))
         return results
 
     def stream(self, prompt: Prompt, params: SamplingParams,
@@ -254,7 +254,7 @@ class TransformersEngine(Engine):
         def work() -> None:
             try:
                 for index, completion in enumerate(self._run([self.render(prompt)], params, cancel, streamer,
-                                                                 reuse=bool(prompt.prefix) or _forks(params))[0]):
+                                                                 reuse=bool(prompt.prefix))[0]):
                     rest = streamer.decoders[index].finish(completion.text)
                     events.put(StreamDelta(index, rest, completion))
             except BaseException as exc:  # surfaced in the consumer's thread
@@ -345,13 +345,6 @@ class TransformersEngine(Engine):
                 row_completions.append(Completion(text, finish, int(prompt_len), used, ids))
             completions.append(row_completions)
         return completions
-
-
-def _forks(params: SamplingParams) -> bool:
-    """n sampled chains of one prompt: prefill it once and fork its KV cache into the n rows (the
-    prefix cache) instead of prefilling n copies; 8 chains of a 479-token thinking prompt spent
-    half their time in prefill on 2 CPU cores. Greedy calls keep the uncached path (see prefix_cache)."""
-    return params.n > 1 and not params.greedy
 
 
 def _stored_as_fp32(path) -> bool:

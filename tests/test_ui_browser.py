@@ -73,9 +73,9 @@ def test_ask_see_thinking_then_answer_offline(browser, ui_url):
     assert "no answer" in text or "Answer:" in text, text
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui_chat.png"), full_page=True)
-    # open the thinking panel: the chain of thought is inside it
+    # the panel is collapsible: its title folds the chain of thought away
     page.get_by_text("Thought for", exact=False).first.click()
-    page.screenshot(path=str(ARTIFACTS / "ui_chat_thinking_open.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "ui_chat_thinking_collapsed.png"), full_page=True)
     # a second turn keeps the conversation
     page.locator("#question textarea").fill("What is 3+4? Put the answer in \\boxed{}.")
     page.locator("#send").click()

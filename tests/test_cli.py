@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-THINKTIME = [sys.executable, "-m", "thinktime.cli"]
+THINKTIME = [sys.executable, "-m", "thinktime"]
 FAST = ["--max-new-tokens", "24"]
 
 

@@ -19,10 +19,11 @@ def no_reuse(engine):
 
 def test_a_growing_prefix_is_prefilled_only_once(engine):
     engine.prefix_cache.clear()
+    before = engine.prefix_cache.computed_tokens
     first = Prompt.of(MESSAGES, prefix="Let me add.\n\n")
     step = engine.generate([first], SamplingParams(max_new_tokens=8))[0][0]
     computed = engine.prefix_cache.computed_tokens
-    assert computed == step.prompt_tokens - 1  # everything but the last prompt token
+    assert computed - before == step.prompt_tokens - 1  # everything but the last prompt token
     second = Prompt.of(MESSAGES, prefix=first.prefix + step.text + "\n\n")
     again = engine.generate([second], SamplingParams(max_new_tokens=8))[0][0]
     new_tokens = engine.prefix_cache.computed_tokens - computed
@@ -48,8 +49,16 @@ def test_reuse_gives_the_same_continuations(engine):
     assert streamed == expected[0][0][0].text
 
 
-def test_fresh_prompts_do_not_touch_the_cache_and_greedy_n_works(engine):
+def test_a_single_fresh_chain_does_not_touch_the_cache(engine):
     engine.prefix_cache.clear()
-    rows = engine.generate([Prompt.of(MESSAGES)], SamplingParams(max_new_tokens=6, n=2))[0]
+    engine.generate([Prompt.of(MESSAGES)], SamplingParams(max_new_tokens=6))
     assert not engine.prefix_cache.entries
-    assert rows[0].token_ids == rows[1].token_ids  # greedy n > 1: n equal chains, not an error
+
+
+def test_n_samples_share_one_prefill_and_greedy_n_works(engine):
+    engine.prefix_cache.clear()
+    before = engine.prefix_cache.computed_tokens
+    rows = engine.generate([Prompt.of(MESSAGES)], SamplingParams(max_new_tokens=6, n=4))[0]
+    # The prompt was prefilled once for all four rows, not four times.
+    assert engine.prefix_cache.computed_tokens - before == rows[0].prompt_tokens - 1
+    assert len({tuple(r.token_ids) for r in rows}) == 1  # greedy n > 1: n equal chains, not an error

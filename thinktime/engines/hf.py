@@ -239,7 +239,7 @@ class TransformersEngine(Engine):
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
             results.extend(self._run([self.render(p) for p in chunk], params, cancel or threading.Event(),
-                                     reuse=all(p.prefix for p in chunk)))
+                                     reuse=_should_reuse(chunk, params)))
         return results
 
     def stream(self, prompt: Prompt, params: SamplingParams,
@@ -254,7 +254,7 @@ class TransformersEngine(Engine):
         def work() -> None:
             try:
                 for index, completion in enumerate(self._run([self.render(prompt)], params, cancel, streamer,
-                                                                 reuse=bool(prompt.prefix))[0]):
+                                                                 reuse=_should_reuse([prompt], params))[0]):
                     rest = streamer.decoders[index].finish(completion.text)
                     events.put(StreamDelta(index, rest, completion))
             except BaseException as exc:  # surfaced in the consumer's thread
@@ -345,6 +345,13 @@ class TransformersEngine(Engine):
                 row_completions.append(Completion(text, finish, int(prompt_len), used, ids))
             completions.append(row_completions)
         return completions
+
+
+def _should_reuse(prompts: Sequence[Prompt], params: SamplingParams) -> bool:
+    """Prefill through the prefix cache for continuations (the prefix was seen before) and for n > 1
+    samples (the prompt is prefilled once and its KV cache shared by the n rows, instead of n times).
+    A plain single greedy chain goes without: a reused cache can differ in the last float bits."""
+    return params.n > 1 or all(p.prefix for p in prompts)
 
 
 def _stored_as_fp32(path) -> bool:

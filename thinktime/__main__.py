@@ -1,0 +1,4 @@
+"""`python -m thinktime` runs the command line."""
+from thinktime.cli import main
+
+main()

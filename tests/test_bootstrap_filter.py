@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from thinktime.bootstrap.filter import Sample, grade_texts, incorrect, keep_correct, keep_rationalised, make_pairs
-from thinktime.bootstrap.hints import derives_answer, mentions_hint, quotes_hint, with_hint
+from thinktime.bootstrap.hints import derives_answer, mentions_hint, quotes_hint, trim_after_derivation, with_hint
 
 Q = "What is 47 + 38?"
 
@@ -74,9 +74,23 @@ def test_keep_correct_distinct_in_order():
     samples = [Sample("a = 85", "85", "stop", True), Sample("wrong 84", "84", "stop", False),
                Sample("a  =  85", "85", "stop", True),   # the same text up to whitespace
                Sample("b = 85", "85", "stop", True), Sample("c = 85", "85", "length", True)]
-    assert keep_correct(samples, keep=1) == ["a = 85"]
-    assert keep_correct(samples, keep=5) == ["a = 85", "b = 85"]
-    assert keep_correct([Sample("x", "84", "stop", False)], keep=3) == []
+    assert keep_correct(samples, "85", keep=1) == ["a = 85"]
+    assert keep_correct(samples, "85", keep=5) == ["a = 85", "b = 85", "c = 85"]  # c: cut off, but derived
+    assert keep_correct([Sample("x", "84", "stop", False)], "85", keep=3) == []
+
+
+def test_cut_off_chains_are_trimmed_after_their_derivation():
+    rambling = "First, 9 + 7 = 16.\n\nNow, we can find the sum of 20 and"
+    assert trim_after_derivation(rambling, "16") == "First, 9 + 7 = 16."
+    assert trim_after_derivation("so 9 + 7 = 16 and then", "16") == "so 9 + 7 = 16 and then"  # no sentence end
+    assert trim_after_derivation("a = \\boxed{16}. More", "16") == "a = \\boxed{16}."
+    assert trim_after_derivation("The sum of 9 and 7 is", "16") is None
+    samples = grade_texts([rambling, "The sum of 9 and 7 is 16. Then 3", "9 + 7 = 15.\nSo"], "16",
+                          ["length", "length", "length"])
+    assert [s.correct for s in samples] == [False, False, False]  # the last numbers are 20, 3, 15
+    assert keep_correct(samples, "16", keep=3) == ["First, 9 + 7 = 16."]
+    # a trimmed chain is not also a rejected one; the others are
+    assert incorrect(samples, "16") == ["The sum of 9 and 7 is 16. Then 3", "9 + 7 = 15.\nSo"]
 
 
 def test_rationalisation_drops_quotes_and_counts_them():
@@ -95,7 +109,7 @@ def test_rationalisation_drops_quotes_and_counts_them():
 def test_incorrect_finished_first():
     samples = [Sample("w1", "1", "length", False), Sample("ok", "85", "stop", True),
                Sample("w2", "2", "stop", False), Sample("w2", "2", "stop", False), Sample(" ", None, "stop", False)]
-    assert incorrect(samples) == ["w2", "w1"]
+    assert incorrect(samples, "85") == ["w2", "w1"]
 
 
 def test_pairs():

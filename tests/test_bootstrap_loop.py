@@ -19,7 +19,7 @@ def run(tmp_path_factory):
     tiny = dict(max_steps=1, batch_size=2, max_length=640)
     config = BootstrapConfig(
         model="smollm2-135m", dataset="arith:1", rounds=1, output=str(out), train_problems=4, eval_problems=3,
-        compare_n=2, sampling=RoundSettings(samples=3, max_new_tokens=48, keep=1, max_pairs=1, seed=0),
+        compare_n=2, sampling=RoundSettings(samples=3, max_new_tokens=64, keep=1, max_pairs=1, seed=0),
         training=TrainSettings(**tiny), reward_training=TrainSettings(**tiny))
     logs: list[str] = []
     summary = run_bootstrap(config, log=logs.append)

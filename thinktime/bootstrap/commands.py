@@ -85,11 +85,14 @@ def bootstrap_command(
     max_new_tokens: int = typer.Option(320, "--max-new-tokens", help="New tokens per rationale (and per held-out "
                                        "answer)."),
     keep: int = typer.Option(1, "--keep", help="Distinct correct rationales kept per problem."),
+    hint_samples: int = typer.Option(2, "--hint-samples", help="Rationales sampled with the hint per failed problem."),
     rationalise: bool = typer.Option(True, "--rationalise/--no-rationalise", help="Give failed problems the gold "
                                      "answer as a hint and keep rationales that derive it without quoting the hint."),
     max_pairs: int = typer.Option(2, "--max-pairs", help="Preference pairs per problem."),
-    restart: str = typer.Option("base", "--from", help="base: each round fine-tunes the starting model on all data "
-                                "so far (STaR); previous: continue from the last round's model on its new data."),
+    restart: str = typer.Option("base", "--from", help="base: each round fine-tunes the starting model (STaR); "
+                                "previous: continue from the last round's model."),
+    train_data: str = typer.Option("round", "--train-data", help="round: train on the rationales of this round "
+                                   "(STaR); all: on those of every round so far."),
     epochs: float = EpochsOpt, lr: Optional[float] = LrOpt, batch_size: int = BatchOpt, max_length: int = MaxLenOpt,
     lora: bool = LoraOpt, lora_r: int = LoraROpt,
     compare_n: int = typer.Option(0, "--compare-n", help="> 0: after the last round, train an outcome reward model "
@@ -123,11 +126,12 @@ def bootstrap_command(
         config = BootstrapConfig(
             model=model, dataset=dataset, rounds=rounds, output=str(output), engine=engine,
             train_problems=train_problems, eval_problems=eval_problems, data_seed=data_seed, restart=restart,
+            train_data=train_data,
             lang=lang, device=device, dtype=dtype, train_model=not no_train, compare_n=compare_n,
             engine_options=engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
                                           data_parallel_size, distributed_executor_backend),
             sampling=RoundSettings(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, keep=keep,
-                                   rationalise=rationalise, max_pairs=max_pairs, seed=seed),
+                                   hint_samples=hint_samples, rationalise=rationalise, max_pairs=max_pairs, seed=seed),
             training=TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, max_length=max_length,
                                    lora=lora, lora_r=lora_r, lora_alpha=2 * lora_r, seed=seed, device=device,
                                    dtype=dtype),

@@ -51,6 +51,22 @@ def mentions_hint(rationale: str) -> bool:
     return _MENTIONS.search(rationale) is not None
 
 
+def first_derivation(rationale: str, gold: str) -> re.Match | None:
+    """Where the rationale first writes the gold answer as a computation's result ("= 85")."""
+    return re.search(rf"{_RESULT_LEAD}(?P<answer>{_answer_pattern(gold)})", rationale, re.IGNORECASE)
+
+
+def trim_after_derivation(rationale: str, gold: str) -> str | None:
+    """The rationale up to the end of the sentence (or line) that first derives the gold answer;
+    None when it never derives it."""
+    m = first_derivation(rationale, gold)
+    if m is None:
+        return None
+    end = re.search(r"\.(?=\s|$)|\n|$", rationale[m.end():])
+    cut = m.end() + end.start() + (1 if end.group(0) == "." else 0)
+    return rationale[:cut].rstrip()
+
+
 def derives_answer(rationale: str, gold: str, question: str = "") -> bool:
     """Rule 2 passes: the answer appears first as a computation's result (see the module docstring)."""
     pattern = _answer_pattern(gold)

@@ -9,10 +9,11 @@
     OUT/accuracy.png           the plot
 
 Round r samples the training problems with the model of round r-1. Fine-tuning follows STaR
-(Zelikman et al., 2022) by default (`restart="base"`): every round trains the *starting* model
-on the SFT data of all rounds so far, so errors do not compound through generations of
-fine-tuning; `restart="previous"` continues from the last round's model on the new round's data
-only (cheaper, drifts more). Held-out problems never enter training: the dataset's last
+(Zelikman et al., 2022, Algorithm 1) by default: every round trains the *starting* model
+(`restart="base"`) on the rationales that round produced (`train_data="round"`; the round's
+model solves more problems, so the set grows), so errors do not compound through generations of
+fine-tuning. `train_data="all"` trains on the SFT rows of every round so far instead;
+`restart="previous"` continues from the last round's model (cheaper per round, drifts more). Held-out problems never enter training: the dataset's last
 `eval_problems` are held out, the first `train_problems` are sampled (any question also in the
 held-out set is dropped). Rerunning the same command resumes: finished rounds, models and eval
 records are reused.
@@ -32,6 +33,7 @@ from thinktime.bootstrap.training import TRAIN_INFO, TrainSettings, train
 from thinktime.errors import BadInputError
 
 RESTARTS = ("base", "previous")
+TRAIN_DATA = ("round", "all")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class BootstrapConfig:
     eval_problems: int = 100
     data_seed: int = 0
     restart: str = "base"
+    train_data: str = "round"
     eval_batch: int = 16  # held-out problems per engine call (greedy)
     lang: str = "auto"
     device: str | None = None
@@ -95,14 +98,21 @@ def _free(engine) -> None:
         pass
 
 
-def _evaluate(thinker, heldout, folder: Path, config: BootstrapConfig) -> dict:
+def _evaluate(thinker, heldout, folder: Path, config: BootstrapConfig, log=print) -> dict:
     from thinktime.evaluation.metrics import wilson
     from thinktime.evaluation.runner import Settings, build_config, run_eval
     from thinktime.evaluation.store import RunStore
 
     settings = Settings(strategy="cot", ns=[1], seed=config.sampling.seed, batch_problems=config.eval_batch)
     with RunStore(folder, build_config(thinker, heldout, settings)) as store:
-        records = run_eval(thinker, heldout, store, settings)
+        count = [len(store.done)]
+
+        def progress(record: dict) -> None:
+            count[0] += 1
+            if count[0] % config.eval_batch == 0 or count[0] == len(heldout):
+                log(f"eval {folder.parent.name}: {count[0]}/{len(heldout)} problems")
+
+        records = run_eval(thinker, heldout, store, settings, on_record=progress)
     correct = sum(bool(r["correct"]) for r in records)
     lo, hi = wilson(correct, len(records))
     return {"correct": correct, "total": len(records), "accuracy": correct / len(records) if records else 0.0,
@@ -133,6 +143,8 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
 
     if config.restart not in RESTARTS:
         raise BadInputError(f"unknown --from {config.restart!r}", hint="use base (STaR) or previous")
+    if config.train_data not in TRAIN_DATA:
+        raise BadInputError(f"unknown --train-data {config.train_data!r}", hint="use round (STaR) or all")
     if config.rounds < 0:
         raise BadInputError("--rounds must be at least 0")
     if config.train_model and config.engine.startswith("openai"):
@@ -161,7 +173,7 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
         thinker = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
                           temperature=0.0, seed=config.sampling.seed)
         t = time.perf_counter()
-        entry["eval"] = _evaluate(thinker, heldout, folder / "eval", config)
+        entry["eval"] = _evaluate(thinker, heldout, folder / "eval", config, log)
         ev = entry["eval"]
         log(f"round {r}: held-out accuracy {ev['correct']}/{ev['total']} = {100 * ev['accuracy']:.1f}% "
             f"(95% CI {100 * ev['ci'][0]:.1f}-{100 * ev['ci'][1]:.1f}%), {time.perf_counter() - t:.0f} s")
@@ -180,7 +192,14 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
         nxt = out / f"round-{r + 1}"
         if not (nxt / "stats.json").is_file():
             t = time.perf_counter()
-            result = run_round(engine, thinker.messages, train_set, config.sampling, round_index=r + 1)
+            done = {"sample": 0, "rationalise": 0}
+
+            def progress(stage: str, k: int, r=r) -> None:
+                done[stage] += k
+                log(f"round {r + 1} {stage}: {done[stage]} problems done")
+
+            result = run_round(engine, thinker.messages, train_set, config.sampling, round_index=r + 1,
+                               on_progress=progress)
             data.write_jsonl(nxt / "sft.jsonl", result.sft)
             data.write_jsonl(nxt / "pairs.jsonl", result.pairs)
             data.write_json(nxt / "stats.json", result.stats.to_dict())
@@ -196,7 +215,7 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
             continue
         model_dir = nxt / "model"
         if not (model_dir / TRAIN_INFO).is_file():
-            rounds_so_far = range(1, r + 2) if config.restart == "base" else [r + 1]
+            rounds_so_far = range(1, r + 2) if config.train_data == "all" else [r + 1]
             files = [out / f"round-{k}" / "sft.jsonl" for k in rounds_so_far]
             if not sum(len(data.read_jsonl(f)) for f in files):
                 raise BadInputError(f"round {r + 1} kept no rationale to train on",

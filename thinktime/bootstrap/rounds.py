@@ -29,6 +29,7 @@ class RoundSettings:
     max_new_tokens: int = 320
     keep: int = 1  # kept rationales per problem (distinct)
     rationalise: bool = True
+    hint_samples: int = 2  # rationales sampled with the hint per failed problem
     max_pairs: int = 2  # preference pairs per problem
     seed: int = 0
     chunk: int = 16  # problems per engine call
@@ -42,6 +43,7 @@ class RoundStats:
     correct_samples: int = 0
     solved: int = 0  # problems with at least one correct sample
     kept: int = 0  # rationales kept by the STaR filter
+    trimmed: int = 0  # kept rationales (either kind) cut by the token limit, trimmed after their derivation
     rationalised_problems: int = 0  # problems rescued by rationalisation
     rationalised: int = 0  # rationales kept from hinted sampling
     quoted_hint: int = 0  # correct hinted rationales dropped for quoting the hint
@@ -102,11 +104,12 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
         samples = grade_texts([c.text for c in completions], problem.gold, [c.finish_reason for c in completions],
                               [c.completion_tokens for c in completions])
         graded[problem.id] = samples
-        kept[problem.id] = keep_correct(samples, settings.keep)
+        kept[problem.id] = keep_correct(samples, problem.gold, settings.keep)
         stats.samples += len(samples)
         stats.correct_samples += sum(s.correct for s in samples)
         stats.solved += any(s.correct for s in samples)
         stats.kept += len(kept[problem.id])
+        stats.trimmed += sum(t not in {s.text for s in samples} for t in kept[problem.id])
         stats.completion_tokens += sum(c.completion_tokens for c in completions)
 
     rationalised: dict[str, list[str]] = {}
@@ -114,7 +117,7 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
     if settings.rationalise and failed:
         hinted = [messages(with_hint(problems[i].question, problems[i].gold, detect_language(problems[i].question)))
                   for i in failed]
-        hinted_out = _sample(engine, [Prompt.of(m) for m in hinted], settings, settings.samples, seed + 50_000,
+        hinted_out = _sample(engine, [Prompt.of(m) for m in hinted], settings, settings.hint_samples, seed + 50_000,
                              on_progress and (lambda k: on_progress("rationalise", k)))
         for i, completions in zip(failed, hinted_out):
             problem = problems[i]
@@ -124,6 +127,7 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
             stats.quoted_hint += quoted
             stats.completion_tokens += sum(c.completion_tokens for c in completions)
             if texts:
+                stats.trimmed += sum(t not in {s.text for s in samples} for t in texts)
                 rationalised[problem.id] = texts
                 stats.rationalised_problems += 1
                 stats.rationalised += len(texts)
@@ -135,7 +139,7 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
         for text in rationalised.get(problem.id, []):
             sft.append(data.sft_row(prompt, text, id=problem.id, round=round_index, kind="rationalised"))
         chosen = kept[problem.id] or rationalised.get(problem.id, [])
-        for good, bad in make_pairs(chosen, incorrect(graded[problem.id]), settings.max_pairs):
+        for good, bad in make_pairs(chosen, incorrect(graded[problem.id], problem.gold), settings.max_pairs):
             pairs.append(data.pair_row(prompt, good, bad, id=problem.id, round=round_index))
     stats.sft_rows, stats.pairs = len(sft), len(pairs)
     stats.seconds = time.perf_counter() - started

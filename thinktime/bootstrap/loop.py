@@ -126,7 +126,7 @@ def _check_config(out: Path, config: BootstrapConfig) -> None:
     new = config.to_dict()
     if path.is_file():
         old = json.loads(path.read_text())
-        keep = {"rounds"}  # more rounds may be added to a finished run
+        keep = {"rounds", "compare_n", "reward_training"}  # a finished run may get more rounds, or the comparison
         diff = sorted(k for k in set(old) | set(new) if k not in keep and old.get(k) != new.get(k))
         if diff:
             raise BadInputError(f"{out} holds a bootstrap run with other settings ({', '.join(diff)})",

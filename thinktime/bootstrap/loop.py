@@ -210,8 +210,7 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
         _free(engine)
         engine = thinker = None
         if not config.train_model:
-            current_note = "data only (--no-train)"
-            log(f"round {r + 1}: {current_note}")
+            log(f"round {r + 1}: data only (--no-train), the model stays {current}")
             continue
         model_dir = nxt / "model"
         if not (model_dir / TRAIN_INFO).is_file():
@@ -235,6 +234,11 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
         "intervals_disjoint": last["ci"][0] > first["ci"][1],
     }
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU time of this process (all rounds in it): on shared machines wall time says little
+    summary["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
     data.write_json(out / "summary.json", summary)
     name = Path(config.model).name if Path(config.model).exists() else config.model
     plot_rounds(summary["rounds"], out / "accuracy.png", title=f"STaR on {heldout.name}: {name}")

@@ -75,14 +75,16 @@ PipelineParallelOpt = typer.Option(None, "--pipeline-parallel-size", help="--eng
                                    "the layers into stages.")
 DataParallelOpt = typer.Option(None, "--data-parallel-size", help="--engine vllm: independent model replicas.")
 ExecutorOpt = typer.Option(None, "--distributed-executor-backend", help="--engine vllm: ray (multi-node) or mp.")
+FastOpt = typer.Option(None, "--fast/--no-fast", help="--engine transformers: the fast decoder (static KV cache, "
+                       "CUDA graphs; the default on CUDA). --no-fast decodes with plain generate().")
 
 
 def engine_options(base_url=None, api_key=None, tensor_parallel_size=None, pipeline_parallel_size=None,
-                   data_parallel_size=None, distributed_executor_backend=None) -> dict:
+                   data_parallel_size=None, distributed_executor_backend=None, fast=None) -> dict:
     """The engine options a command was given (unset ones left out, so each engine keeps its defaults)."""
     values = dict(base_url=base_url, api_key=api_key, tensor_parallel_size=tensor_parallel_size,
                   pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
-                  distributed_executor_backend=distributed_executor_backend)
+                  distributed_executor_backend=distributed_executor_backend, fast=fast)
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -189,6 +191,7 @@ def solve(
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
     tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
     data_parallel_size: Optional[int] = DataParallelOpt, distributed_executor_backend: Optional[str] = ExecutorOpt,
+    fast: Optional[bool] = FastOpt,
 ) -> None:
     """Think about questions: stream the reasoning live, then print the checked final answer."""
     with friendly_errors():
@@ -198,7 +201,7 @@ def solve(
                                 temperature, top_p, seed, trust_remote_code, source, strategy=strategy,
                                 options=options, budget_tokens=budget_tokens,
                                 **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
-                                                 data_parallel_size, distributed_executor_backend))
+                                                 data_parallel_size, distributed_executor_backend, fast))
         if as_json:
             for result in thinker.solve_many(items):
                 print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
@@ -234,13 +237,14 @@ def chat(
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
     tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
     data_parallel_size: Optional[int] = DataParallelOpt, distributed_executor_backend: Optional[str] = ExecutorOpt,
+    fast: Optional[bool] = FastOpt,
 ) -> None:
     """A multi-turn conversation. /reset forgets the history, /exit (or Ctrl-D) leaves."""
     with friendly_errors():
         thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
                                 temperature, top_p, seed, trust_remote_code, source,
                                 **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
-                                                 data_parallel_size, distributed_executor_backend))
+                                                 data_parallel_size, distributed_executor_backend, fast))
         history: list[dict[str, str]] = []
         err.print(f"[dim]chatting with {thinker.model_name}; /reset to forget, /exit to leave[/]")
         while True:

@@ -141,12 +141,16 @@ def _pre_attention(h, d, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, eps: float, n
     return q, k, v, h
 
 
-def _attend(q, keys, values, valid, scaling: float):
-    """One query per row against its cached keys; the heads of a KV group share one matrix product."""
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # [B, kv, group, window]
-    scores = scores.masked_fill(~valid, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, values)  # [B, kv, group, head_dim]
+def _masked_softmax(scores, valid, scaling: float):
+    scores = (scores * scaling).masked_fill(~valid, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+
+
+def _attend(q, keys, values, valid, scaling: float, softmax=_masked_softmax):
+    """One query per row against its cached keys; the heads of a KV group share one matrix product.
+    The products stay eager: the cache slices are strided views that cuBLAS reads in place."""
+    scores = torch.matmul(q, keys.transpose(-1, -2))  # [B, kv, group, window]
+    out = torch.matmul(softmax(scores, valid, scaling), values)  # [B, kv, group, head_dim]
     return out.reshape(out.shape[0], -1)
 
 
@@ -230,6 +234,9 @@ def _fuse(linears, attr: str):
     return fused
 
 
+_EAGER = {"pre": _pre_attention, "softmax": _masked_softmax, "post": _post_attention, "head": _head}
+
+
 def _bucket(rows: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, rows))))
 
@@ -260,7 +267,8 @@ class FastDecoder:
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.use_graphs = self.cuda and (graphs if graphs is not None else _env_flag("THINKTIME_FAST_GRAPHS", True))
-        self.use_compile = self.cuda and (compile if compile is not None else _env_flag("THINKTIME_FAST_COMPILE", True))
+        # compile=True also compiles on the CPU (slow to start; tests use it to check the compiled code traces).
+        self.use_compile = compile if compile is not None else (self.cuda and _env_flag("THINKTIME_FAST_COMPILE", True))
         attn0 = base.layers[0].self_attn
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
@@ -280,7 +288,7 @@ class FastDecoder:
         self.lm_w, self.lm_b = model.lm_head.weight, getattr(model.lm_head, "bias", None)
         with torch.no_grad():
             self.layers = [self._weights(layer) for layer in base.layers]
-        self._fns = {"pre": _pre_attention, "attend": _attend, "post": _post_attention, "head": _head}
+        self._fns = dict(_EAGER)
         self.compile_error: str | None = None
         if self.use_compile:
             self._compile()
@@ -289,6 +297,7 @@ class FastDecoder:
         self.len_cap = 0
         self.graphs: dict[tuple[int, int, str], torch.cuda.CUDAGraph] = {}
         self.graph_error: str | None = None
+        self.failed_modes: dict[str, str] = {}  # sampling modes whose step would not capture: generate serves them
         self._pool = None
         self.stats = {"prefill_s": 0.0, "capture_s": 0.0, "captures": 0, "steps": 0, "warmup_s": 0.0}
 
@@ -313,10 +322,12 @@ class FastDecoder:
         try:
             import torch._dynamo
 
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+            for name in ("recompile_limit", "cache_size_limit"):  # a few batch sizes and layers' variants
+                if isinstance(getattr(torch._dynamo.config, name, None), int):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
             self._fns = {
                 "pre": torch.compile(_pre_attention, fullgraph=True),
-                "attend": torch.compile(_attend, fullgraph=True, dynamic=True),
+                "softmax": torch.compile(_masked_softmax, fullgraph=True, dynamic=True),
                 "post": torch.compile(_post_attention, fullgraph=True),
                 "head": torch.compile(_head, fullgraph=True),
             }
@@ -328,7 +339,7 @@ class FastDecoder:
         warnings.warn(f"thinktime fast decoding: torch.compile failed ({self.compile_error}); "
                       f"using eager kernels", RuntimeWarning, stacklevel=3)
         self.use_compile = False
-        self._fns = {"pre": _pre_attention, "attend": _attend, "post": _post_attention, "head": _head}
+        self._fns = dict(_EAGER)
         self.graphs.clear()
 
     def _ensure_cache(self, rows: int, length: int) -> None:
@@ -358,8 +369,8 @@ class FastDecoder:
         x = torch.zeros(1, dtype=self.dtype, device=dev)
         cos, sin = self.rotary(x, self.positions[None])  # the model's own RoPE table, exactly
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self.host = torch.zeros(2, rows, dtype=torch.long, pin_memory=self.cuda)
         if self.cuda:
-            self.host = torch.zeros(2, rows, dtype=torch.long, pin_memory=True)
             self.events = [torch.cuda.Event(), torch.cuda.Event()]
             self._pool = torch.cuda.graph_pool_handle()
         self.rows_cap, self.len_cap = rows, length
@@ -381,7 +392,7 @@ class FastDecoder:
             keys, values = self.kv[i, 0], self.kv[i, 1]
             keys[index, :, pos] = k
             values[index, :, pos] = v
-            a = fns["attend"](q, keys[:rows, :, :window], values[:rows, :, :window], valid, self.scaling)
+            a = _attend(q, keys[:rows, :, :window], values[:rows, :, :window], valid, self.scaling, fns["softmax"])
             h, d = fns["post"](h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b, w.eps2)
         logits = fns["head"](h, d, self.norm_w, self.lm_w, self.lm_b, self.norm_eps)
         nxt = sample(logits, self.u[index, pos], mode, self.temperature, self.top_p)
@@ -390,7 +401,7 @@ class FastDecoder:
 
     def _runner(self, rows: int, window: int, mode: str):
         """A callable that runs one step: a replayed CUDA graph where possible, else the eager step."""
-        if not self.use_graphs:
+        if not self.use_graphs or mode in self.failed_modes:
             return lambda: self._step(rows, window, mode)
         key = (rows, window, mode)
         graph = self.graphs.get(key)
@@ -452,6 +463,8 @@ class FastDecoder:
         width = _bucket(rows)
         self._ensure_cache(width, min(_round_up(need), self.max_positions))
         mode = "greedy" if greedy else ("top_p" if top_p < 1.0 else "sample")
+        if self.use_graphs and mode in self.failed_modes:
+            raise FastPathUnavailable(f"the {mode} step did not capture as a CUDA graph ({self.failed_modes[mode]})")
         if not greedy:
             self.temperature.fill_(float(temperature))
             self.top_p.fill_(float(top_p))
@@ -467,10 +480,8 @@ class FastDecoder:
         try:
             step_fn = self._runner(width, window(1), mode) if max_new > 1 else None
         except Exception as exc:  # capture failed before anything was streamed: the caller falls back
-            self.graph_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            self.use_graphs = False
-            self.graphs.clear()
-            raise FastPathUnavailable(f"CUDA graph capture failed ({self.graph_error})", permanent=True) from exc
+            self._capture_failed(mode, exc)
+            raise FastPathUnavailable(f"CUDA graph capture failed ({self.graph_error})") from exc
         state = _Rows(rows, stop_ids, pad_id, stop_strings, tokenizer, streamer)
         if streamer is not None:
             streamer.put(torch.tensor([prompts[0]]))  # as generate does, the prompt comes first
@@ -483,32 +494,39 @@ class FastDecoder:
                 current = window(step)
                 try:
                     step_fn = self._runner(width, current, mode)
-                except Exception as exc:  # mid-call: finish this call eagerly, say so
-                    self.graph_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                except Exception as exc:  # mid-call: finish this call without graphs, say so
+                    self._capture_failed(mode, exc)
                     warnings.warn(f"thinktime fast decoding: CUDA graph capture failed ({self.graph_error}); "
-                                  f"finishing without graphs", RuntimeWarning, stacklevel=3)
-                    self.use_graphs = False
-                    self.graphs.clear()
+                                  f"finishing this call without graphs", RuntimeWarning, stacklevel=3)
                     step_fn = self._runner(width, current, mode)
             step_fn()
             self.stats["steps"] += 1
-            if self.cuda:  # tokens come back one step late, so the GPU runs ahead of Python
-                slot = step % 2
-                self.host[slot, :rows].copy_(self.tok[:rows], non_blocking=True)
+            # Tokens come back one step late, so the GPU runs the next step while Python reads this one.
+            slot = step % 2
+            self.host[slot, :rows].copy_(self.tok[:rows], non_blocking=self.cuda)
+            if self.cuda:
                 self.events[slot].record()
-                if pending is not None:
-                    self.events[pending].synchronize()
-                    state.push(self.host[pending, :rows].tolist())
-                pending = slot
-            else:
-                state.push(self.tok[:rows].tolist())
+            if pending is not None:
+                self._read(state, pending, rows)
+            pending = slot
             step += 1
         if pending is not None and not state.all_done:
-            self.events[pending].synchronize()
-            state.push(self.host[pending, :rows].tolist())
+            self._read(state, pending, rows)
         if streamer is not None:
             streamer.end()
         return state.padded()
+
+    def _read(self, state: "_Rows", slot: int, rows: int) -> None:
+        if self.cuda:
+            self.events[slot].synchronize()
+        state.push(self.host[slot, :rows].tolist())
+
+    def _capture_failed(self, mode: str, exc: BaseException) -> None:
+        self.graph_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        self.failed_modes[mode] = self.graph_error
+        self.graphs = {k: g for k, g in self.graphs.items() if k[2] != mode}
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
     def _prefill(self, prompts, n, rows, width, lengths, mode, prefix_cache) -> torch.Tensor:
         """Fills each prompt's KV into its n rows and returns the first new token of every row."""

@@ -123,7 +123,8 @@ def _rotate(x, cos, sin):
 
 
 def _pre_attention(h, d, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, eps: float, n_heads: int, n_kv: int):
-    """h += d (the previous layer's MLP output); q, k, v of the normed h, with RoPE (and Qwen3's q/k norms)."""
+    """h += d (the previous layer's MLP output); q and the new keys and values ([B, 2, kv, head_dim], for one
+    cache write) of the normed h, with RoPE (and Qwen3's q/k norms)."""
     h = h + d
     x = _rms_norm(h, ln_w, eps)
     qkv = F.linear(x, qkv_w, qkv_b)
@@ -138,7 +139,7 @@ def _pre_attention(h, d, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, eps: float, n
     cos, sin = cos[:, None, :], sin[:, None, :]
     q = _rotate(q, cos, sin).reshape(b, n_kv, n_heads // n_kv, head_dim)
     k = _rotate(k, cos, sin)
-    return q, k, v, h
+    return q, torch.stack((k, v), dim=1), h
 
 
 def _masked_softmax(scores, valid, scaling: float):
@@ -351,7 +352,8 @@ class FastDecoder:
         shape = (self.n_layers, 2, rows, self.n_kv, length, self.head_dim)
         need = math.prod(shape) * self.embed.element_size() + rows * length * 4
         if self.cuda:
-            free, _ = torch.cuda.mem_get_info(self.device)
+            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
+                - torch.cuda.memory_allocated(self.device)  # the driver's free memory and the allocator's
             if need > free * 0.9:
                 self.rows_cap = self.len_cap = 0
                 raise FastPathUnavailable(f"a static KV cache of {rows} rows x {length} positions needs "
@@ -387,11 +389,10 @@ class FastDecoder:
         cos, sin = self.cos[pos], self.sin[pos]
         valid = (self.positions[:window][None, :] <= pos[:, None])[:, None, None, :]
         for i, w in enumerate(self.layers):
-            q, k, v, h = fns["pre"](h, d, w.ln1, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, w.eps1,
-                                    self.n_heads, self.n_kv)
+            q, new, h = fns["pre"](h, d, w.ln1, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, w.eps1,
+                                   self.n_heads, self.n_kv)
+            self.kv[i][:, index, :, pos] = new  # [B, 2, kv, head_dim] into each row's own position
             keys, values = self.kv[i, 0], self.kv[i, 1]
-            keys[index, :, pos] = k
-            values[index, :, pos] = v
             a = _attend(q, keys[:rows, :, :window], values[:rows, :, :window], valid, self.scaling, fns["softmax"])
             h, d = fns["post"](h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b, w.eps2)
         logits = fns["head"](h, d, self.norm_w, self.lm_w, self.lm_b, self.norm_eps)
@@ -423,7 +424,7 @@ class FastDecoder:
             self.tok[:rows].copy_(saved[0])  # the warm-up step is undone; its KV writes are rewritten
             self.pos[:rows].copy_(saved[1])
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._step(rows, window, mode)
             self.graphs[key] = graph
             self.stats["capture_s"] += time.perf_counter() - started

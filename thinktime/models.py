@@ -82,8 +82,15 @@ def embedded_gguf() -> Path | None:
 
 
 def _fingerprint(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    """Identifies a file by its size and its first and last MiB, not by where it lies: the same
+    wheel installed in two environments shares one converted copy instead of re-converting."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:

@@ -6,6 +6,7 @@ deadline instead, so hostile LaTeX can never hang the caller.
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import multiprocessing
 import re
@@ -137,7 +138,16 @@ def _worker_pool() -> cf.ProcessPoolExecutor:
     with _pool_lock:
         if _pool is None:
             _pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            atexit.register(_shutdown_pool)
         return _pool
+
+
+def _shutdown_pool() -> None:
+    """At exit, stop the worker before the interpreter tears down the modules its manager uses."""
+    with _pool_lock:
+        pool = _pool
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _kill_pool() -> None:

@@ -245,6 +245,18 @@ def test_engine_stream_stop_strings_and_seeds(engine, fast_engine):
                                                                                        sampled)[0]]
 
 
+def test_engine_continuations_use_the_prefix_cache(engine, fast_engine):
+    """A prompt with a prefix (a continued chain) takes its KV from the engine's prefix cache, then the
+    last prompt token goes through a decoding step: the tokens still equal generate's."""
+    params = SamplingParams(max_new_tokens=16)
+    prompt = Prompt.of(QUESTION, prefix="Let me add the tens first.")
+    [[plain]] = engine.generate([prompt], params)
+    before = engine.prefix_cache.reused_tokens
+    [[quick]] = fast_engine.generate([prompt], params)
+    assert quick.token_ids == plain.token_ids
+    assert engine.prefix_cache.reused_tokens > before
+
+
 def test_engine_cancel_through_the_stream(fast_engine):
     cancel = threading.Event()
     pieces = []

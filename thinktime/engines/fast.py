@@ -147,11 +147,11 @@ def _masked_softmax(scores, valid, scaling: float):
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
 
-def _attend(q, keys, values, valid, scaling: float, softmax=_masked_softmax):
+def _attend(q, keys, values, valid, softmax):
     """One query per row against its cached keys; the heads of a KV group share one matrix product.
     The products stay eager: the cache slices are strided views that cuBLAS reads in place."""
     scores = torch.matmul(q, keys.transpose(-1, -2))  # [B, kv, group, window]
-    out = torch.matmul(softmax(scores, valid, scaling), values)  # [B, kv, group, head_dim]
+    out = torch.matmul(softmax(scores, valid), values)  # [B, kv, group, head_dim]
     return out.reshape(out.shape[0], -1)
 
 
@@ -235,7 +235,23 @@ def _fuse(linears, attr: str):
     return fused
 
 
-_EAGER = {"pre": _pre_attention, "softmax": _masked_softmax, "post": _post_attention, "head": _head}
+def _layer_fns(eps: float, n_heads: int, n_kv: int, scaling: float) -> dict:
+    """The per-layer pieces with the model's constants bound in a closure: compiled code then takes
+    tensors only (a Python float argument could become a graph input copied from the host each call)."""
+
+    def pre(h, d, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin):
+        return _pre_attention(h, d, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, eps, n_heads, n_kv)
+
+    def softmax(scores, valid):
+        return _masked_softmax(scores, valid, scaling)
+
+    def post(h, attn, o_w, o_b, ln_w, gu_w, gu_b, down_w, down_b):
+        return _post_attention(h, attn, o_w, o_b, ln_w, gu_w, gu_b, down_w, down_b, eps)
+
+    def head(h, d, norm_w, lm_w, lm_b):
+        return _head(h, d, norm_w, lm_w, lm_b, eps)
+
+    return {"pre": pre, "softmax": softmax, "post": post, "head": head}
 
 
 def _bucket(rows: int) -> int:
@@ -289,7 +305,12 @@ class FastDecoder:
         self.lm_w, self.lm_b = model.lm_head.weight, getattr(model.lm_head, "bias", None)
         with torch.no_grad():
             self.layers = [self._weights(layer) for layer in base.layers]
-        self._fns = dict(_EAGER)
+        norms = {self.norm_eps} | {w.eps1 for w in self.layers} | {w.eps2 for w in self.layers} | \
+            {_eps(getattr(layer.self_attn, "q_norm")) for layer in base.layers if hasattr(layer.self_attn, "q_norm")}
+        if len(norms) != 1:
+            raise FastPathUnavailable(f"RMS norms with different epsilons {sorted(norms)}", permanent=True)
+        self._eager = _layer_fns(self.norm_eps, self.n_heads, self.n_kv, self.scaling)
+        self._fns = dict(self._eager)
         self.compile_error: str | None = None
         if self.use_compile:
             self._compile()
@@ -326,12 +347,8 @@ class FastDecoder:
             for name in ("recompile_limit", "cache_size_limit"):  # a few batch sizes and layers' variants
                 if isinstance(getattr(torch._dynamo.config, name, None), int):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
-            self._fns = {
-                "pre": torch.compile(_pre_attention, fullgraph=True),
-                "softmax": torch.compile(_masked_softmax, fullgraph=True, dynamic=True),
-                "post": torch.compile(_post_attention, fullgraph=True),
-                "head": torch.compile(_head, fullgraph=True),
-            }
+            self._fns = {name: torch.compile(fn, fullgraph=True, dynamic=True if name == "softmax" else None)
+                         for name, fn in self._eager.items()}
         except Exception as exc:  # an old torch or no compiler: eager kernels, still in graphs
             self._compile_failed(exc)
 
@@ -340,7 +357,7 @@ class FastDecoder:
         warnings.warn(f"thinktime fast decoding: torch.compile failed ({self.compile_error}); "
                       f"using eager kernels", RuntimeWarning, stacklevel=3)
         self.use_compile = False
-        self._fns = dict(_EAGER)
+        self._fns = dict(self._eager)
         self.graphs.clear()
 
     def _ensure_cache(self, rows: int, length: int) -> None:
@@ -389,13 +406,12 @@ class FastDecoder:
         cos, sin = self.cos[pos], self.sin[pos]
         valid = (self.positions[:window][None, :] <= pos[:, None])[:, None, None, :]
         for i, w in enumerate(self.layers):
-            q, new, h = fns["pre"](h, d, w.ln1, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin, w.eps1,
-                                   self.n_heads, self.n_kv)
+            q, new, h = fns["pre"](h, d, w.ln1, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin)
             self.kv[i][:, index, :, pos] = new  # [B, 2, kv, head_dim] into each row's own position
             keys, values = self.kv[i, 0], self.kv[i, 1]
-            a = _attend(q, keys[:rows, :, :window], values[:rows, :, :window], valid, self.scaling, fns["softmax"])
-            h, d = fns["post"](h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b, w.eps2)
-        logits = fns["head"](h, d, self.norm_w, self.lm_w, self.lm_b, self.norm_eps)
+            a = _attend(q, keys[:rows, :, :window], values[:rows, :, :window], valid, fns["softmax"])
+            h, d = fns["post"](h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b)
+        logits = fns["head"](h, d, self.norm_w, self.lm_w, self.lm_b)
         nxt = sample(logits, self.u[index, pos], mode, self.temperature, self.top_p)
         self.tok[:rows].copy_(nxt)
         self.pos[:rows].add_(1)

@@ -90,3 +90,21 @@ def test_chat_keeps_history_across_turns():
     proc = run("chat", "--no-think", *FAST, stdin="My name is Ada.\nWhat is my name?\n/exit\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("Answer (") == 2
+
+
+def test_ctrl_c_stops_generation_cleanly_with_exit_code_130():
+    import signal
+    import time
+
+    proc = subprocess.Popen([*THINKTIME, "solve", "--max-new-tokens", "1000", "--temperature", "1.0",
+                             "--seed", "3", "Tell me a very long story about numbers."],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    first = proc.stdout.read(1)  # the reasoning has started streaming
+    assert first
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr

@@ -424,28 +424,31 @@ class FastDecoder:
         graph = self.graphs.get(key)
         if graph is None:
             started = time.perf_counter()
-            saved = self.tok[:rows].clone(), self.pos[:rows].clone()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
             try:
-                with torch.cuda.stream(side):  # warm-up: compiles, tunes, allocates outside the capture
-                    self._step(rows, window, mode)
+                graph = self._capture(rows, window, mode)
             except Exception as exc:
                 if not self.use_compile:
                     raise
-                self._compile_failed(exc)
-                with torch.cuda.stream(side):
-                    self._step(rows, window, mode)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.tok[:rows].copy_(saved[0])  # the warm-up step is undone; its KV writes are rewritten
-            self.pos[:rows].copy_(saved[1])
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self._step(rows, window, mode)
+                self._compile_failed(exc)  # compiled kernels would not run or capture: try eager ones
+                graph = self._capture(rows, window, mode)
             self.graphs[key] = graph
             self.stats["capture_s"] += time.perf_counter() - started
             self.stats["captures"] += 1
         return graph.replay
+
+    def _capture(self, rows: int, window: int, mode: str):
+        saved = self.tok[:rows].clone(), self.pos[:rows].clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: compiles, tunes, allocates outside the capture
+            self._step(rows, window, mode)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.tok[:rows].copy_(saved[0])  # the warm-up step is undone; its KV writes are rewritten
+        self.pos[:rows].copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._step(rows, window, mode)
+        return graph
 
     # --- a call ------------------------------------------------------------------------------------
 

@@ -59,6 +59,10 @@ def test_round_data_and_statistics(run):
         user = row["messages"][1]["content"]
         assert user.startswith("What is") and "hint" not in user.lower()  # the hint never reaches the data
         assert row["kind"] in ("correct", "rationalised")
+    samples = [json.loads(line) for line in (out / "round-1" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(len(r["samples"]) == 3 for r in samples)
+    assert sum(s["correct"] for r in samples for s in r["samples"]) == stats["correct_samples"]
+    assert all(len(r["hinted"]) in (0, 2) for r in samples)  # hint_samples=2, only for the failed problems
     pairs_file = out / "round-1" / "pairs.jsonl"
     assert sum(1 for _ in pairs_file.open()) == stats["pairs"]
     if stats["pairs"]:

@@ -2,7 +2,8 @@
 
     OUT/config.json            the run's settings
     OUT/round-0/eval/          the starting model on the held-out problems (a thinktime eval run folder)
-    OUT/round-R/sft.jsonl      SFT rows (chat, deep-thinking system prompt), pairs.jsonl, stats.json
+    OUT/round-R/sft.jsonl      SFT rows (chat, deep-thinking system prompt), pairs.jsonl, stats.json,
+                               samples.jsonl (every sample of the round, graded, with and without the hint)
     OUT/round-R/model/         the fine-tuned model (every engine loads it with --model)
     OUT/round-R/eval/          its held-out evaluation
     OUT/summary.json           accuracy (with 95% Wilson interval) and data statistics per round
@@ -202,6 +203,7 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
                                on_progress=progress)
             data.write_jsonl(nxt / "sft.jsonl", result.sft)
             data.write_jsonl(nxt / "pairs.jsonl", result.pairs)
+            data.write_jsonl(nxt / "samples.jsonl", result.sample_rows(train_set))
             data.write_json(nxt / "stats.json", result.stats.to_dict())
             s = result.stats
             log(f"round {r + 1} data: {s.correct_samples}/{s.samples} samples correct, {s.kept} kept, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from thinktime.bootstrap import data
 from thinktime.bootstrap.filter import (Sample, grade_texts, incorrect, keep_correct, keep_rationalised,
@@ -71,6 +71,16 @@ class RoundResult:
     sft: list[dict]
     pairs: list[dict]
     samples: dict[str, list[Sample]]  # problem id -> its graded unhinted samples
+    hinted: dict[str, list[Sample]] = field(default_factory=dict)  # problem id -> samples asked with the hint
+
+    def sample_rows(self, problems: Sequence[Problem]) -> list[dict]:
+        """Every sample of the round, graded (samples.jsonl): what the filter saw."""
+        def rows(samples):
+            return [{"text": s.text, "answer": s.answer, "correct": s.correct, "finish": s.finish_reason}
+                    for s in samples]
+
+        return [{"id": p.id, "question": p.question, "gold": p.gold, "samples": rows(self.samples.get(p.id, [])),
+                 "hinted": rows(self.hinted.get(p.id, []))} for p in problems]
 
 
 def _sample(engine, prompts: list[Prompt], settings: RoundSettings, n: int, seed: int,
@@ -80,7 +90,7 @@ def _sample(engine, prompts: list[Prompt], settings: RoundSettings, n: int, seed
     out: list[list] = []
     for start in range(0, len(prompts), settings.chunk):
         chunk = prompts[start:start + settings.chunk]
-        out.extend(engine.generate(chunk, SamplingParams(**{**params.__dict__, "seed": seed + start})))
+        out.extend(engine.generate(chunk, replace(params, seed=seed + start)))
         if on_chunk:
             on_chunk(len(chunk))
     return out
@@ -113,6 +123,7 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
         stats.completion_tokens += sum(c.completion_tokens for c in completions)
 
     rationalised: dict[str, list[str]] = {}
+    hinted_samples: dict[str, list[Sample]] = {}
     failed = [i for i, p in enumerate(problems) if not kept[p.id]]
     if settings.rationalise and failed:
         hinted = [messages(with_hint(problems[i].question, problems[i].gold, detect_language(problems[i].question)))
@@ -123,6 +134,7 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
             problem = problems[i]
             samples = grade_texts([c.text for c in completions], problem.gold,
                                   [c.finish_reason for c in completions])
+            hinted_samples[problem.id] = samples
             texts, quoted = keep_rationalised(samples, problem.gold, problem.question, settings.keep)
             stats.quoted_hint += quoted
             stats.completion_tokens += sum(c.completion_tokens for c in completions)
@@ -143,4 +155,4 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
             pairs.append(data.pair_row(prompt, good, bad, id=problem.id, round=round_index))
     stats.sft_rows, stats.pairs = len(sft), len(pairs)
     stats.seconds = time.perf_counter() - started
-    return RoundResult(stats, sft, pairs, graded)
+    return RoundResult(stats, sft, pairs, graded, hinted_samples)

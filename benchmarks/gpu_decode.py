@@ -274,11 +274,20 @@ def main() -> int:
         batch = decoder.generate(prompts, n=1, max_new_tokens=new, greedy=True, stop_ids=(), pad_id=0)
         alone = [run_generate(model, p, 1, new, True)[0][0] for p in prompts]
         checks["mixed_lengths_equal_generate"] = batch == alone
-    elif decoder.use_compile and not over_budget("no-compile batch 1"):
-        # The same graphs over eager kernels: what torch.compile adds (and costs in warm-up).
-        started = time.perf_counter()
-        decoder = fast.FastDecoder(model, compile=False)
-        fast_run("batch 1 greedy, no compile", 1, True, 0, extra_warmup=time.perf_counter() - started)
+    else:
+        # Variants at batch 1: one scaled_dot_product_attention call instead of the two products (its
+        # speed, and how long its greedy tokens agree with generate's); the graphs over eager kernels
+        # (what torch.compile adds, and costs in warm-up).
+        for label, options in (("batch 1 greedy, sdpa attention", dict(attention="sdpa")),
+                               ("batch 1 greedy, no compile", dict(compile=False))):
+            if over_budget(label):
+                continue
+            started = time.perf_counter()
+            decoder = fast.FastDecoder(model, **options)
+            warm = fast_run(label, 1, True, 0, extra_warmup=time.perf_counter() - started)
+            if warm is not None:
+                diff = first_difference(reference[0], warm[0])
+                checks[f"{label}_first_difference"] = "none" if diff is None else diff
     info["fast_stats"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in decoder.stats.items()}
     info["compile_error"], info["graph_error"] = decoder.compile_error, decoder.graph_error
     save()
@@ -291,7 +300,8 @@ def main() -> int:
              "",
              "| run | generate tok/s | thinktime tok/s | speed-up | thinktime ms/step | % of floor | warm-up s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for label in ["batch 1 greedy"] + [f"n={n} sampled" for n in samples] + ["batch 1 greedy, no compile"]:
+    for label in ["batch 1 greedy"] + [f"n={n} sampled" for n in samples] + \
+            ["batch 1 greedy, sdpa attention", "batch 1 greedy, no compile"]:
         g, t = by.get(("generate", label)) or by.get(("generate", label.split(",")[0])), by.get(("thinktime", label))
         if t is None and f"{label}_error" not in checks:
             continue

@@ -78,6 +78,13 @@ def test_greedy_equals_generate_on_tiny_models(kind, extra):
     assert len({tuple(r) for r in rows}) == 3  # real, varied output, not one token repeated
 
 
+def test_sdpa_attention_variant_equals_generate():
+    model = tiny("llama")
+    decoder = FastDecoder(model, attention="sdpa")
+    batch = prompts(2, 40)
+    assert decoder.generate(batch, max_new_tokens=24) == [reference(model, p, 24) for p in batch]
+
+
 def test_generate_still_works_on_the_fused_weights(llama):
     model, decoder = llama
     q = model.model.layers[0].self_attn.q_proj.weight

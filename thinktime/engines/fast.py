@@ -274,7 +274,7 @@ class FastDecoder:
     and off elsewhere; THINKTIME_FAST_COMPILE=0 / THINKTIME_FAST_GRAPHS=0 turn them off.
     """
 
-    def __init__(self, model, *, compile: bool | None = None, graphs: bool | None = None):
+    def __init__(self, model, *, compile: bool | None = None, graphs: bool | None = None, attention: str | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise FastPathUnavailable(reason, permanent=True)
@@ -286,6 +286,11 @@ class FastDecoder:
         self.use_graphs = self.cuda and (graphs if graphs is not None else _env_flag("THINKTIME_FAST_GRAPHS", True))
         # compile=True also compiles on the CPU (slow to start; tests use it to check the compiled code traces).
         self.use_compile = compile if compile is not None else (self.cuda and _env_flag("THINKTIME_FAST_COMPILE", True))
+        # "bmm": two cuBLAS products and a fused softmax (transformers' eager numerics; parallel at any
+        # length); "sdpa": one scaled_dot_product_attention call (closer to transformers' sdpa numerics).
+        self.attention = attention or os.environ.get("THINKTIME_FAST_ATTENTION", "bmm")
+        if self.attention not in ("bmm", "sdpa"):
+            raise ValueError(f"attention must be bmm or sdpa, not {self.attention!r}")
         attn0 = base.layers[0].self_attn
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
@@ -409,7 +414,11 @@ class FastDecoder:
             q, new, h = fns["pre"](h, d, w.ln1, w.qkv_w, w.qkv_b, w.qn, w.kn, cos, sin)
             self.kv[i][:, index, :, pos] = new  # [B, 2, kv, head_dim] into each row's own position
             keys, values = self.kv[i, 0], self.kv[i, 1]
-            a = _attend(q, keys[:rows, :, :window], values[:rows, :, :window], valid, fns["softmax"])
+            if self.attention == "sdpa":
+                a = F.scaled_dot_product_attention(q, keys[:rows, :, :window], values[:rows, :, :window],
+                                                   attn_mask=valid, scale=self.scaling).reshape(rows, -1)
+            else:
+                a = _attend(q, keys[:rows, :, :window], values[:rows, :, :window], valid, fns["softmax"])
             h, d = fns["post"](h, a, w.o_w, w.o_b, w.ln2, w.gu_w, w.gu_b, w.down_w, w.down_b)
         logits = fns["head"](h, d, self.norm_w, self.lm_w, self.lm_b)
         nxt = sample(logits, self.u[index, pos], mode, self.temperature, self.top_p)

@@ -272,6 +272,7 @@ class FastDecoder:
 
     `compile` (torch.compile the per-layer pieces) and `graphs` (CUDA graphs) default to on for CUDA
     and off elsewhere; THINKTIME_FAST_COMPILE=0 / THINKTIME_FAST_GRAPHS=0 turn them off.
+    `attention` (or THINKTIME_FAST_ATTENTION) is "bmm" (default) or "sdpa".
     """
 
     def __init__(self, model, *, compile: bool | None = None, graphs: bool | None = None, attention: str | None = None):

@@ -1,7 +1,6 @@
 """Thinker: the one entry point that the CLI, the server, the UI and the eval harness share."""
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -10,6 +9,7 @@ from thinktime.engines import Engine, create_engine
 from thinktime.errors import BadInputError
 from thinktime.strategies import Budget, Context, check_options, get_strategy
 from thinktime.strategies.base import make_result, to_candidate
+from thinktime.threads import iterate_in_thread
 from thinktime.types import Event, Prompt, Result, SamplingParams
 
 # A deep-thinking chain needs room: 8192 new tokens on a GPU (the seed's 512 cuts chains short).
@@ -111,31 +111,15 @@ class Thinker:
 
     def stream(self, question: str, **kwargs) -> Iterator[Event]:
         """Events while thinking ("delta" text as it is generated, progress), then one "result" event."""
-        events: queue.Queue = queue.Queue()
         cancel = kwargs.pop("cancel", None) or threading.Event()
-        ctx = self.context(question, emit=events.put, cancel=cancel, **kwargs)
+        ctx = self.context(question, cancel=cancel, **kwargs)
         strategy = get_strategy(ctx.options["strategy"])
-        done = object()
-        failure: list[BaseException] = []
 
-        def work() -> None:
-            try:
-                events.put(Event("result", result=strategy(ctx)))
-            except BaseException as exc:
-                failure.append(exc)
-            finally:
-                events.put(done)
+        def work(emit) -> None:
+            ctx.emit = emit
+            emit(Event("result", result=strategy(ctx)))
 
-        worker = threading.Thread(target=work, name="thinktime-strategy", daemon=True)
-        worker.start()
-        try:
-            while (event := events.get()) is not done:
-                yield event
-        finally:
-            cancel.set()  # a consumer that stops early stops the generation too
-            worker.join()
-        if failure:
-            raise failure[0]
+        yield from iterate_in_thread(work, cancel, name="thinktime-strategy")
 
     def solve_many(self, questions: Sequence[str], **kwargs) -> list[Result]:
         """Many questions; single-chain questions go to the engine as one batch."""

@@ -7,7 +7,6 @@ fed by `generate` step by step, not a method that does not exist).
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from thinktime import models
 from thinktime.engines.base import Engine
 from thinktime.engines.prefix_cache import PrefixCache
 from thinktime.errors import BadInputError, InsufficientMemoryError
+from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
 # Chat models end a turn with one of these; whichever the tokenizer knows becomes a stop token.
@@ -116,11 +116,11 @@ class _IncrementalDecoder:
 class _QueueStreamer(BaseStreamer):
     """Receives each decoding step's tokens for the whole batch and queues per-sample text deltas."""
 
-    def __init__(self, tokenizer, rows: int, stop_ids: set[int], out: queue.Queue, stop: tuple[str, ...]):
+    def __init__(self, tokenizer, rows: int, stop_ids: set[int], emit, stop: tuple[str, ...]):
         self.decoders = [_IncrementalDecoder(tokenizer, stop) for _ in range(rows)]
         self.done = [False] * rows
         self.stop_ids = stop_ids
-        self.out = out
+        self.emit = emit
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -135,7 +135,7 @@ class _QueueStreamer(BaseStreamer):
                 continue
             delta = self.decoders[row].push(token)
             if delta:
-                self.out.put(StreamDelta(row, delta))
+                self.emit(StreamDelta(row, delta))
 
     def end(self) -> None:
         pass
@@ -245,33 +245,15 @@ class TransformersEngine(Engine):
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
         cancel = cancel or threading.Event()
-        events: queue.Queue = queue.Queue()
-        streamer = _QueueStreamer(self.tokenizer, params.n, self.stop_ids | {self.tokenizer.pad_token_id}, events,
-                                  params.stop)
-        done = object()
-        failure: list[BaseException] = []
 
-        def work() -> None:
-            try:
-                for index, completion in enumerate(self._run([self.render(prompt)], params, cancel, streamer,
-                                                                 reuse=_should_reuse([prompt], params))[0]):
-                    rest = streamer.decoders[index].finish(completion.text)
-                    events.put(StreamDelta(index, rest, completion))
-            except BaseException as exc:  # surfaced in the consumer's thread
-                failure.append(exc)
-            finally:
-                events.put(done)
+        def work(emit) -> None:
+            streamer = _QueueStreamer(self.tokenizer, params.n, self.stop_ids | {self.tokenizer.pad_token_id}, emit,
+                                      params.stop)
+            rows = self._run([self.render(prompt)], params, cancel, streamer, reuse=_should_reuse([prompt], params))
+            for index, completion in enumerate(rows[0]):
+                emit(StreamDelta(index, streamer.decoders[index].finish(completion.text), completion))
 
-        worker = threading.Thread(target=work, name="thinktime-generate", daemon=True)
-        worker.start()
-        try:
-            while (event := events.get()) is not done:
-                yield event
-        finally:  # the consumer stopped early (Ctrl-C, a closed connection): stop generating
-            cancel.set()
-            worker.join()
-        if failure:
-            raise failure[0]
+        yield from iterate_in_thread(work, cancel, name="thinktime-generate")
 
     def close(self) -> None:
         self.fast = None  # it holds the weights and its KV cache

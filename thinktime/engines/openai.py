@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import random
 import threading
 import time
@@ -42,6 +41,7 @@ from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat
 from thinktime.errors import BadInputError, EngineError
 from thinktime.reasoning import THINK_CLOSE, THINK_OPEN
+from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
 log = logging.getLogger(__name__)
@@ -179,30 +179,14 @@ class OpenAIEngine(Engine):
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
         cancel = cancel or threading.Event()
-        events: queue.Queue = queue.Queue()
-        done = object()
-        failure: list[BaseException] = []
 
-        def work() -> None:
-            try:
-                for index, completion in enumerate(self._sample(prompt, params, cancel,
-                                                                lambda i, text: events.put(StreamDelta(i, text)))):
-                    events.put(StreamDelta(index, "", completion))
-            except BaseException as exc:
-                failure.append(exc)
-            finally:
-                events.put(done)
+        def work(emit) -> None:
+            # A consumer that stops early sets `cancel`: the connections close and the server stops.
+            for index, completion in enumerate(self._sample(prompt, params, cancel,
+                                                            lambda i, text: emit(StreamDelta(i, text)))):
+                emit(StreamDelta(index, "", completion))
 
-        worker = threading.Thread(target=work, name="thinktime-openai-stream", daemon=True)
-        worker.start()
-        try:
-            while (event := events.get()) is not done:
-                yield event
-        finally:  # the consumer stopped early: close the connections, the server stops generating
-            cancel.set()
-            worker.join()
-        if failure:
-            raise failure[0]
+        yield from iterate_in_thread(work, cancel, name="thinktime-openai-stream")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,7 +1,7 @@
 """What engines that hold a tokenizer share: rendering a Prompt through the chat template, stop tokens.
 
-The transformers engine renders the same way (hf.py); the vLLM engine and the OpenAI-compatible
-engine (when it is given a local tokenizer) use these helpers so that `Prompt.prefix` continues
+The transformers engine, the vLLM engine and the OpenAI-compatible engine (when it is given a
+local tokenizer) all use these helpers, so that `Prompt.prefix` continues
 a partial reply identically everywhere: the chat template with the generation prompt, then the
 prefix, tokenized without adding special tokens a second time.
 """

@@ -18,13 +18,12 @@ from transformers.utils import logging as hf_logging
 
 from thinktime import models
 from thinktime.engines.base import Engine
+from thinktime.engines.chat import render_chat, stop_token_ids
 from thinktime.engines.prefix_cache import PrefixCache
 from thinktime.errors import BadInputError, InsufficientMemoryError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
-# Chat models end a turn with one of these; whichever the tokenizer knows becomes a stop token.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<｜end▁of▁sentence｜>")
 # On CPU an 8B model decodes at about a token per second: refuse unless the user insists on CPU.
 _CPU_PARAMS_LIMIT_B = 3.0
 
@@ -174,7 +173,7 @@ class TransformersEngine(Engine):
         if not self.device.startswith("cuda"):
             self.model.to(self.device)
         self.model.eval()
-        self.stop_ids = self._stop_token_ids()
+        self.stop_ids = stop_token_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.decode([min(self.stop_ids)])
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
@@ -206,26 +205,10 @@ class TransformersEngine(Engine):
                      "or pass --device cpu to run on the CPU anyway",
             )
 
-    def _stop_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
-            if isinstance(source, int):
-                ids.add(source)
-            elif isinstance(source, (list, tuple)):
-                ids.update(int(i) for i in source)
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
-        return ids
-
     # --- the protocol -------------------------------------------------------------------------
 
     def render(self, prompt: Prompt) -> str:
-        messages = list(prompt.messages)
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:  # base models without a template: a plain transcript
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return text + prompt.prefix
+        return render_chat(self.tokenizer, prompt)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from thinktime.engines import fast
 from thinktime.engines.fast import FastDecoder, FastPathUnavailable, sample, unsupported_reason
+from thinktime.engines.hf import TransformersEngine
 from thinktime.types import Prompt, SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,17 +218,26 @@ def test_unsupported_models_are_refused_with_the_reason():
 # --- through the engine, on the embedded model ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fast_engine(engine):
-    """The session's engine with the fast decoder switched on (a shallow copy: same model and tokenizer)."""
-    twin = copy.copy(engine)
-    twin.fast = FastDecoder(engine.model)
+def plain_engine():
+    """The embedded model through generate() on plain nn.Linear layers (an engine asked for the fast
+    decoder keeps them; the CPU default packs them for oneDNN, which rounds differently)."""
+    engine = TransformersEngine("smollm2-135m", fast=True)
+    engine.fast = None
+    return engine
+
+
+@pytest.fixture(scope="module")
+def fast_engine(plain_engine):
+    """The same engine with the fast decoder switched on (a shallow copy: same model and tokenizer)."""
+    twin = copy.copy(plain_engine)
+    twin.fast = FastDecoder(plain_engine.model)
     return twin
 
 
-def test_engine_greedy_equals_generate(engine, fast_engine):
+def test_engine_greedy_equals_generate(plain_engine, fast_engine):
     other = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."}]
     params = SamplingParams(max_new_tokens=24)
-    plain = engine.generate([Prompt.of(QUESTION), Prompt.of(other)], params)
+    plain = plain_engine.generate([Prompt.of(QUESTION), Prompt.of(other)], params)
     quick = fast_engine.generate([Prompt.of(QUESTION), Prompt.of(other)], params)
     for a, b in zip(plain, quick):
         assert [c.token_ids for c in a] == [c.token_ids for c in b]
@@ -235,7 +245,7 @@ def test_engine_greedy_equals_generate(engine, fast_engine):
             [(c.text, c.finish_reason, c.completion_tokens) for c in b]
 
 
-def test_engine_stream_stop_strings_and_seeds(engine, fast_engine):
+def test_engine_stream_stop_strings_and_seeds(plain_engine, fast_engine):
     params = SamplingParams(max_new_tokens=24)
     [[whole]] = fast_engine.generate([Prompt.of(QUESTION)], params)
     deltas = list(fast_engine.stream(Prompt.of(QUESTION), params))
@@ -244,7 +254,7 @@ def test_engine_stream_stop_strings_and_seeds(engine, fast_engine):
     stop = whole.text[whole.text.index(" ", 3):][:3]  # a stop string the answer is known to contain
     stopped = SamplingParams(max_new_tokens=24, stop=(stop,))
     [[cut]] = fast_engine.generate([Prompt.of(QUESTION)], stopped)
-    [[ref]] = engine.generate([Prompt.of(QUESTION)], stopped)
+    [[ref]] = plain_engine.generate([Prompt.of(QUESTION)], stopped)
     assert cut.text == ref.text == whole.text[:whole.text.index(stop)] and cut.finish_reason == "stop"
     sampled = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.95, n=3, seed=4)
     first = fast_engine.generate([Prompt.of(QUESTION)], sampled)[0]
@@ -252,16 +262,16 @@ def test_engine_stream_stop_strings_and_seeds(engine, fast_engine):
                                                                                        sampled)[0]]
 
 
-def test_engine_continuations_use_the_prefix_cache(engine, fast_engine):
+def test_engine_continuations_use_the_prefix_cache(plain_engine, fast_engine):
     """A prompt with a prefix (a continued chain) takes its KV from the engine's prefix cache, then the
     last prompt token goes through a decoding step: the tokens still equal generate's."""
     params = SamplingParams(max_new_tokens=16)
     prompt = Prompt.of(QUESTION, prefix="Let me add the tens first.")
-    [[plain]] = engine.generate([prompt], params)
-    before = engine.prefix_cache.reused_tokens
+    [[plain]] = plain_engine.generate([prompt], params)
+    before = plain_engine.prefix_cache.reused_tokens
     [[quick]] = fast_engine.generate([prompt], params)
     assert quick.token_ids == plain.token_ids
-    assert engine.prefix_cache.reused_tokens > before
+    assert plain_engine.prefix_cache.reused_tokens > before
 
 
 def test_engine_cancel_through_the_stream(fast_engine):
@@ -275,8 +285,8 @@ def test_engine_cancel_through_the_stream(fast_engine):
     assert final.finish_reason in ("cancelled", "stop") and final.completion_tokens < 60
 
 
-def test_engine_falls_back_to_generate_and_says_why(engine, fast_engine):
-    config = engine.model.generation_config
+def test_engine_falls_back_to_generate_and_says_why(plain_engine, fast_engine):
+    config = plain_engine.model.generation_config
     before = config.repetition_penalty
     config.repetition_penalty = 1.3  # generate applies it; the fast decoder does not, so it steps aside
     fast._warned.clear()

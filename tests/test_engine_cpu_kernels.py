@@ -1,7 +1,9 @@
-"""The CPU decoding path: oneDNN-packed linear layers and a KV cache that grows in place.
+"""The CPU decoding path: oneDNN-packed linear layers, a KV cache that grows in place, and one-query
+attention as matrix products.
 
-Both are checked against what they replace, on the real embedded model where it matters: packed
-layers against F.linear, the growing cache against transformers' DynamicCache, update by update.
+Each is checked against what it replaces, on the real embedded model where it matters: packed
+layers against F.linear, the growing cache against transformers' DynamicCache update by update,
+the decode attention against sdpa over a left-padded batch.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from thinktime import models
+from thinktime.engines import cpu_attention
 from thinktime.engines.growing_cache import GrowingLayer, growing, new_growing_cache
 from thinktime.engines.onednn import PackedLinear, pack_linears, unavailable_reason
 from thinktime.types import Prompt, SamplingParams
@@ -105,8 +108,37 @@ def test_growing_keeps_a_filled_cache():
 
 
 def test_engine_uses_both_on_cpu_and_greedy_stream_equals_generate(engine):
-    assert engine.device == "cpu" and engine.grow_cache_in_place
+    assert engine.device == "cpu" and engine.grow_cache_in_place and engine.cpu_decode_attention
     assert engine.packed_linears > 0 or unavailable_reason(engine.model) is not None
     prompt, greedy = Prompt.of([{"role": "user", "content": "What is 3 + 4?"}]), SamplingParams(max_new_tokens=24)
     text = engine.generate([prompt], greedy)[0][0].text
     assert text and "".join(d.text for d in engine.stream(prompt, greedy)) == text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_sdpa_with_padding(dtype):
+    plain, switched = _load(dtype), _load(dtype)
+    assert cpu_attention.use_for(switched) and switched.config._attn_implementation == cpu_attention.ATTENTION_NAME
+    ids = torch.randint(5, 1000, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row: its padding must stay masked in every decoding step
+    results = []
+    with torch.inference_mode():
+        for model in (plain, switched):
+            cache, step_mask = new_growing_cache(model.config), mask
+            prompt = model(ids, attention_mask=mask, cache=cache, use_cache=True).logits
+            steps = []
+            for token in (100, 101, 102):
+                step_mask = torch.cat([step_mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+                steps.append(model(torch.full((3, 1), token), attention_mask=step_mask, cache=cache,
+                                   use_cache=True).logits)
+            results.append((prompt, torch.cat(steps, dim=1)))
+    (want_prompt, want), (got_prompt, got) = results
+    assert torch.equal(got_prompt, want_prompt)  # prompts still go through sdpa
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05  # bf16: the softmax here is in fp32
+    assert (got - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_decode_attention_leaves_other_choices_alone():
+    model = AutoModelForCausalLM.from_pretrained(models.resolve("smollm2-135m").path, attn_implementation="eager")
+    assert not cpu_attention.use_for(model) and model.config._attn_implementation == "eager"

@@ -62,3 +62,19 @@ def test_n_samples_share_one_prefill_and_greedy_n_works(engine):
     # The prompt was prefilled once for all four rows, not four times.
     assert engine.prefix_cache.computed_tokens - before == rows[0].prompt_tokens - 1
     assert len({tuple(r.token_ids) for r in rows}) == 1  # greedy n > 1: n equal chains, not an error
+
+
+def test_a_batch_of_questions_prefills_the_shared_system_prompt_once(engine):
+    engine.prefix_cache.clear()
+    system = {"role": "system", "content": "You are a careful assistant. Think step by step, then answer. " * 4}
+    prompts = [Prompt.of([system, {"role": "user", "content": q}]) for q in ("What is 2 + 2?", "Name a colour.",
+                                                                              "What is 7 * 6?")]
+    before = engine.prefix_cache.computed_tokens
+    rows = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    lengths = [r[0].prompt_tokens for r in rows]
+    computed = engine.prefix_cache.computed_tokens - before
+    # the system prompt (over 50 tokens) once, then each question's own tokens, not every prompt in full
+    assert computed <= sum(length - 1 for length in lengths) - 2 * 50
+    with no_reuse(engine):
+        alone = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert [r[0].text for r in rows] == [r[0].text for r in alone]

@@ -48,6 +48,9 @@ class TrainSettings:
     device: str | None = None
     dtype: str | None = None  # fp32 on CPU, bf16 on GPU by default
     gradient_checkpointing: bool | None = None  # default: on for GPU
+    # fp32 weights with bf16 matrix products (torch.autocast) on a CPU that has bf16 instructions;
+    # None: on where it has them, False: plain fp32
+    cpu_autocast_bf16: bool | None = None
 
     def lr(self, method: str) -> float:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[method][int(self.lora)]
@@ -61,6 +64,14 @@ def _dtype_name(dtype: str | None, device: str) -> str:
     if dtype not in names:
         raise BadInputError(f"unknown dtype {dtype!r}", hint="use bf16, fp16 or fp32")
     return names[dtype]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere autocast would emulate it."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def load_rows(method: str, files: Sequence[str | Path], completion_only: bool = True):
@@ -130,12 +141,14 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None \
         else device.startswith("cuda")
     steps_per_epoch = math.ceil(len(rows) / (settings.batch_size * settings.grad_accum))
+    autocast = device == "cpu" and dtype == "float32" and (
+        settings.cpu_autocast_bf16 if settings.cpu_autocast_bf16 is not None else cpu_has_bf16())
     common = dict(
         output_dir=str(scratch), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
         per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.lr(method), lr_scheduler_type="linear", warmup_steps=0,
         logging_steps=max(1, steps_per_epoch // 4), save_strategy="no", report_to="none", seed=settings.seed,
-        use_cpu=device == "cpu", bf16=dtype == "bfloat16" and device.startswith("cuda"),
+        use_cpu=device == "cpu", bf16=(dtype == "bfloat16" and device.startswith("cuda")) or autocast,
         fp16=dtype == "float16", model_init_kwargs={"dtype": dtype}, gradient_checkpointing=checkpointing,
         max_length=settings.max_length, disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -154,7 +167,8 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     else:
         from trl import RewardConfig as Config, RewardTrainer as Trainer
     log(f"{method}: {len(rows)} rows, {steps_per_epoch} steps/epoch x {settings.epochs} epochs, "
-        f"{'LoRA r=' + str(settings.lora_r) if settings.lora else 'full'} on {device} in {dtype}, "
+        f"{'LoRA r=' + str(settings.lora_r) if settings.lora else 'full'} on {device} in {dtype}"
+        f"{' (bf16 autocast)' if autocast else ''}, "
         f"lr {settings.lr(method):g}")
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new score head and the like show up as loading warnings
@@ -175,6 +189,7 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     losses = [{"step": e["step"], "loss": round(e["loss"], 5)} for e in trainer.state.log_history if "loss" in e]
     info = {"method": method, "base": str(source), "data": [str(d) for d in data], "rows": len(rows),
             "settings": asdict(settings), "learning_rate": settings.lr(method), "device": device, "dtype": dtype,
+            "cpu_autocast_bf16": autocast,
             "steps": trainer.state.global_step, "train_loss": round(float(result.training_loss), 5),
             "losses": losses, "seconds": round(time.perf_counter() - started, 1)}
     (output / TRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")

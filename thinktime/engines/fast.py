@@ -512,7 +512,7 @@ class FastDecoder:
         except Exception as exc:  # capture failed before anything was streamed: the caller falls back
             self._capture_failed(mode, exc)
             raise FastPathUnavailable(f"CUDA graph capture failed ({self.graph_error})") from exc
-        state = _Rows(rows, stop_ids, pad_id, stop_strings, tokenizer, streamer)
+        state = Rows(rows, stop_ids, pad_id, stop_strings, tokenizer, streamer)
         if streamer is not None:
             streamer.put(torch.tensor([prompts[0]]))  # as generate does, the prompt comes first
         state.push(first.tolist())
@@ -546,7 +546,7 @@ class FastDecoder:
             streamer.end()
         return state.padded()
 
-    def _read(self, state: "_Rows", slot: int, rows: int) -> None:
+    def _read(self, state: "Rows", slot: int, rows: int) -> None:
         if self.cuda:
             self.events[slot].synchronize()
         state.push(self.host[slot, :rows].tolist())
@@ -625,7 +625,7 @@ class FastDecoder:
         return took
 
 
-class _Rows:
+class Rows:
     """The CPU side of a call: each row's tokens, stop ids and stop strings, the streamer."""
 
     def __init__(self, rows, stop_ids, pad_id, stop_strings, tokenizer, streamer):

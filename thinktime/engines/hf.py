@@ -17,8 +17,10 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from thinktime import models
+from thinktime.engines import cpu_attention, decode_loop
 from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
+from thinktime.engines.fast import generation_config_blocker
 from thinktime.engines.growing_cache import growing, new_growing_cache
 from thinktime.engines.onednn import pack_linears
 from thinktime.engines.prefix_cache import PrefixCache
@@ -200,9 +202,14 @@ class TransformersEngine(Engine):
         # On the CPU, generate() runs on oneDNN-packed linear layers (2-3x MKL's speed for decoding;
         # engines/onednn.py); the fast decoder reads the plain weights, so it keeps them.
         self.packed_linears = pack_linears(self.model) if self.fast is None and self.device == "cpu" else 0
+        # ...and one-query attention as two matrix products per KV group, not a flash kernel (engines/cpu_attention.py).
+        self.cpu_decode_attention = self.device == "cpu" and cpu_attention.use_for(self.model)
         # On the CPU copying the KV cache at every step costs more than attention itself; remote-code
         # models may not take a Cache object, so they keep generate()'s own.
         self.grow_cache_in_place = self.device == "cpu" and not trust_remote_code
+        # ...and decoding drops finished rows from the batch (engines/decode_loop.py); generate() serves
+        # the rest (a GPU, the fast decoder's calls, generation-config settings the loop does not apply).
+        self.decode_loop = self.grow_cache_in_place
 
     def _refuse_cpu_for_large(self, name: str, params_b: float, explicit_cpu: bool) -> None:
         if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
@@ -300,6 +307,13 @@ class TransformersEngine(Engine):
                 from thinktime.engines.fast import run_for_engine
 
                 new_tokens = run_for_engine(self, enc, params, max_new, cancel, streamer, reuse)
+            if new_tokens is None and self.decode_loop and generation_config_blocker(self.model.generation_config) is None:
+                new_tokens = decode_loop.decode(
+                    self.model, input_ids, attention_mask, cache=kwargs[self.prefix_cache.kwarg],
+                    cache_kwarg=self.prefix_cache.kwarg, max_new_tokens=max_new, greedy=params.greedy,
+                    temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop_ids=self.stop_ids,
+                    pad_id=self.tokenizer.pad_token_id, stop_strings=params.stop, tokenizer=self.tokenizer,
+                    streamer=streamer, cancel=cancel)
             if new_tokens is None:
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
                 new_tokens = out[:, width:].tolist()
@@ -324,10 +338,11 @@ class TransformersEngine(Engine):
 
 
 def _should_reuse(prompts: Sequence[Prompt], params: SamplingParams) -> bool:
-    """Prefill through the prefix cache for continuations (the prefix was seen before) and for n > 1
-    samples (the prompt is prefilled once and its KV cache shared by the n rows, instead of n times).
+    """Prefill through the prefix cache for continuations (the prefix was seen before), for n > 1
+    samples (the prompt is prefilled once and its KV cache shared by the n rows, instead of n times)
+    and for batches of prompts (their common start, such as the system prompt, is prefilled once).
     A plain single greedy chain goes without: a reused cache can differ in the last float bits."""
-    return params.n > 1 or all(p.prefix for p in prompts)
+    return params.n > 1 or len(prompts) > 1 or all(p.prefix for p in prompts)
 
 
 def _stored_as_fp32(path) -> bool:

@@ -25,6 +25,17 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+_MIN_SHARED = 16  # a batch's rows share a prefix this long or longer: it is prefilled once for all of them
+
+
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    first = rows[0]
+    length = min(len(r) for r in rows)
+    for row in rows[1:]:
+        length = next((i for i in range(length) if row[i] != first[i]), length)
+    return length
+
+
 class PrefixCache:
     def __init__(self, model, max_tokens: int = 32768):
         self.model = model
@@ -40,6 +51,9 @@ class PrefixCache:
         (the layout generate() sees for these rows padded to one width), or None to go without."""
         if not self.enabled or any(len(r) < 2 for r in rows):
             return None
+        shared = _common_prefix_length([r[:-1] for r in rows]) if len(rows) > 1 else 0
+        if shared >= _MIN_SHARED:  # e.g. the system prompt of a batch of questions: prefilled once, not per row
+            self.prefill(rows[0][:shared])
         caches = [self.prefill(r[:-1]) for r in rows]
         if any(c is None for c in caches):
             return None

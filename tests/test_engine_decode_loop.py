@@ -1,0 +1,73 @@
+"""The CPU decoding loop (engines/decode_loop.py): generate's tokens, minus the rows that have ended."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from thinktime.types import Prompt, SamplingParams
+
+QUESTIONS = ["What is 17 + 25?", "Name a prime.", "What is 3 * 4? Explain."]
+
+
+@contextmanager
+def loop(engine, on: bool):
+    before = engine.decode_loop
+    engine.decode_loop = on
+    try:
+        yield
+    finally:
+        engine.decode_loop = before
+
+
+@contextmanager
+def batch_sizes(model):
+    seen: list[int] = []
+    handle = model.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_the_cpu_engine_uses_the_loop(engine):
+    assert engine.decode_loop
+
+
+def test_greedy_tokens_equal_generate_over_a_padded_batch(engine):
+    prompts = [Prompt.of([{"role": "user", "content": q}]) for q in QUESTIONS]  # three prompt lengths
+    params = SamplingParams(max_new_tokens=40)
+    with loop(engine, False):
+        want = engine.generate(prompts, params)
+    with loop(engine, True):
+        got = engine.generate(prompts, params)
+    assert [[c.token_ids for c in row] for row in got] == [[c.token_ids for c in row] for row in want]
+    assert [[c.finish_reason for c in row] for row in got] == [[c.finish_reason for c in row] for row in want]
+
+
+def test_finished_rows_leave_the_batch(engine):
+    params = SamplingParams(max_new_tokens=40, n=3, temperature=0.8, seed=3)
+    with loop(engine, True), batch_sizes(engine.model) as seen:
+        [chains] = engine.generate([Prompt.of([{"role": "user", "content": QUESTIONS[0]}])], params)
+    lengths = sorted(c.completion_tokens for c in chains)
+    assert lengths[0] < lengths[-1], "the seed should give chains of different lengths"
+    seen = seen[seen.index(3):]  # before: the prompt's one-row prefill (its KV cache is shared by the 3 rows)
+    assert seen[-1] < 3  # it started with every row and ended with fewer
+    assert seen == sorted(seen, reverse=True)
+    # one forward per generated token of the longest chain (the first comes from the prompt's forward)
+    assert len(seen) == lengths[-1]
+
+
+def test_seeded_sampling_repeats_and_top_p_applies(engine):
+    prompt = Prompt.of([{"role": "user", "content": QUESTIONS[1]}])
+    params = SamplingParams(max_new_tokens=24, n=4, temperature=0.9, top_p=0.9, seed=11)
+    first, again = engine.generate([prompt], params)[0], engine.generate([prompt], params)[0]
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    other = engine.generate([prompt], SamplingParams(max_new_tokens=24, n=4, temperature=0.9, top_p=0.9, seed=12))[0]
+    assert [c.token_ids for c in other] != [c.token_ids for c in first]
+
+
+def test_stream_joins_to_the_generated_text(engine):
+    prompt, params = Prompt.of([{"role": "user", "content": QUESTIONS[2]}]), SamplingParams(max_new_tokens=32)
+    [[whole]] = engine.generate([prompt], params)
+    deltas = list(engine.stream(prompt, params))
+    assert "".join(d.text for d in deltas) == whole.text and deltas[-1].completion.token_ids == whole.token_ids

@@ -1,0 +1,64 @@
+"""A decoding loop over the model's own forward that drops finished rows, for the CPU.
+
+`generate` keeps every row of a batch in every step until the last one ends: n samples of one
+question, or a batch of eval questions, where one chain stops after 20 tokens and another runs to
+256, pay for the long one in every row. On a GPU the wasted rows are nearly free; on a CPU each
+row costs its share of every matrix product. This loop takes the finished rows out of the batch
+(and out of the KV cache) as they end, so a step costs what the live rows need.
+
+Everything else follows `generate`: the same forward (left padding, position ids from the
+attention mask), eos and stop strings as `generate` applies them (fast.Rows), greedy argmax, or
+temperature and top-p (transformers' TopPLogitsWarper) sampled by inverse CDF from a seeded
+uniform per row and step, so a row's tokens do not depend on when other rows finish.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from thinktime.engines.fast import Rows, sample
+
+
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cache, cache_kwarg: str,
+           max_new_tokens: int, greedy: bool, temperature: float, top_p: float, seed: int | None,
+           stop_ids: set[int], pad_id: int, stop_strings=(), tokenizer=None, streamer=None,
+           cancel: threading.Event | None = None) -> list[list[int]]:
+    """New tokens per row, shaped as `generate` returns them (a stop id kept, then pad_id to a common
+    length). `cache` may already hold the first positions of every row (a prefix cache)."""
+    rows = input_ids.shape[0]
+    cancel = cancel or threading.Event()
+    state = Rows(rows, set(stop_ids), pad_id, tuple(stop_strings), tokenizer, streamer)
+    if max_new_tokens <= 0:
+        return state.padded()
+    mode = "greedy" if greedy else ("top_p" if top_p < 1.0 else "sample")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, as generate does
+    uniforms = 1.0 - torch.rand(rows, max_new_tokens, generator=torch.Generator().manual_seed(int(seed)))
+    if streamer is not None:
+        streamer.put(input_ids[:1].cpu())  # as generate does, the prompt comes first
+    device = input_ids.device
+    mask = attention_mask
+    positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+    cached = cache.get_seq_length()
+    live = torch.arange(rows)
+    out = model(input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=positions[:, cached:],
+                use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+    for step in range(max_new_tokens):
+        tokens = sample(out.logits[:, -1].float(), uniforms[live, step].to(device), mode, temperature, top_p)
+        every_row = torch.full((rows,), pad_id, dtype=torch.long)
+        every_row[live] = tokens.cpu()
+        state.push(every_row.tolist())
+        if state.all_done or step + 1 == max_new_tokens or cancel.is_set():
+            break
+        keep = [i for i, row in enumerate(live.tolist()) if not state.done[row]]
+        if len(keep) < len(live):  # rows ended: out of the batch and the cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, tokens, live = mask[index], tokens[index], live[keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.long().sum(-1, keepdim=True) - 1,
+                    use_cache=True, **{cache_kwarg: cache})
+    if streamer is not None:
+        streamer.end()
+    return state.padded()

@@ -75,6 +75,7 @@ def test_a_batch_of_questions_prefills_the_shared_system_prompt_once(engine):
     computed = engine.prefix_cache.computed_tokens - before
     # the system prompt (over 50 tokens) once, then each question's own tokens, not every prompt in full
     assert computed <= sum(length - 1 for length in lengths) - 2 * 50
+    assert len(engine.prefix_cache.entries) == 1  # only the shared start is kept, not each fresh question
     with no_reuse(engine):
         alone = engine.generate(prompts, SamplingParams(max_new_tokens=6))
     assert [r[0].text for r in rows] == [r[0].text for r in alone]

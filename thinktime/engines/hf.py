@@ -237,7 +237,10 @@ class TransformersEngine(Engine):
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
             results.extend(self._run([self.render(p) for p in chunk], params, cancel or threading.Event(),
-                                     reuse=_should_reuse(chunk, params)))
+                                     reuse=_should_reuse(chunk, params),
+                                     # a batch of fresh questions shares its system prompt; the rows
+                                     # themselves will not come again, continuations will
+                                     keep_rows=len(chunk) == 1 or any(p.prefix for p in chunk)))
         return results
 
     def stream(self, prompt: Prompt, params: SamplingParams,
@@ -262,7 +265,8 @@ class TransformersEngine(Engine):
     # --- internals ----------------------------------------------------------------------------
 
     def _run(self, texts: list[str], params: SamplingParams, cancel: threading.Event,
-             streamer: BaseStreamer | None = None, reuse: bool = False) -> list[list[Completion]]:
+             streamer: BaseStreamer | None = None, reuse: bool = False,
+             keep_rows: bool = True) -> list[list[Completion]]:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         prompt_lengths = enc.attention_mask.sum(dim=1).tolist()
         width = enc.input_ids.shape[1]
@@ -294,7 +298,7 @@ class TransformersEngine(Engine):
         with self._lock, torch.inference_mode():
             if reuse:
                 rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
-                cached = self.prefix_cache.batch_for(rows, params.n)
+                cached = self.prefix_cache.batch_for(rows, params.n, keep_rows=keep_rows)
                 if cached is not None:
                     kwargs[self.prefix_cache.kwarg] = growing(cached) if self.grow_cache_in_place else cached
             if self.grow_cache_in_place and self.prefix_cache.kwarg not in kwargs:

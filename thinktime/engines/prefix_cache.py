@@ -1,15 +1,17 @@
-"""KV-cache reuse for prompts that continue a previous one (step-level search, budget forcing).
+"""KV-cache reuse: prompts that continue a previous one, n samples of one prompt, batches with one start.
 
 Strategies that grow a chain step by step send the same long prefix again and again (system
 prompt + question + the steps so far). Instead of prefilling it in full at every step, we keep the
 KV cache of recently seen prompts (all tokens but the last) and, for a new prompt, prefill only
 the tokens after the longest cached prefix. Entries are evicted least recently used beyond
-`max_tokens` cached tokens in all.
+`max_tokens` cached tokens in all. The same mechanism prefills a prompt once for its n samples,
+and the common start of a batch of prompts (the system prompt before 16 eval questions) once for
+all of them.
 
 Only plain dynamic caches (every layer full attention) are reused; other models simply go
 without. The reused cache gives the same logits as a full prefill up to floating-point rounding,
 so a greedy continuation can differ from an uncached one where two tokens are near-tied; this is
-why the engine uses it only for prompts with a `prefix` (continuations), never for fresh prompts.
+why the engine never uses it for a single fresh greedy prompt (a plain solve).
 """
 from __future__ import annotations
 
@@ -43,18 +45,23 @@ class PrefixCache:
         self.entries: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
         self.enabled = max_tokens > 0
         self.kwarg = cache_kwarg(model)
+        # Only the KV cache is wanted: the LM head over every prompt position costs as much as a few layers.
+        self._no_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
+            else {}
         self.reused_tokens = 0  # prompt tokens served from the cache
         self.computed_tokens = 0  # prompt tokens prefilled here
 
-    def batch_for(self, rows: list[list[int]], n: int) -> DynamicCache | None:
+    def batch_for(self, rows: list[list[int]], n: int, keep_rows: bool = True) -> DynamicCache | None:
         """A left-padded cache covering all but the last token of each row, each row repeated `n` times
-        (the layout generate() sees for these rows padded to one width), or None to go without."""
+        (the layout generate() sees for these rows padded to one width), or None to go without.
+        `keep_rows=False` keeps only the rows' shared prefix, for prompts unlikely to come again
+        (a batch of fresh questions), so they do not push out entries that will be reused."""
         if not self.enabled or any(len(r) < 2 for r in rows):
             return None
         shared = _common_prefix_length([r[:-1] for r in rows]) if len(rows) > 1 else 0
         if shared >= _MIN_SHARED:  # e.g. the system prompt of a batch of questions: prefilled once, not per row
             self.prefill(rows[0][:shared])
-        caches = [self.prefill(r[:-1]) for r in rows]
+        caches = [self.prefill(r[:-1], keep=keep_rows) for r in rows]
         if any(c is None for c in caches):
             return None
         width = max(len(r) for r in rows) - 1
@@ -68,8 +75,8 @@ class PrefixCache:
             layers.append((torch.cat(keys).repeat_interleave(n, 0), torch.cat(values).repeat_interleave(n, 0)))
         return DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
-    def prefill(self, ids: list[int]) -> DynamicCache | None:
-        """The cache of exactly `ids`, computed from the longest cached prefix of them and kept."""
+    def prefill(self, ids: list[int], keep: bool = True) -> DynamicCache | None:
+        """The cache of exactly `ids`, computed from the longest cached prefix of them (and kept)."""
         key = tuple(ids)
         start, base = self._longest(key)
         if start == len(key):
@@ -79,7 +86,7 @@ class PrefixCache:
         cache = self._copy(base) if base is not None else DynamicCache(config=self.model.config)
         device = self.model.device
         out = self.model(input_ids=torch.tensor([list(key[start:])], device=device), use_cache=True,
-                         **{self.kwarg: cache})
+                         **{self.kwarg: cache}, **self._no_logits)
         cache = getattr(out, "cache", None) or out.past_key_values
         if not all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
             self.enabled = False  # sliding windows or other layer kinds: reuse is not safe
@@ -87,8 +94,9 @@ class PrefixCache:
             return None
         self.reused_tokens += start
         self.computed_tokens += len(key) - start
-        self.entries[key] = cache
-        self._evict()
+        if keep:
+            self.entries[key] = cache
+            self._evict()
         return cache
 
     def clear(self) -> None:

@@ -21,7 +21,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from thinktime.errors import BadInputError
@@ -168,6 +168,8 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
         common["beta"] = settings.beta
     else:
         from trl import RewardConfig as Config, RewardTrainer as Trainer
+    if "activation_checkpointing" in {f.name for f in fields(Config)}:  # the newer name (transformers 5.2x)
+        common["activation_checkpointing"] = common.pop("gradient_checkpointing")
     log(f"{method}: {len(rows)} rows, {steps_per_epoch} steps/epoch x {settings.epochs} epochs, "
         f"{'LoRA r=' + str(settings.lora_r) if settings.lora else 'full'} on {device} in {dtype}"
         f"{' (bf16 autocast)' if autocast else ''}, "

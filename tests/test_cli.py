@@ -99,7 +99,10 @@ def test_ctrl_c_stops_generation_cleanly_with_exit_code_130():
     proc = subprocess.Popen([*THINKTIME, "solve", "--max-new-tokens", "1000", "--temperature", "1.0",
                              "--seed", "3", "Tell me a very long story about numbers."],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            # as from a terminal: a suite started in the background (`cmd &`) runs with
+                            # SIGINT ignored, which children inherit and Python then leaves ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.read(1)  # the reasoning has started streaming
     assert first
     time.sleep(0.5)

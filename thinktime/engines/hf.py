@@ -296,7 +296,9 @@ class TransformersEngine(Engine):
         input_ids = enc.input_ids.repeat_interleave(params.n, 0).to(device)
         attention_mask = enc.attention_mask.repeat_interleave(params.n, 0).to(device)
         with self._lock, torch.inference_mode():
-            if reuse:
+            # Without the fast decoder (which prefills per prompt), a batch of several prompts also goes
+            # through the prefix cache: their common start (the system prompt) is prefilled once.
+            if reuse or (len(texts) > 1 and self.fast is None):
                 rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
                 cached = self.prefix_cache.batch_for(rows, params.n, keep_rows=keep_rows)
                 if cached is not None:
@@ -342,11 +344,10 @@ class TransformersEngine(Engine):
 
 
 def _should_reuse(prompts: Sequence[Prompt], params: SamplingParams) -> bool:
-    """Prefill through the prefix cache for continuations (the prefix was seen before), for n > 1
-    samples (the prompt is prefilled once and its KV cache shared by the n rows, instead of n times)
-    and for batches of prompts (their common start, such as the system prompt, is prefilled once).
+    """Prefill through the prefix cache for continuations (the prefix was seen before) and for n > 1
+    samples (the prompt is prefilled once and its KV cache shared by the n rows, instead of n times).
     A plain single greedy chain goes without: a reused cache can differ in the last float bits."""
-    return params.n > 1 or len(prompts) > 1 or all(p.prefix for p in prompts)
+    return params.n > 1 or all(p.prefix for p in prompts)
 
 
 def _stored_as_fp32(path) -> bool:

@@ -8,6 +8,9 @@ in fp32, on views of a cache that grows in place. Here the query heads of each K
 softmax in fp32 between them, reading the cached keys and values in place. Prompts (more than one
 query) still go to the "sdpa" kernel, which is the right one for them.
 
+With a shared-prefix cache (engines/shared_prefix.py) the keys are each row's own positions and the
+prompt they share is read once for all rows.
+
 It is registered with transformers' AttentionInterface under ATTENTION_NAME, with sdpa's masks, and
 switched on per model (`use_for`) only where the model was using "sdpa".
 """
@@ -18,12 +21,22 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from thinktime.engines import shared_prefix
+
 ATTENTION_NAME = "thinktime_cpu_decode"
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, **kwargs):
     rows, heads, queries, dim = query.shape
+    shared = shared_prefix.shared_of(key)  # a shared-prefix cache: key and value are each row's own positions
+    if shared is not None and queries == 1 and not dropout and not any(
+            kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux")):
+        own_mask = None if attention_mask is None else attention_mask[..., shared.prefix_length:]
+        scale = scaling if scaling is not None else dim ** -0.5
+        return shared_prefix.one_query_attention(shared, query, key, value, own_mask, scale), None
+    if shared is not None:
+        key, value = shared.expanded(key, value)
     if queries != 1 or dropout or any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)

@@ -23,7 +23,8 @@ from thinktime.engines.chat import render_chat, stop_token_ids
 from thinktime.engines.fast import generation_config_blocker
 from thinktime.engines.growing_cache import growing, new_growing_cache
 from thinktime.engines.onednn import pack_linears
-from thinktime.engines.prefix_cache import PrefixCache
+from thinktime.engines.prefix_cache import MIN_SHARED, PrefixCache, common_prefix_length
+from thinktime.engines.shared_prefix import shared_prefix_cache
 from thinktime.errors import BadInputError, InsufficientMemoryError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
@@ -210,6 +211,9 @@ class TransformersEngine(Engine):
         # ...and decoding drops finished rows from the batch (engines/decode_loop.py); generate() serves
         # the rest (a GPU, the fast decoder's calls, generation-config settings the loop does not apply).
         self.decode_loop = self.grow_cache_in_place
+        # ...reading a prompt shared by several rows (n samples, a batch's system prompt) once per step, which
+        # takes the attention above to read the shared part (engines/shared_prefix.py).
+        self.shared_prefix_decoding = self.decode_loop and self.cpu_decode_attention
 
     def _refuse_cpu_for_large(self, name: str, params_b: float, explicit_cpu: bool) -> None:
         if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
@@ -295,10 +299,17 @@ class TransformersEngine(Engine):
         # Each prompt repeated n times, rather than num_return_sequences, which greedy decoding refuses.
         input_ids = enc.input_ids.repeat_interleave(params.n, 0).to(device)
         attention_mask = enc.attention_mask.repeat_interleave(params.n, 0).to(device)
+        loop = self.fast is None and self.decode_loop and generation_config_blocker(self.model.generation_config) is None
         with self._lock, torch.inference_mode():
+            shared = None
+            if loop and self.shared_prefix_decoding and (reuse or len(texts) > 1):
+                # The rows' common start is cached once and read once per step (engines/shared_prefix.py).
+                shared = self._shared_prefix_inputs(enc, params.n, keep_rows)
+            if shared is not None:
+                kwargs[self.prefix_cache.kwarg], input_ids, attention_mask = shared
             # Without the fast decoder (which prefills per prompt), a batch of several prompts also goes
             # through the prefix cache: their common start (the system prompt) is prefilled once.
-            if reuse or (len(texts) > 1 and self.fast is None):
+            elif reuse or (len(texts) > 1 and self.fast is None):
                 rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
                 cached = self.prefix_cache.batch_for(rows, params.n, keep_rows=keep_rows)
                 if cached is not None:
@@ -313,7 +324,7 @@ class TransformersEngine(Engine):
                 from thinktime.engines.fast import run_for_engine
 
                 new_tokens = run_for_engine(self, enc, params, max_new, cancel, streamer, reuse)
-            if new_tokens is None and self.decode_loop and generation_config_blocker(self.model.generation_config) is None:
+            if new_tokens is None and loop:
                 new_tokens = decode_loop.decode(
                     self.model, input_ids, attention_mask, cache=kwargs[self.prefix_cache.kwarg],
                     cache_kwarg=self.prefix_cache.kwarg, max_new_tokens=max_new, greedy=params.greedy,
@@ -341,6 +352,29 @@ class TransformersEngine(Engine):
                 row_completions.append(Completion(text, finish, int(prompt_len), used, ids))
             completions.append(row_completions)
         return completions
+
+    def _shared_prefix_inputs(self, enc, n: int, keep: bool):
+        """(cache, input_ids, attention_mask) for decoding the rows of `enc` (each n times) over a cache of
+        their common start, held once; None where they share too little or the model's cache cannot."""
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
+        # All but each row's last token can be shared: the first forward needs at least one token per row.
+        length = common_prefix_length([row[:-1] for row in rows])
+        if length < (1 if len(rows) == 1 else MIN_SHARED):
+            return None
+        prefix = self.prefix_cache.prefill(rows[0][:length], keep=keep or len(rows) > 1)
+        cache = None if prefix is None else shared_prefix_cache(prefix, self.model.config)
+        if cache is None:
+            return None
+        # [shared start][left padding][the row's own tokens]: positions come from the mask, so they run on
+        # across the padding, and the first forward takes everything after the shared start.
+        own = [row[length:] for row in rows]
+        width = max(len(tokens) for tokens in own)
+        pad = self.tokenizer.pad_token_id
+        ids = [rows[0][:length] + [pad] * (width - len(tokens)) + tokens for tokens in own]
+        mask = [[1] * length + [0] * (width - len(tokens)) + [1] * len(tokens) for tokens in own]
+        device = self.model.device
+        return (cache, torch.tensor(ids, device=device).repeat_interleave(n, 0),
+                torch.tensor(mask, device=device).repeat_interleave(n, 0))
 
 
 def _should_reuse(prompts: Sequence[Prompt], params: SamplingParams) -> bool:

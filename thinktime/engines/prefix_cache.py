@@ -3,7 +3,8 @@
 Strategies that grow a chain step by step send the same long prefix again and again (system
 prompt + question + the steps so far). Instead of prefilling it in full at every step, we keep the
 KV cache of recently seen prompts (all tokens but the last) and, for a new prompt, prefill only
-the tokens after the longest cached prefix. Entries are evicted least recently used beyond
+the tokens after the longest start it shares with any cached prompt (so the next question after
+the same system prompt starts from the previous question's cache, cut to that prompt). Entries are evicted least recently used beyond
 `max_tokens` cached tokens in all. The same mechanism prefills a prompt once for its n samples,
 and the common start of a batch of prompts (the system prompt before 16 eval questions) once for
 all of them.
@@ -27,10 +28,23 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-_MIN_SHARED = 16  # a batch's rows share a prefix this long or longer: it is prefilled once for all of them
+MIN_SHARED = 16  # a batch's rows share a prefix this long or longer: it is prefilled once for all of them
 
 
-def _common_prefix_length(rows: list[list[int]]) -> int:
+def _shared_length(a: tuple[int, ...], b: tuple[int, ...], known: int = 0) -> int:
+    """How many first tokens a and b share, given that the first `known` are shared (binary search over
+    slice comparisons, which run in C)."""
+    low, high = known, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def common_prefix_length(rows: list[list[int]]) -> int:
     first = rows[0]
     length = min(len(r) for r in rows)
     for row in rows[1:]:
@@ -58,8 +72,8 @@ class PrefixCache:
         (a batch of fresh questions), so they do not push out entries that will be reused."""
         if not self.enabled or any(len(r) < 2 for r in rows):
             return None
-        shared = _common_prefix_length([r[:-1] for r in rows]) if len(rows) > 1 else 0
-        if shared >= _MIN_SHARED:  # e.g. the system prompt of a batch of questions: prefilled once, not per row
+        shared = common_prefix_length([r[:-1] for r in rows]) if len(rows) > 1 else 0
+        if shared >= MIN_SHARED:  # e.g. the system prompt of a batch of questions: prefilled once, not per row
             self.prefill(rows[0][:shared])
         caches = [self.prefill(r[:-1], keep=keep_rows) for r in rows]
         if any(c is None for c in caches):
@@ -76,11 +90,11 @@ class PrefixCache:
         return DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
     def prefill(self, ids: list[int], keep: bool = True) -> DynamicCache | None:
-        """The cache of exactly `ids`, computed from the longest cached prefix of them (and kept)."""
+        """The cache of exactly `ids`, computed from the longest cached start of them (and kept).
+        With reuse off (`enabled` false) it is computed in full and not kept."""
         key = tuple(ids)
-        start, base = self._longest(key)
+        start, base = self._longest(key) if self.enabled else (0, None)
         if start == len(key):
-            self.entries.move_to_end(key)
             self.reused_tokens += start
             return base
         cache = self._copy(base) if base is not None else DynamicCache(config=self.model.config)
@@ -94,7 +108,7 @@ class PrefixCache:
             return None
         self.reused_tokens += start
         self.computed_tokens += len(key) - start
-        if keep:
+        if keep and self.enabled:
             self.entries[key] = cache
             self._evict()
         return cache
@@ -103,19 +117,23 @@ class PrefixCache:
         self.entries.clear()
 
     def _longest(self, key: tuple[int, ...]) -> tuple[int, DynamicCache | None]:
+        """The longest start of `key` that any entry holds, and that entry's cache cut to it: the next
+        question after a system prompt finds it in the previous question's entry."""
         best, found = 0, None
-        for ids, cache in self.entries.items():
-            if best < len(ids) <= len(key) and key[: len(ids)] == ids:
-                best, found = len(ids), cache
-        if found is not None:
-            self.entries.move_to_end(key[:best])
-        return best, found
+        for ids in self.entries:
+            if len(ids) > best and ids[:best + 1] == key[:best + 1]:
+                best, found = _shared_length(ids, key, best + 1), ids
+        if found is None:
+            return 0, None
+        self.entries.move_to_end(found)
+        cache = self.entries[found]
+        return best, cache if best == len(found) else self._copy(cache, best)
 
-    def _copy(self, cache: DynamicCache) -> DynamicCache:
-        # New layer objects over the same tensors: extending the copy concatenates into new tensors,
-        # so the cached entry stays as it was.
-        return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in cache.layers],
-                            config=self.model.config)
+    def _copy(self, cache: DynamicCache, length: int | None = None) -> DynamicCache:
+        # New layer objects over the same tensors (or their first `length` positions): extending the copy
+        # concatenates into new tensors, so the cached entry stays as it was.
+        return DynamicCache(ddp_cache_data=[(layer.keys[..., :length, :], layer.values[..., :length, :])
+                                            for layer in cache.layers], config=self.model.config)
 
     def _evict(self) -> None:
         total = sum(len(k) for k in self.entries)

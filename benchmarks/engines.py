@@ -6,9 +6,9 @@ through the transformers engine and the vLLM engine, in one run on one machine.
 
 Measures, per engine: load time (weights already cached), time to the first streamed token of the
 first request, and generated tokens per second over the self-consistency run (the same seeded
-questions, N=8 chains each, adaptive stopping off so both engines do the same work; each problem
-goes through every engine in turn, so that the load of a shared machine drifts alike for both),
-then the ratios transformers / vLLM. A separate process measures the transformers engine's cold start
+questions, N=8 chains each, adaptive stopping off so both engines do the same work; the engines
+run one after another, each closed before the next loads), then the ratios transformers / vLLM.
+A separate process measures the transformers engine's cold start
 (process start -> imports -> load -> first streamed token). Goals (issue 6): transformers >= 1.5x
 vLLM-CPU tokens/s for N=8, and a cold start to the first streamed token under 3 s.
 """
@@ -65,25 +65,27 @@ def load_engine(kind: str) -> dict:
             "device": engine.device, "dtype": str(getattr(engine, "dtype", "")) or _vllm_dtype(engine)}
 
 
-def run_interleaved(rows: list[dict], problems: list[dict], n: int, max_new_tokens: int, seed: int) -> None:
-    """Each problem through every engine in turn: load on a shared machine drifts alike for all."""
+def run_engine(row: dict, problems: list[dict], n: int, max_new_tokens: int, seed: int) -> None:
+    """Every problem through one engine. Engines run one after another, each closed before the next
+    loads: vLLM's CPU worker keeps a core busy polling for about a second after each request
+    (measured: 20 of 20 ticks per 0.2 s, then 0), which would slow whatever ran next on 2 cores."""
     from thinktime import Thinker
 
-    thinkers = [Thinker(engine=row["instance"], max_new_tokens=max_new_tokens, temperature=0.8, seed=seed,
-                        strategy="self-consistency", options={"n": n, "confidence": 1.0}) for row in rows]
+    thinker = Thinker(engine=row["instance"], max_new_tokens=max_new_tokens, temperature=0.8, seed=seed,
+                      strategy="self-consistency", options={"n": n, "confidence": 1.0})
     for number, problem in enumerate(problems, 1):
-        for row, thinker in zip(rows, thinkers):
-            started = time.perf_counter()
-            result = thinker.solve(problem["question"])
-            row["generate_s"] += time.perf_counter() - started
-            row["tokens"] += result.usage.completion_tokens
-            row["correct"] += int(result.answer is not None and str(result.answer).strip() == str(problem["answer"]))
-        print(f"  problem {number}/{len(problems)}: " + ", ".join(
-            f"{r['engine']} {r['tokens'] / r['generate_s']:.1f} tok/s" for r in rows), flush=True)
-    for row in rows:
-        row["tokens_per_s"] = round(row["tokens"] / row["generate_s"], 1)
-        row["generate_s"] = round(row["generate_s"], 1)
-        row["problems"] = len(problems)
+        started = time.perf_counter()
+        result = thinker.solve(problem["question"])
+        row["generate_s"] += time.perf_counter() - started
+        row["tokens"] += result.usage.completion_tokens
+        row["correct"] += int(result.answer is not None and str(result.answer).strip() == str(problem["answer"]))
+        if number % 5 == 0 or number == len(problems):
+            print(f"  {row['engine']}: problem {number}/{len(problems)}, {row['tokens'] / row['generate_s']:.1f} tok/s",
+                  flush=True)
+    row["tokens_per_s"] = round(row["tokens"] / row["generate_s"], 1)
+    row["generate_s"] = round(row["generate_s"], 1)
+    row["problems"] = len(problems)
+    row["load_avg_after"] = round(os.getloadavg()[0], 1)
 
 
 def _vllm_dtype(engine) -> str:
@@ -124,7 +126,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load avg {os.getloadavg()[0]:.1f}")
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}, load avg {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:
@@ -146,15 +149,11 @@ def main() -> None:
           f"per chain, T=0.8, seed {args.seed}", flush=True)
     report["cold_start_transformers"] = cold_start()
     print("cold start (transformers):", report["cold_start_transformers"], flush=True)
-    rows = []
     for kind in args.engines.split(","):
-        rows.append(load_engine(kind.strip()))
-        print(f"{kind}: loaded in {rows[-1]['load_s']} s, first streamed token {rows[-1]['first_token_s']} s",
-              flush=True)
-    run_interleaved(rows, problems, args.n, args.max_new_tokens, args.seed)
-    for row in rows:
-        row["instance"].close()
-        del row["instance"]
+        row = load_engine(kind.strip())
+        print(f"{kind}: loaded in {row['load_s']} s, first streamed token {row['first_token_s']} s", flush=True)
+        run_engine(row, problems, args.n, args.max_new_tokens, args.seed)
+        row.pop("instance").close()
         report["engines"].append(row)
         print(json.dumps(row), flush=True)
     by = {r["engine"]: r for r in report["engines"]}

@@ -39,7 +39,8 @@ class SharedPrefixLayer(GrowingLayer):
         self.values_by_head = values[0].float().contiguous()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states)
+        # The rows' own positions are kept in fp32 too: one position per step is converted, not all of them.
+        keys, values = super().update(key_states.float(), value_states.float())
         setattr(keys, SHARED, self)
         return keys, values
 
@@ -58,9 +59,9 @@ class SharedPrefixLayer(GrowingLayer):
 
     def expanded(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole sequence per row (shared part copied to each row): for steps with several queries."""
-        rows = keys.shape[0]
-        return (torch.cat([self.prefix_keys.expand(rows, -1, -1, -1), keys], dim=-2),
-                torch.cat([self.prefix_values.expand(rows, -1, -1, -1), values], dim=-2))
+        rows, dtype = keys.shape[0], self.prefix_keys.dtype
+        return (torch.cat([self.prefix_keys.expand(rows, -1, -1, -1), keys.to(dtype)], dim=-2),
+                torch.cat([self.prefix_values.expand(rows, -1, -1, -1), values.to(dtype)], dim=-2))
 
 
 def shared_prefix_cache(prefix: DynamicCache, config) -> DynamicCache | None:

@@ -142,3 +142,16 @@ def test_decode_attention_matches_sdpa_with_padding(dtype):
 def test_decode_attention_leaves_other_choices_alone():
     model = AutoModelForCausalLM.from_pretrained(models.resolve("smollm2-135m").path, attn_implementation="eager")
     assert not cpu_attention.use_for(model) and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("preset, expected", [({}, "10000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "unset"),
+                                              ({"GOMP_SPINCOUNT": "5"}, "5")])
+def test_import_sets_a_short_openmp_spin_unless_the_user_chose(preset, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | preset
+    code = "import thinktime, os; print(os.environ.get('GOMP_SPINCOUNT', 'unset'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

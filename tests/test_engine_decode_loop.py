@@ -19,14 +19,22 @@ def loop(engine, on: bool):
 
 
 @contextmanager
-def batch_sizes(model):
+def batch_sizes(engine):
+    """Rows of each forward: the model's own, and the lean step's (engines/lean_step.py) where it serves."""
     seen: list[int] = []
-    handle = model.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]),
-                                         with_kwargs=True)
+    handle = engine.model.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    lean = engine.lean_step
+    if lean is not None:
+        def counted(tokens, *args):
+            seen.append(tokens.shape[0])
+            return lean(tokens, *args)
+        engine.lean_step = counted
     try:
         yield seen
     finally:
         handle.remove()
+        engine.lean_step = lean
 
 
 def test_the_cpu_engine_uses_the_loop(engine):
@@ -46,7 +54,7 @@ def test_greedy_tokens_equal_generate_over_a_padded_batch(engine):
 
 def test_finished_rows_leave_the_batch(engine):
     params = SamplingParams(max_new_tokens=40, n=3, temperature=0.8, seed=3)
-    with loop(engine, True), batch_sizes(engine.model) as seen:
+    with loop(engine, True), batch_sizes(engine) as seen:
         [chains] = engine.generate([Prompt.of([{"role": "user", "content": QUESTIONS[0]}])], params)
     lengths = sorted(c.completion_tokens for c in chains)
     assert lengths[0] < lengths[-1], "the seed should give chains of different lengths"

@@ -17,15 +17,17 @@ import threading
 
 import torch
 
+from thinktime.engines import lean_step
 from thinktime.engines.fast import Rows, sample
 
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cache, cache_kwarg: str,
            max_new_tokens: int, greedy: bool, temperature: float, top_p: float, seed: int | None,
            stop_ids: set[int], pad_id: int, stop_strings=(), tokenizer=None, streamer=None,
-           cancel: threading.Event | None = None) -> list[list[int]]:
+           cancel: threading.Event | None = None, lean=None) -> list[list[int]]:
     """New tokens per row, shaped as `generate` returns them (a stop id kept, then pad_id to a common
-    length). `cache` may already hold the first positions of every row (a prefix cache)."""
+    length). `cache` may already hold the first positions of every row (a prefix cache). `lean` (a
+    lean_step.LeanStep) runs the one-token steps over a shared-prefix cache instead of the model's forward."""
     rows = input_ids.shape[0]
     cancel = cancel or threading.Event()
     state = Rows(rows, set(stop_ids), pad_id, tuple(stop_strings), tokenizer, streamer)
@@ -42,10 +44,13 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cach
     positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
     cached = cache.get_seq_length()
     live = torch.arange(rows)
-    out = model(input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=positions[:, cached:],
-                use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+    logits = model(input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=positions[:, cached:],
+                   use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1]
+    if lean is not None and not lean_step.serves(cache):
+        lean = None
+    shared = cache.layers[0].prefix_length if lean is not None else 0
     for step in range(max_new_tokens):
-        tokens = sample(out.logits[:, -1].float(), uniforms[live, step].to(device), mode, temperature, top_p)
+        tokens = sample(logits.float(), uniforms[live, step].to(device), mode, temperature, top_p)
         every_row = torch.full((rows,), pad_id, dtype=torch.long)
         every_row[live] = tokens.cpu()
         state.push(every_row.tolist())
@@ -57,8 +62,13 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cach
             cache.batch_select_indices(index)
             mask, tokens, live = mask[index], tokens[index], live[keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.long().sum(-1, keepdim=True) - 1,
-                    use_cache=True, **{cache_kwarg: cache})
+        positions = mask.long().sum(-1, keepdim=True) - 1
+        if lean is not None:
+            own = mask[:, shared:]
+            logits = lean(tokens[:, None], positions, cache, None if bool(own.all()) else own.bool()[:, None, None, :])
+        else:
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                           **{cache_kwarg: cache}).logits[:, -1]
     if streamer is not None:
         streamer.end()
     return state.padded()

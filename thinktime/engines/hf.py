@@ -22,6 +22,7 @@ from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
 from thinktime.engines.fast import generation_config_blocker
 from thinktime.engines.growing_cache import growing, new_growing_cache
+from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.onednn import pack_linears
 from thinktime.engines.prefix_cache import MIN_SHARED, PrefixCache, common_prefix_length
 from thinktime.engines.shared_prefix import shared_prefix_cache
@@ -214,6 +215,12 @@ class TransformersEngine(Engine):
         # ...reading a prompt shared by several rows (n samples, a batch's system prompt) once per step, which
         # takes the attention above to read the shared part (engines/shared_prefix.py).
         self.shared_prefix_decoding = self.decode_loop and self.cpu_decode_attention
+        # ...and its one-token steps call the layers' pieces directly where the model is Llama-shaped
+        # (engines/lean_step.py); THINKTIME_LEAN_STEP=0 keeps the model's forward.
+        self.lean_step = None
+        if self.shared_prefix_decoding and LeanStep.unavailable_reason(self.model) is None and \
+                os.environ.get("THINKTIME_LEAN_STEP", "1").strip().lower() not in ("0", "false", "no", "off"):
+            self.lean_step = LeanStep(self.model)
 
     def _refuse_cpu_for_large(self, name: str, params_b: float, explicit_cpu: bool) -> None:
         if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
@@ -330,7 +337,7 @@ class TransformersEngine(Engine):
                     cache_kwarg=self.prefix_cache.kwarg, max_new_tokens=max_new, greedy=params.greedy,
                     temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop_ids=self.stop_ids,
                     pad_id=self.tokenizer.pad_token_id, stop_strings=params.stop, tokenizer=self.tokenizer,
-                    streamer=streamer, cancel=cancel)
+                    streamer=streamer, cancel=cancel, lean=self.lean_step if shared is not None else None)
             if new_tokens is None:
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
                 new_tokens = out[:, width:].tolist()

@@ -1,0 +1,76 @@
+"""One decoding step of a Llama-family model on the CPU, calling its layers' own pieces directly.
+
+Why: a CPU decoding step of a small model is hundreds of small kernels, and what transformers
+does around them on every call (keyword plumbing and decorators of each module, the causal-mask
+construction, output capturing, hooks) was about a tenth of a step for SmolLM2 with 8 rows. For
+steps with one new token per row over a shared-prefix cache (engines/shared_prefix.py), this runs
+the same modules' math in the same order: the model's own norm, projection (oneDNN-packed) and
+MLP modules, its rotary-embedding module, the attention of shared_prefix, and writes into the
+same cache, so the logits are the model's forward's, and the prompt still goes through the
+model's forward.
+
+Only Llama-shaped decoders (fast.unsupported_reason accepts them, and no per-head q/k norms);
+anything else keeps the model's forward.
+"""
+from __future__ import annotations
+
+import torch
+
+from thinktime.engines.fast import unsupported_reason
+from thinktime.engines.shared_prefix import SharedPrefixLayer, one_query_attention
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LeanStep:
+    """Logits [rows, vocab] for one new token per row, over a cache of SharedPrefixLayers."""
+
+    def __init__(self, model):
+        base = model.model
+        self.embed, self.rotary, self.norm, self.head = base.embed_tokens, base.rotary_emb, base.norm, model.lm_head
+        self.layers = list(base.layers[: model.config.num_hidden_layers])
+        attention = self.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.scaling = attention.scaling
+        self.heads = model.config.num_attention_heads
+        self.kv_heads = model.config.num_key_value_heads
+
+    @staticmethod
+    def unavailable_reason(model) -> str | None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            return reason
+        attention = model.model.layers[0].self_attn
+        if hasattr(attention, "q_norm") or not hasattr(attention, "head_dim") or not hasattr(attention, "scaling"):
+            return "attention other than Llama's (per-head norms, or no head_dim/scaling)"
+        return None
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, own_mask: torch.Tensor | None):
+        """tokens and positions [rows, 1]; own_mask [rows, 1, 1, own positions] (bool) or None for no padding."""
+        rows = tokens.shape[0]
+        hidden = self.embed(tokens)  # [rows, 1, hidden], as the model's forward has it
+        cos, sin = self.rotary(hidden, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            q = attention.q_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            k = attention.k_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            v = attention.v_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            keys, values = layer_cache.update(k, v)
+            out = one_query_attention(layer_cache, q, keys, values, own_mask, self.scaling)
+            hidden = residual + attention.o_proj(out.reshape(rows, 1, -1).contiguous())
+            residual = hidden
+            x = layer.post_attention_layernorm(hidden)
+            hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return self.head(self.norm(hidden))[:, -1]
+
+
+def serves(cache) -> bool:
+    return all(type(layer) is SharedPrefixLayer for layer in cache.layers)

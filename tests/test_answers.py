@@ -74,6 +74,8 @@ def test_normalize(raw, expected):
     ("2\\sqrt{2}", "\\sqrt{8}"),
     ("(1,2]", "(1, 2]"),
     ("x^2+2x+1", "(x+1)^2"),
+    ("11", "10 + 1"),
+    ("(3*4)/2", "6.0"),
 ])
 def test_equivalent(a, b):
     assert equivalent(a, b)
@@ -82,6 +84,18 @@ def test_equivalent(a, b):
 @pytest.mark.parametrize("a, b", [("1", "2"), ("\\frac{1}{3}", "0.33"), ("(1,2]", "[1,2]"), (None, "1"), ("", "")])
 def test_not_equivalent(a, b):
     assert not equivalent(a, b)
+
+
+def test_plain_arithmetic_is_compared_without_math_verify(monkeypatch):
+    from thinktime import answers
+
+    def refuse(a, b, timeout=5.0):
+        raise AssertionError(f"math-verify called for {a!r} and {b!r}")
+
+    monkeypatch.setattr(answers, "math_equal", refuse)
+    assert equivalent("10 + 1", "11") and not equivalent("20", "10 + 1") and equivalent("-(2 - 5)", "3")
+    assert answers._as_number("2**3") is None and answers._as_number("12 (apples)") is None
+    assert answers._as_number("1/0") is None  # not a number, and not an error
 
 
 def test_math_equal_works_off_the_main_thread():

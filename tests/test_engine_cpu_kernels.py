@@ -54,6 +54,26 @@ def test_packed_layer_handles_batches_and_bias():
             assert torch.allclose(layer(x), linear(x), atol=1e-4)
 
 
+def test_fused_projections_give_each_projection_in_any_order_and_on_any_input():
+    from thinktime.engines.onednn import fused_product
+
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.q_proj, block.k_proj, block.v_proj, block.o_proj = (nn.Linear(32, n, bias=True) for n in (32, 8, 8, 32))
+    plain = {name: getattr(block, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert pack_linears(block) == 4
+    product = fused_product(block.q_proj, block.k_proj, block.v_proj)
+    assert product is not None and product.sizes == [32, 8, 8] and type(block.o_proj) is PackedLinear
+    x, y = torch.randn(3, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        for name, inputs in (("q_proj", x), ("k_proj", x), ("v_proj", x),  # as attention calls them
+                             ("v_proj", y), ("q_proj", x), ("k_proj", y), ("k_proj", y)):  # any other way
+            assert torch.allclose(getattr(block, name)(inputs), plain[name](inputs), atol=1e-5), name
+        q, k, v = product.linear(x).split(product.sizes, dim=-1)
+        assert torch.allclose(k, plain["k_proj"](x), atol=1e-5)
+    assert fused_product(block.k_proj, block.q_proj, block.v_proj) is None  # parts out of order
+
+
 def test_the_switch_turns_packing_off(monkeypatch):
     monkeypatch.setenv("THINKTIME_ONEDNN", "0")
     model = nn.Sequential(nn.Linear(8, 8))

@@ -4,8 +4,8 @@ Why: a CPU decoding step of a small model is hundreds of small kernels, and what
 does around them on every call (keyword plumbing and decorators of each module, the causal-mask
 construction, output capturing, hooks) was about a tenth of a step for SmolLM2 with 8 rows. For
 steps with one new token per row over a shared-prefix cache (engines/shared_prefix.py), this runs
-the same modules' math in the same order: the model's own norm, projection (oneDNN-packed) and
-MLP modules, its rotary-embedding module, the attention of shared_prefix, and writes into the
+the same modules' math in the same order: the model's own norm, projection (oneDNN-packed, q/k/v
+and gate/up as one product each where onednn fused them) and MLP modules, its rotary-embedding module, the attention of shared_prefix, and writes into the
 same cache, so the logits are the model's forward's, and the prompt still goes through the
 model's forward.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from thinktime.engines.fast import unsupported_reason
+from thinktime.engines.onednn import fused_product
 from thinktime.engines.shared_prefix import SharedPrefixLayer, one_query_attention
 
 
@@ -37,6 +38,9 @@ class LeanStep:
         self.scaling = attention.scaling
         self.heads = model.config.num_attention_heads
         self.kv_heads = model.config.num_key_value_heads
+        # Where pack_linears fused a layer's q/k/v or gate/up projections, one product serves them here.
+        self.fused = [(fused_product(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                       fused_product(layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in self.layers]
 
     @staticmethod
     def unavailable_reason(model) -> str | None:
@@ -54,13 +58,17 @@ class LeanStep:
         hidden = self.embed(tokens)  # [rows, 1, hidden], as the model's forward has it
         cos, sin = self.rotary(hidden, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        for layer, layer_cache in zip(self.layers, cache.layers):
+        for layer, layer_cache, (qkv, gate_up) in zip(self.layers, cache.layers, self.fused):
             attention, mlp = layer.self_attn, layer.mlp
             residual = hidden
             x = layer.input_layernorm(hidden)
-            q = attention.q_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            if qkv is not None:
+                q, k, v = qkv.linear(x).split(qkv.sizes, dim=-1)
+            else:
+                q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+            q = q.view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            k = k.view(rows, 1, -1, self.head_dim).transpose(1, 2)
+            v = v.view(rows, 1, -1, self.head_dim).transpose(1, 2)
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             keys, values = layer_cache.update(k, v)
@@ -68,7 +76,11 @@ class LeanStep:
             hidden = residual + attention.o_proj(out.reshape(rows, 1, -1).contiguous())
             residual = hidden
             x = layer.post_attention_layernorm(hidden)
-            hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            if gate_up is not None:
+                gate, up = gate_up.linear(x).split(gate_up.sizes, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
         return self.head(self.norm(hidden))[:, -1]
 
 

@@ -62,15 +62,17 @@ class LeanStep:
             attention, mlp = layer.self_attn, layer.mlp
             residual = hidden
             x = layer.input_layernorm(hidden)
-            if qkv is not None:
-                q, k, v = qkv.linear(x).split(qkv.sizes, dim=-1)
+            if qkv is not None:  # q and k are adjacent columns of one product: rotated together
+                out = qkv.linear(x)
+                qk = out[..., :-qkv.sizes[2]].view(rows, 1, -1, self.head_dim).transpose(1, 2)
+                qk = (qk * cos) + (_rotate_half(qk) * sin)
+                q, k = qk[:, :self.heads], qk[:, self.heads:]
+                v = out[..., -qkv.sizes[2]:].view(rows, 1, -1, self.head_dim).transpose(1, 2)
             else:
-                q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
-            q = q.view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            k = k.view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            v = v.view(rows, 1, -1, self.head_dim).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+                q, k, v = (projection(x).view(rows, 1, -1, self.head_dim).transpose(1, 2)
+                           for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+                q = (q * cos) + (_rotate_half(q) * sin)
+                k = (k * cos) + (_rotate_half(k) * sin)
             keys, values = layer_cache.update(k, v)
             out = one_query_attention(layer_cache, q, keys, values, own_mask, self.scaling)
             hidden = residual + attention.o_proj(out.reshape(rows, 1, -1).contiguous())

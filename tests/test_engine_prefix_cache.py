@@ -23,7 +23,8 @@ def test_a_growing_prefix_is_prefilled_only_once(engine):
     first = Prompt.of(MESSAGES, prefix="Let me add.\n\n")
     step = engine.generate([first], SamplingParams(max_new_tokens=8))[0][0]
     computed = engine.prefix_cache.computed_tokens
-    assert computed - before == step.prompt_tokens - 1  # everything but the last prompt token
+    # Everything but the last prompt token; or on the CPU path all of it, as its logits give the first token.
+    assert computed - before == step.prompt_tokens - (0 if engine.shared_prefix_decoding else 1)
     second = Prompt.of(MESSAGES, prefix=first.prefix + step.text + "\n\n")
     again = engine.generate([second], SamplingParams(max_new_tokens=8))[0][0]
     new_tokens = engine.prefix_cache.computed_tokens - computed
@@ -60,7 +61,8 @@ def test_n_samples_share_one_prefill_and_greedy_n_works(engine):
     before = engine.prefix_cache.computed_tokens
     rows = engine.generate([Prompt.of(MESSAGES)], SamplingParams(max_new_tokens=6, n=4))[0]
     # The prompt was prefilled once for all four rows, not four times.
-    assert engine.prefix_cache.computed_tokens - before == rows[0].prompt_tokens - 1
+    assert engine.prefix_cache.computed_tokens - before == rows[0].prompt_tokens - (
+        0 if engine.shared_prefix_decoding else 1)
     assert len({tuple(r.token_ids) for r in rows}) == 1  # greedy n > 1: n equal chains, not an error
 
 
@@ -79,3 +81,18 @@ def test_a_batch_of_questions_prefills_the_shared_system_prompt_once(engine):
     with no_reuse(engine):
         alone = engine.generate(prompts, SamplingParams(max_new_tokens=6))
     assert [r[0].text for r in rows] == [r[0].text for r in alone]
+
+
+def test_prefill_keeps_the_logits_after_the_prompt(engine):
+    import torch
+
+    engine.prefix_cache.clear()
+    ids = engine.tokenizer("What is 2 + 2? Think first.").input_ids
+    with torch.inference_mode():
+        cache, logits = engine.prefix_cache.prefill_with_logits(ids)
+        again_cache, again = engine.prefix_cache.prefill_with_logits(ids)  # a hit: no forward, the kept logits
+        want = engine.model(torch.tensor([ids])).logits[0, -1]
+    assert again_cache is cache and torch.equal(again, logits)
+    assert torch.allclose(logits.float(), want.float(), atol=1e-3 * want.abs().max().item())
+    engine.prefix_cache.clear()
+    assert not engine.prefix_cache.last_logits

@@ -24,10 +24,13 @@ from thinktime.engines.fast import Rows, sample
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cache, cache_kwarg: str,
            max_new_tokens: int, greedy: bool, temperature: float, top_p: float, seed: int | None,
            stop_ids: set[int], pad_id: int, stop_strings=(), tokenizer=None, streamer=None,
-           cancel: threading.Event | None = None, lean=None) -> list[list[int]]:
+           cancel: threading.Event | None = None, lean=None, first_logits: torch.Tensor | None = None
+           ) -> list[list[int]]:
     """New tokens per row, shaped as `generate` returns them (a stop id kept, then pad_id to a common
     length). `cache` may already hold the first positions of every row (a prefix cache). `lean` (a
-    lean_step.LeanStep) runs the one-token steps over a shared-prefix cache instead of the model's forward."""
+    lean_step.LeanStep) runs the one-token steps over a shared-prefix cache instead of the model's forward.
+    `first_logits` ([rows, vocab]): the cache holds every input position already and these are the logits
+    after them (a prefilled prompt's), so the first tokens are sampled without a forward."""
     rows = input_ids.shape[0]
     cancel = cancel or threading.Event()
     state = Rows(rows, set(stop_ids), pad_id, tuple(stop_strings), tokenizer, streamer)
@@ -44,8 +47,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cach
     positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
     cached = cache.get_seq_length()
     live = torch.arange(rows)
-    logits = model(input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=positions[:, cached:],
-                   use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1]
+    if first_logits is not None:
+        logits = first_logits
+    else:
+        logits = model(input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=positions[:, cached:],
+                       use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1]
     if lean is not None and not lean_step.serves(cache):
         lean = None
     shared = cache.layers[0].prefix_length if lean is not None else 0

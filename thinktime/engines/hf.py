@@ -312,8 +312,9 @@ class TransformersEngine(Engine):
             if loop and self.shared_prefix_decoding and (reuse or len(texts) > 1):
                 # The rows' common start is cached once and read once per step (engines/shared_prefix.py).
                 shared = self._shared_prefix_inputs(enc, params.n, keep_rows)
+            first_logits = None
             if shared is not None:
-                kwargs[self.prefix_cache.kwarg], input_ids, attention_mask = shared
+                kwargs[self.prefix_cache.kwarg], input_ids, attention_mask, first_logits = shared
             # Without the fast decoder (which prefills per prompt), a batch of several prompts also goes
             # through the prefix cache: their common start (the system prompt) is prefilled once.
             elif reuse or (len(texts) > 1 and self.fast is None):
@@ -337,7 +338,8 @@ class TransformersEngine(Engine):
                     cache_kwarg=self.prefix_cache.kwarg, max_new_tokens=max_new, greedy=params.greedy,
                     temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop_ids=self.stop_ids,
                     pad_id=self.tokenizer.pad_token_id, stop_strings=params.stop, tokenizer=self.tokenizer,
-                    streamer=streamer, cancel=cancel, lean=self.lean_step if shared is not None else None)
+                    streamer=streamer, cancel=cancel, lean=self.lean_step if shared is not None else None,
+                    first_logits=first_logits)
             if new_tokens is None:
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
                 new_tokens = out[:, width:].tolist()
@@ -361,9 +363,17 @@ class TransformersEngine(Engine):
         return completions
 
     def _shared_prefix_inputs(self, enc, n: int, keep: bool):
-        """(cache, input_ids, attention_mask) for decoding the rows of `enc` (each n times) over a cache of
-        their common start, held once; None where they share too little or the model's cache cannot."""
+        """(cache, input_ids, attention_mask, first logits or None) for decoding the rows of `enc` (each n
+        times) over a cache of their common start, held once; None where they share too little or the
+        model's cache cannot."""
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
+        device = self.model.device
+        if len(rows) == 1:  # one prompt: all of it is shared, and its logits give every row its first token
+            prefix, logits = self.prefix_cache.prefill_with_logits(rows[0], keep=keep)
+            cache = None if prefix is None or logits is None else shared_prefix_cache(prefix, self.model.config)
+            if cache is not None:
+                ids = torch.tensor(rows, device=device).repeat_interleave(n, 0)
+                return cache, ids, torch.ones_like(ids), logits[None].expand(n, -1)
         # All but each row's last token can be shared: the first forward needs at least one token per row.
         length = common_prefix_length([row[:-1] for row in rows])
         if length < (1 if len(rows) == 1 else MIN_SHARED):
@@ -379,9 +389,8 @@ class TransformersEngine(Engine):
         pad = self.tokenizer.pad_token_id
         ids = [rows[0][:length] + [pad] * (width - len(tokens)) + tokens for tokens in own]
         mask = [[1] * length + [0] * (width - len(tokens)) + [1] * len(tokens) for tokens in own]
-        device = self.model.device
         return (cache, torch.tensor(ids, device=device).repeat_interleave(n, 0),
-                torch.tensor(mask, device=device).repeat_interleave(n, 0))
+                torch.tensor(mask, device=device).repeat_interleave(n, 0), None)
 
 
 def _should_reuse(prompts: Sequence[Prompt], params: SamplingParams) -> bool:

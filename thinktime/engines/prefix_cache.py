@@ -57,6 +57,7 @@ class PrefixCache:
         self.model = model
         self.max_tokens = max_tokens
         self.entries: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
+        self.last_logits: dict[tuple[int, ...], torch.Tensor] = {}  # [vocab] after each entry's last token
         self.enabled = max_tokens > 0
         self.kwarg = cache_kwarg(model)
         # Only the KV cache is wanted: the LM head over every prompt position costs as much as a few layers.
@@ -92,11 +93,16 @@ class PrefixCache:
     def prefill(self, ids: list[int], keep: bool = True) -> DynamicCache | None:
         """The cache of exactly `ids`, computed from the longest cached start of them (and kept).
         With reuse off (`enabled` false) it is computed in full and not kept."""
+        return self.prefill_with_logits(ids, keep)[0]
+
+    def prefill_with_logits(self, ids: list[int], keep: bool = True) -> tuple[DynamicCache | None, torch.Tensor | None]:
+        """`prefill`, and the logits after the last of `ids` ([vocab]) where they are known: computed now,
+        or kept from when they were. Sampling can start from them without a forward of its own."""
         key = tuple(ids)
         start, base = self._longest(key) if self.enabled else (0, None)
         if start == len(key):
             self.reused_tokens += start
-            return base
+            return base, self.last_logits.get(key)
         cache = self._copy(base) if base is not None else DynamicCache(config=self.model.config)
         device = self.model.device
         out = self.model(input_ids=torch.tensor([list(key[start:])], device=device), use_cache=True,
@@ -104,17 +110,20 @@ class PrefixCache:
         cache = getattr(out, "cache", None) or out.past_key_values
         if not all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers):
             self.enabled = False  # sliding windows or other layer kinds: reuse is not safe
-            self.entries.clear()
-            return None
+            self.clear()
+            return None, None
+        logits = out.logits[0, -1]
         self.reused_tokens += start
         self.computed_tokens += len(key) - start
         if keep and self.enabled:
             self.entries[key] = cache
+            self.last_logits[key] = logits
             self._evict()
-        return cache
+        return cache, logits
 
     def clear(self) -> None:
         self.entries.clear()
+        self.last_logits.clear()
 
     def _longest(self, key: tuple[int, ...]) -> tuple[int, DynamicCache | None]:
         """The longest start of `key` that any entry holds, and that entry's cache cut to it: the next
@@ -139,4 +148,5 @@ class PrefixCache:
         total = sum(len(k) for k in self.entries)
         while total > self.max_tokens and len(self.entries) > 1:
             ids, _ = self.entries.popitem(last=False)
+            self.last_logits.pop(ids, None)
             total -= len(ids)

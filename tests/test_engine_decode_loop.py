@@ -80,3 +80,27 @@ def test_stream_joins_to_the_generated_text(engine):
     [[whole]] = engine.generate([prompt], params)
     deltas = list(engine.stream(prompt, params))
     assert "".join(d.text for d in deltas) == whole.text and deltas[-1].completion.token_ids == whole.token_ids
+
+
+def test_top_p_among_candidates_picks_what_the_full_sort_picks(monkeypatch):
+    import torch
+
+    from thinktime.engines import fast
+
+    used = {"candidates": 0, "too_few": 0}
+    among = fast._top_p_among_candidates
+
+    def counted(*args):
+        picked = among(*args)
+        used["candidates" if picked is not None else "too_few"] += 1
+        return picked
+
+    monkeypatch.setattr(fast, "_top_p_among_candidates", counted)
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(24):
+        logits = torch.randn(8, 4096, generator=generator) * (0.5 + trial % 6)  # flat to peaked
+        u = 1 - torch.rand(8, generator=generator)
+        for top_p in (0.5, 0.9, 0.95):
+            want = fast.sample(logits, u, "top_p", 0.8, top_p)
+            assert torch.equal(fast.sample(logits, u, "top_p", 0.8, top_p, candidates=64), want)
+    assert used["candidates"] > 0 and used["too_few"] > 0  # both ways were taken

@@ -20,6 +20,8 @@ import torch
 from thinktime.engines import lean_step
 from thinktime.engines.fast import Rows, sample
 
+TOP_P_CANDIDATES = 256  # top-p looks for its kept tokens among these first (fast.sample)
+
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cache, cache_kwarg: str,
            max_new_tokens: int, greedy: bool, temperature: float, top_p: float, seed: int | None,
@@ -56,7 +58,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cach
         lean = None
     shared = cache.layers[0].prefix_length if lean is not None else 0
     for step in range(max_new_tokens):
-        tokens = sample(logits.float(), uniforms[live, step].to(device), mode, temperature, top_p)
+        tokens = sample(logits.float(), uniforms[live, step].to(device), mode, temperature, top_p,
+                        candidates=TOP_P_CANDIDATES)
         every_row = torch.full((rows,), pad_id, dtype=torch.long)
         every_row[live] = tokens.cpu()
         state.push(every_row.tolist())

@@ -167,12 +167,24 @@ def _head(h, d, norm_w, lm_w, lm_b, eps: float):
     return F.linear(_rms_norm(h + d, norm_w, eps), lm_w, lm_b).float()
 
 
-def sample(logits, u, mode: str, temperature, top_p):
+def sample(logits, u, mode: str, temperature, top_p, candidates: int | None = None):
     """Next tokens from fp32 logits [B, V]: argmax, or the inverse CDF at u in (0, 1] of the tempered
-    (and top-p truncated, as transformers' TopPLogitsWarper does) distribution."""
+    (and top-p truncated, as transformers' TopPLogitsWarper does) distribution.
+
+    `candidates` (top-p only): look for the kept tokens among that many most likely ones first (then 16
+    times as many), instead of sorting the whole vocabulary, which took 15 ms for 8 rows of a 49k
+    vocabulary on a CPU, more than half a decoding step; the whole sort only where the kept set might
+    reach beyond them. Not for CUDA graphs (the fallback is a branch on the data)."""
     if mode == "greedy":
         return logits.argmax(dim=-1)
     scores = logits / temperature
+    if mode == "top_p" and candidates is not None:
+        for count in (candidates, candidates * 16):  # a few, then many more, then the whole vocabulary
+            if count >= scores.shape[-1]:
+                break
+            picked = _top_p_among_candidates(scores, u, top_p, count)
+            if picked is not None:
+                return picked
     if mode == "top_p":
         scores, order = torch.sort(scores, dim=-1)  # ascending, like transformers
         cumulative = scores.softmax(dim=-1).cumsum(dim=-1)
@@ -184,6 +196,26 @@ def sample(logits, u, mode: str, temperature, top_p):
     if mode == "top_p":
         pick = order.gather(-1, pick)
     return pick.squeeze(-1)
+
+
+def _top_p_among_candidates(scores, u, top_p: float, candidates: int):
+    """`sample`'s top-p over the `candidates` highest scores, or None if some row's kept set may not fit.
+
+    TopPLogitsWarper removes a token when the probability mass at or below it, in ascending order, is at
+    most 1 - top_p: that is, when the mass strictly above it is at least top_p. So the kept tokens are
+    the most likely ones while the mass above them stays under top_p, and they are all among the
+    candidates when the candidates' mass reaches top_p. The draw is the same inverse CDF over the
+    kept tokens in ascending order as the full sort's."""
+    top, index = scores.topk(candidates, dim=-1)  # descending
+    probs = top.sub(scores.logsumexp(dim=-1, keepdim=True)).exp_()
+    above = probs.cumsum(dim=-1)
+    if bool((above[:, -1] < top_p).any()):
+        return None
+    keep = (above - probs) < top_p
+    ascending = top.masked_fill(~keep, float("-inf")).flip(-1)
+    cdf = ascending.softmax(dim=-1).cumsum(dim=-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp_(max=candidates - 1)
+    return index.flip(-1).gather(-1, pick).squeeze(-1)
 
 
 @dataclass

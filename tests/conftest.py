@@ -21,6 +21,15 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def fp32_engine():
+    """The same in fp32, for tests that two decoding paths give the same tokens: in bf16 (the default on a
+    CPU with native bf16) two summation orders round differently, which can flip a near-tie."""
+    from thinktime.engines.hf import TransformersEngine
+
+    return TransformersEngine("smollm2-135m", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
 def thinker(engine):
     from thinktime import Thinker
 

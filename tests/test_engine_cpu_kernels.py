@@ -175,3 +175,11 @@ def test_import_sets_a_short_openmp_spin_unless_the_user_chose(preset, expected)
     code = "import thinktime, os; print(os.environ.get('GOMP_SPINCOUNT', 'unset'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_the_cpu_default_is_bf16_where_the_cpu_multiplies_it(engine):
+    from thinktime.engines.hf import pick_dtype
+    from thinktime.engines.onednn import cpu_has_bf16
+
+    assert engine.dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert pick_dtype("fp32", "cpu", 10**9) == torch.float32  # --dtype always wins

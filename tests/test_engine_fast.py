@@ -221,7 +221,7 @@ def test_unsupported_models_are_refused_with_the_reason():
 def plain_engine():
     """The embedded model through generate() on plain nn.Linear layers (an engine asked for the fast
     decoder keeps them; the CPU default packs them for oneDNN, which rounds differently)."""
-    engine = TransformersEngine("smollm2-135m", fast=True)
+    engine = TransformersEngine("smollm2-135m", fast=True, dtype="fp32")  # fp32: see conftest.fp32_engine
     engine.fast = None
     return engine
 

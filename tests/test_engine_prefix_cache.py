@@ -33,7 +33,8 @@ def test_a_growing_prefix_is_prefilled_only_once(engine):
     assert engine.prefix_cache.reused_tokens >= step.prompt_tokens - 4
 
 
-def test_reuse_gives_the_same_continuations(engine):
+def test_reuse_gives_the_same_continuations(fp32_engine):
+    engine = fp32_engine
     prompts = [Prompt.of(MESSAGES, prefix="First,"), Prompt.of([{"role": "user", "content": "Name a colour."}],
                                                                 prefix="Sure")]
     greedy = SamplingParams(max_new_tokens=12)

@@ -96,7 +96,8 @@ def test_one_query_attention_equals_softmax_attention_over_the_whole_sequence():
     assert layer.get_seq_length() == shared_length + own_length
 
 
-def test_n_samples_and_a_batch_of_questions_decode_the_same_tokens(engine):
+def test_n_samples_and_a_batch_of_questions_decode_the_same_tokens(fp32_engine):
+    engine = fp32_engine
     assert engine.shared_prefix_decoding
     question = Prompt.of([SYSTEM, {"role": "user", "content": "What is 17 + 25?"}])
     batch = [Prompt.of([SYSTEM, {"role": "user", "content": q}]) for q in ("Name a colour.", "What is 7 * 6?")]

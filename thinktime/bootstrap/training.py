@@ -69,11 +69,9 @@ def _dtype_name(dtype: str | None, device: str) -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere autocast would emulate it."""
-    import torch
+    from thinktime.engines.onednn import cpu_has_bf16 as native_bf16  # torch, imported only when needed
 
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return native_bf16()
 
 
 def load_rows(method: str, files: Sequence[str | Path], completion_only: bool = True):

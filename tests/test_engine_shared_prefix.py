@@ -144,6 +144,14 @@ def test_the_lean_step_gives_the_model_forward_logits(engine):
     assert torch.equal(results[0], results[1])
 
 
+def test_the_switch_keeps_the_model_forward(monkeypatch):
+    from thinktime.engines.hf import TransformersEngine
+
+    monkeypatch.setenv("THINKTIME_LEAN_STEP", "0")
+    engine = TransformersEngine("smollm2-135m")
+    assert engine.shared_prefix_decoding and engine.lean_step is None
+
+
 def test_models_that_are_not_llama_shaped_keep_the_forward():
     from transformers import GPT2Config, GPT2LMHeadModel
 

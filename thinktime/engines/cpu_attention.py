@@ -29,19 +29,19 @@ ATTENTION_NAME = "thinktime_cpu_decode"
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      is_causal=None, **kwargs):
     rows, heads, queries, dim = query.shape
+    one_query = queries == 1 and not dropout and not any(
+        kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))
+    scale = scaling if scaling is not None else dim ** -0.5
     shared = shared_prefix.shared_of(key)  # a shared-prefix cache: key and value are each row's own positions
-    if shared is not None and queries == 1 and not dropout and not any(
-            kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux")):
+    if shared is not None and one_query:
         own_mask = None if attention_mask is None else attention_mask[..., shared.prefix_length:]
-        scale = scaling if scaling is not None else dim ** -0.5
         return shared_prefix.one_query_attention(shared, query, key, value, own_mask, scale), None
     if shared is not None:
         key, value = shared.expanded(key, value)
-    if queries != 1 or dropout or any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux")):
+    if not one_query:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = key.shape[1]
-    scale = scaling if scaling is not None else dim ** -0.5
     stacked = query.reshape(rows, groups, heads // groups, dim)  # query head h reads KV group h // (heads/groups)
     scores = torch.matmul(stacked, key.transpose(-1, -2)).float().mul_(scale)  # [rows, groups, heads/groups, kv]
     if attention_mask is not None:  # sdpa's mask: [rows or 1, 1, 1, kv], True (or 0.0) where attended

@@ -294,7 +294,7 @@ def _round_up(n: int, block: int = BLOCK) -> int:
     return (n + block - 1) // block * block
 
 
-def _env_flag(name: str, default: bool) -> bool:
+def env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name, "").strip().lower()
     return default if value == "" else value not in ("0", "false", "no", "off")
 
@@ -316,9 +316,9 @@ class FastDecoder:
         base = _base(model)
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
-        self.use_graphs = self.cuda and (graphs if graphs is not None else _env_flag("THINKTIME_FAST_GRAPHS", True))
+        self.use_graphs = self.cuda and (graphs if graphs is not None else env_flag("THINKTIME_FAST_GRAPHS", True))
         # compile=True also compiles on the CPU (slow to start; tests use it to check the compiled code traces).
-        self.use_compile = compile if compile is not None else (self.cuda and _env_flag("THINKTIME_FAST_COMPILE", True))
+        self.use_compile = compile if compile is not None else (self.cuda and env_flag("THINKTIME_FAST_COMPILE", True))
         # "bmm": two cuBLAS products and a fused softmax (transformers' eager numerics; parallel at any
         # length); "sdpa": one scaled_dot_product_attention call (closer to transformers' sdpa numerics).
         self.attention = attention or os.environ.get("THINKTIME_FAST_ATTENTION", "bmm")

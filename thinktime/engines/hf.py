@@ -6,7 +6,6 @@ fed by `generate` step by step, not a method that does not exist).
 """
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from thinktime import models
 from thinktime.engines import cpu_attention, decode_loop
 from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
-from thinktime.engines.fast import generation_config_blocker
+from thinktime.engines.fast import env_flag, generation_config_blocker
 from thinktime.engines.growing_cache import growing, new_growing_cache
 from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.onednn import cpu_has_bf16, pack_linears
@@ -196,8 +195,7 @@ class TransformersEngine(Engine):
         # off with fast=False (--no-fast) or THINKTIME_FAST=0; calls it cannot serve go to generate().
         self.fast = None
         if fast is None:
-            fast = self.device.startswith("cuda") and \
-                os.environ.get("THINKTIME_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
+            fast = self.device.startswith("cuda") and env_flag("THINKTIME_FAST", True)
         if fast:
             from thinktime.engines.fast import FastDecoder, FastPathUnavailable
 
@@ -223,7 +221,7 @@ class TransformersEngine(Engine):
         # (engines/lean_step.py); THINKTIME_LEAN_STEP=0 keeps the model's forward.
         self.lean_step = None
         if self.shared_prefix_decoding and LeanStep.unavailable_reason(self.model) is None and \
-                os.environ.get("THINKTIME_LEAN_STEP", "1").strip().lower() not in ("0", "false", "no", "off"):
+                env_flag("THINKTIME_LEAN_STEP", True):
             self.lean_step = LeanStep(self.model)
 
     def _refuse_cpu_for_large(self, name: str, params_b: float, explicit_cpu: bool) -> None:
@@ -342,7 +340,7 @@ class TransformersEngine(Engine):
                     cache_kwarg=self.prefix_cache.kwarg, max_new_tokens=max_new, greedy=params.greedy,
                     temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop_ids=self.stop_ids,
                     pad_id=self.tokenizer.pad_token_id, stop_strings=params.stop, tokenizer=self.tokenizer,
-                    streamer=streamer, cancel=cancel, lean=self.lean_step if shared is not None else None,
+                    streamer=streamer, cancel=cancel, lean=self.lean_step,
                     first_logits=first_logits)
             if new_tokens is None:
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -37,7 +37,6 @@ class LeanStep:
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
         self.heads = model.config.num_attention_heads
-        self.kv_heads = model.config.num_key_value_heads
         # Where pack_linears fused a layer's q/k/v or gate/up projections, one product serves them here.
         self.fused = [(fused_product(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
                        fused_product(layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in self.layers]

@@ -37,6 +37,11 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def kernel(self):
+        """forward as a plain function, for loops that call it hundreds of times a step (no module call)."""
+        op, packed, bias = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias
+        return lambda x: op(x, packed, bias, "none", [], "")
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed {self.dtype}"
 

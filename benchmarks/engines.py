@@ -62,9 +62,13 @@ def load_engine(kind: str) -> dict:
     started = time.perf_counter()
     engine = create_engine(name, "smollm2-135m", **options)
     load = time.perf_counter() - started
-    return {"engine": kind, "instance": engine, "load_s": round(load, 2),
+    row = {"engine": kind, "instance": engine, "load_s": round(load, 2),
             "first_token_s": round(first_token_seconds(engine), 3), "tokens": 0, "generate_s": 0.0, "correct": 0,
             "device": engine.device, "dtype": str(getattr(engine, "dtype", "")) or _vllm_dtype(engine)}
+    if name == "vllm":  # which cores compute: vLLM keeps one out by default, thinktime gives it back on 2 cores
+        row["vllm_cpu_env"] = {**{k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")},
+                               **getattr(engine, "cpu_settings", {})}
+    return row
 
 
 def run_interleaved(rows: list[dict], problems: list[dict], n: int, max_new_tokens: int, seed: int) -> None:

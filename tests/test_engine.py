@@ -118,3 +118,16 @@ def test_prompt_longer_than_the_context_is_refused(engine):
     huge = Prompt.of([{"role": "user", "content": "word " * (engine.context_length + 10)}])
     with pytest.raises(BadInputError, match="takes at most"):
         engine.generate([huge], SamplingParams(max_new_tokens=4))
+
+
+def test_vllm_gets_every_core_of_a_small_cpu_unless_told_otherwise():
+    """vLLM keeps one core per rank out of its compute threads; on 2 cores that halves its speed (README)."""
+    from thinktime.engines.vllm import cpu_thread_settings
+
+    assert cpu_thread_settings(2, 1, 1, {}) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_thread_settings(1, 1, 1, {}) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_thread_settings(16, 1, 1, {}) == {}  # one core of many: vLLM's own choice
+    assert cpu_thread_settings(2, 2, 1, {}) == {}  # several ranks: each needs its own cores
+    assert cpu_thread_settings(2, 1, 2, {}) == {}
+    assert cpu_thread_settings(2, 1, 1, {"VLLM_CPU_OMP_THREADS_BIND": "0"}) == {}  # the user's word wins
+    assert cpu_thread_settings(2, 1, 1, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) == {}

@@ -7,6 +7,7 @@ so one engine serves the whole module.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -156,3 +157,46 @@ def test_bad_options_are_usage_errors():
         create_engine("vllm", "smollm2-135m", tensor_parallel_size=0)
     with pytest.raises(BadInputError):
         create_engine("vllm", "smollm2-135m", distributed_executor_backend="carrier-pigeon")
+
+
+def _cores_pinned_alone(pid: int) -> set[int]:
+    """The cores that some thread of process `pid` is pinned to on its own (vLLM pins one OpenMP thread per core)."""
+    pinned = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            cores = os.sched_getaffinity(int(tid))
+        except OSError:  # the thread ended
+            continue
+        if len(cores) == 1:
+            pinned |= cores
+    return pinned
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # the process ended
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_on_a_small_cpu_every_core_computes(vllm_engine):
+    """vLLM keeps a core out of its compute threads by default, half of a 2-core machine; the engine gives it back.
+    vLLM's worker process pins one OpenMP thread to each core it computes on."""
+    from thinktime.engines.vllm import SMALL_CPU_CORES
+
+    cores = os.sched_getaffinity(0)
+    if len(cores) > SMALL_CPU_CORES or {"VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND"} & set(os.environ):
+        pytest.skip(f"{len(cores)} cores or vLLM thread variables set: vLLM places its own threads here")
+    pinned = set().union(*(_cores_pinned_alone(pid) for pid in _descendants(os.getpid())))
+    assert pinned == cores
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # the setting was for vLLM's processes only

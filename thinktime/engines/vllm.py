@@ -56,6 +56,39 @@ def import_vllm():
     return LLM, VSamplingParams, RequestOutputKind
 
 
+# vLLM on a CPU keeps one core per rank out of its compute threads, for its scheduler's busy loop. On a
+# machine of two cores that halves its compute: SmolLM2, n=8, 10 problems on 2 cores (README "Engines on a
+# CPU") ran at 209 tokens/s with a core kept out and 289 with both computing, the scheduler sharing them.
+SMALL_CPU_CORES = 2
+
+
+def cpu_thread_settings(cores: int, ranks_per_replica: int, replicas: int, environ) -> dict[str, str]:
+    """Environment for vLLM's CPU worker: on a machine of SMALL_CPU_CORES or fewer cores running one rank,
+    every core computes; elsewhere, or where the user set vLLM's own thread variables, vLLM decides."""
+    if cores > SMALL_CPU_CORES or ranks_per_replica * replicas != 1 or \
+            {"VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND"} & set(environ):
+        return {}
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+class _environment:
+    """Sets these variables for the duration of a with block, then puts back what was there."""
+
+    def __init__(self, settings: dict[str, str]):
+        self.settings, self.before = settings, {}
+
+    def __enter__(self):
+        self.before = {name: os.environ.get(name) for name in self.settings}
+        os.environ.update(self.settings)
+
+    def __exit__(self, *exc):
+        for name, value in self.before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class _Request:
     """One prompt's request; its outputs go to the queue of the call that submitted it."""
 
@@ -111,16 +144,21 @@ class VLLMEngine(Engine):
         if max_model_len:
             options["max_model_len"] = int(max_model_len)
         self._replicas: list[_Replica] = []
-        if self.data_parallel_size > 1:
-            replica_kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code,
-                                  tensor_parallel_size=tensor_parallel_size,
-                                  pipeline_parallel_size=pipeline_parallel_size,
-                                  distributed_executor_backend=distributed_executor_backend,
-                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                  enable_prefix_caching=enable_prefix_caching, **llm_options)
-            self._replicas = [_Replica(str(self.path), replica_kwargs, rank, self.data_parallel_size)
-                              for rank in range(self.data_parallel_size)]
-        self.llm = None if self._replicas else LLM(model=str(self.path), **options)
+        cpu_settings = cpu_thread_settings(len(os.sched_getaffinity(0)),
+                                           int(tensor_parallel_size) * int(pipeline_parallel_size),
+                                           self.data_parallel_size, os.environ) if on_cpu else {}
+        self.cpu_settings = cpu_settings  # what the engine set for vLLM's CPU worker (benchmarks report it)
+        with _environment(cpu_settings):  # read by the processes vLLM starts
+            if self.data_parallel_size > 1:
+                replica_kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code,
+                                      tensor_parallel_size=tensor_parallel_size,
+                                      pipeline_parallel_size=pipeline_parallel_size,
+                                      distributed_executor_backend=distributed_executor_backend,
+                                      gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                      enable_prefix_caching=enable_prefix_caching, **llm_options)
+                self._replicas = [_Replica(str(self.path), replica_kwargs, rank, self.data_parallel_size)
+                                  for rank in range(self.data_parallel_size)]
+            self.llm = None if self._replicas else LLM(model=str(self.path), **options)
         if self.llm is not None:
             self.tokenizer = self.llm.get_tokenizer()
             self.context_length = self.llm.llm_engine.model_config.max_model_len

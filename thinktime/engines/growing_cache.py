@@ -21,10 +21,14 @@ _MIN_ROOM = 256  # positions added at least on each reallocation
 
 
 class GrowingLayer(DynamicLayer):
+    # The dtype the buffers keep; None: the dtype of the first keys written (a subclass may fix it).
+    storage_dtype: torch.dtype | None = None
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys/values last handed out
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -33,31 +37,34 @@ class GrowingLayer(DynamicLayer):
         needed = length + key_states.shape[-2]
         if not self._owns_views(key_states) or needed > self._key_buffer.shape[-2]:
             self._reallocate(key_states, value_states, length, needed)
-        self._key_buffer[:, :, length:needed].copy_(key_states)
+        self._key_buffer[:, :, length:needed].copy_(key_states)  # converts to the storage dtype
         self._value_buffer[:, :, length:needed].copy_(value_states)
         self.keys = self._key_buffer[:, :, :needed]
         self.values = self._value_buffer[:, :, :needed]
+        self._views = (self.keys, self.values)
         return self.keys, self.values
 
     def reset(self) -> None:
-        self._key_buffer = self._value_buffer = None
+        self._key_buffer = self._value_buffer = self._views = None
         super().reset()
 
     def _owns_views(self, key_states: torch.Tensor) -> bool:
-        """Whether keys/values are still views at the start of this layer's buffers (not replaced)."""
+        """Whether keys/values are still the views of this layer's buffers it handed out last (not replaced)."""
+        if self._views is not None:  # the hot path: one identity check per step
+            return self.keys is self._views[0] and self.values is self._views[1]
         buffer = self._key_buffer
-        if buffer is None or self.keys.numel() == 0:
-            return buffer is not None and buffer.shape[:2] == key_states.shape[:2] \
-                and buffer.shape[-1] == key_states.shape[-1] and buffer.dtype == key_states.dtype
-        return all(view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride()
-                   for view, buf in ((self.keys, buffer), (self.values, self._value_buffer)))
+        return buffer is not None and self.keys.numel() == 0 and buffer.shape[:2] == key_states.shape[:2] \
+            and buffer.shape[-1] == key_states.shape[-1] and buffer.dtype == self._dtype_for(key_states)
+
+    def _dtype_for(self, states: torch.Tensor) -> torch.dtype:
+        return self.storage_dtype or states.dtype
 
     def _reallocate(self, key_states, value_states, length: int, needed: int) -> None:
         capacity = needed + max(_MIN_ROOM, needed // 2)
         buffers = []
         for old, new in ((self.keys, key_states), (self.values, value_states)):
             shape = (*new.shape[:2], capacity, new.shape[-1])
-            buffer = torch.empty(shape, dtype=new.dtype, device=new.device)
+            buffer = torch.empty(shape, dtype=self._dtype_for(new), device=new.device)
             if length:
                 buffer[:, :, :length].copy_(old)
             buffers.append(buffer)

@@ -38,9 +38,11 @@ class SharedPrefixLayer(GrowingLayer):
         self.keys_by_head = keys[0].transpose(-1, -2).float().contiguous()
         self.values_by_head = values[0].float().contiguous()
 
+    # The rows' own positions are kept in fp32 too: one position per step is converted (as it is written), not all.
+    storage_dtype = torch.float32
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # The rows' own positions are kept in fp32 too: one position per step is converted, not all of them.
-        keys, values = super().update(key_states.float(), value_states.float())
+        keys, values = super().update(key_states, value_states)
         setattr(keys, SHARED, self)
         return keys, values
 

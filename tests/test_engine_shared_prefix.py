@@ -114,8 +114,9 @@ def test_n_samples_and_a_batch_of_questions_decode_the_same_tokens(fp32_engine):
         assert [[c.token_ids for c in row] for row in through_forward] == [[c.token_ids for c in row] for row in want]
 
 
-def test_the_lean_step_gives_the_model_forward_logits(engine):
-    assert engine.lean_step is not None  # SmolLM2 is a Llama
+def _lean_and_forward_logits(engine):
+    """Two decoding steps of three rows (one with a padded position) over a shared-prefix cache, through the
+    model's forward and through the lean step: (forward's logits, lean step's logits)."""
     model, rows = engine.model, 3
     generator = torch.Generator().manual_seed(2)
     prompt = torch.randint(5, 1000, (1, 25), generator=generator)
@@ -141,7 +142,25 @@ def test_the_lean_step_gives_the_model_forward_logits(engine):
                     logits.append(model(tokens, attention_mask=mask, position_ids=positions, cache=cache,
                                         use_cache=True).logits[:, -1])
             results.append(torch.stack(logits))
-    assert torch.equal(results[0], results[1])
+    return results
+
+
+def test_the_lean_step_gives_the_model_forward_logits(engine):
+    assert engine.lean_step is not None  # SmolLM2 is a Llama
+    assert engine.packed_linears  # the lean step calls the packed, fused kernels
+    through_forward, through_lean_step = _lean_and_forward_logits(engine)
+    assert torch.equal(through_forward, through_lean_step)
+
+
+def test_the_lean_step_without_onednn_gives_the_model_forward_logits(monkeypatch):
+    """Plain nn.Linear projections (oneDNN off): the lean step calls each and puts q/k/v and gate/up side by side."""
+    from thinktime.engines.hf import TransformersEngine
+
+    monkeypatch.setenv("THINKTIME_ONEDNN", "0")
+    engine = TransformersEngine("smollm2-135m", dtype="fp32")
+    assert engine.packed_linears == 0 and engine.lean_step is not None
+    through_forward, through_lean_step = _lean_and_forward_logits(engine)
+    assert torch.equal(through_forward, through_lean_step)
 
 
 def test_the_switch_keeps_the_model_forward(monkeypatch):

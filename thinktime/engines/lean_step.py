@@ -30,7 +30,7 @@ _LLAMA_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Mistr
 
 
 class _Layer(NamedTuple):
-    """One decoder layer as the plain functions a step calls (engines/lean_step.py's `plain`)."""
+    """One decoder layer as the plain functions a step calls (see `plain`)."""
     input_norm: Callable
     qkv: Callable  # x -> the q, k and v projections side by side
     o_proj: Callable

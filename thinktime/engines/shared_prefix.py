@@ -27,6 +27,9 @@ SHARED = "thinktime_shared_prefix"  # attribute on the keys tensor handed to att
 
 
 class SharedPrefixLayer(GrowingLayer):
+    # The rows' own positions are kept in fp32 too: one position per step is converted (as it is written), not all.
+    storage_dtype = torch.float32
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
         if keys.shape[0] != 1:
@@ -37,9 +40,6 @@ class SharedPrefixLayer(GrowingLayer):
         # P, dim], in fp32: PyTorch's CPU bf16 batched products of these shapes are slower than fp32 ones.
         self.keys_by_head = keys[0].transpose(-1, -2).float().contiguous()
         self.values_by_head = values[0].float().contiguous()
-
-    # The rows' own positions are kept in fp32 too: one position per step is converted (as it is written), not all.
-    storage_dtype = torch.float32
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states)

@@ -194,6 +194,8 @@ def test_on_a_small_cpu_every_core_computes(vllm_engine):
     vLLM's worker process pins one OpenMP thread to each core it computes on."""
     from thinktime.engines.vllm import SMALL_CPU_CORES
 
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("reads thread affinities from /proc (Linux)")
     cores = os.sched_getaffinity(0)
     if len(cores) > SMALL_CPU_CORES or {"VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND"} & set(os.environ):
         pytest.skip(f"{len(cores)} cores or vLLM thread variables set: vLLM places its own threads here")

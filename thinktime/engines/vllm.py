@@ -71,6 +71,13 @@ def cpu_thread_settings(cores: int, ranks_per_replica: int, replicas: int, envir
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, as vLLM counts them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class _environment:
     """Sets these variables for the duration of a with block, then puts back what was there."""
 
@@ -144,7 +151,7 @@ class VLLMEngine(Engine):
         if max_model_len:
             options["max_model_len"] = int(max_model_len)
         self._replicas: list[_Replica] = []
-        cpu_settings = cpu_thread_settings(len(os.sched_getaffinity(0)),
+        cpu_settings = cpu_thread_settings(_usable_cores(),
                                            int(tensor_parallel_size) * int(pipeline_parallel_size),
                                            self.data_parallel_size, os.environ) if on_cpu else {}
         self.cpu_settings = cpu_settings  # what the engine set for vLLM's CPU worker (benchmarks report it)

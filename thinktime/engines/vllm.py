@@ -57,8 +57,8 @@ def import_vllm():
 
 
 # vLLM on a CPU keeps one core per rank out of its compute threads, for its scheduler's busy loop. On a
-# machine of two cores that halves its compute: SmolLM2, n=8, 10 problems on 2 cores (README "Engines on a
-# CPU") ran at 209 tokens/s with a core kept out and 289 with both computing, the scheduler sharing them.
+# machine of two cores that halves its compute: SmolLM2, n=8, 20 problems on 2 cores (README "Engines on a
+# CPU") ran at 209 tokens/s with a core kept out and 297 with both computing, the scheduler sharing them.
 SMALL_CPU_CORES = 2
 
 

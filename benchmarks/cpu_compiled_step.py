@@ -137,9 +137,31 @@ def whole_step_inputs(engine, own_length: int):
             own_mask, torch.tensor(own_length - 1)), prompt_length
 
 
+def mark_rooms_dynamic(inputs) -> None:
+    """The prompt's and each row's own room as dynamic dimensions, so that other lengths reuse the graph."""
+    _, _, _, shared_keys, shared_values, shared_mask, own_keys, own_values, own_mask, _ = inputs
+    for tensor, dim in ((shared_keys, -1), (shared_values, -2), (shared_mask, 0), (own_mask, 1),
+                        *((t, 2) for t in own_keys + own_values)):
+        torch._dynamo.mark_dynamic(tensor, dim % tensor.dim())
+
+
+def grown(inputs, prompt_room: int, own_room: int):
+    """The same inputs with more room for the prompt and each row's own positions (masked)."""
+    tokens, cos, sin, shared_keys, shared_values, shared_mask, own_keys, own_values, own_mask, at = inputs
+    more, own_more = prompt_room - shared_keys.shape[-1], own_room - own_mask.shape[1]
+    other = (tokens, cos, sin, F.pad(shared_keys, (0, more)), F.pad(shared_values, (0, 0, 0, more)),
+             F.pad(shared_mask, (0, more), value=float("-inf")),
+             [F.pad(t, (0, 0, 0, own_more)) for t in own_keys], [F.pad(t, (0, 0, 0, own_more)) for t in own_values],
+             F.pad(own_mask, (0, own_more), value=float("-inf")), at)
+    mark_rooms_dynamic(other)
+    return other
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--dynamic", action="store_true",
+                        help="compile for any prompt and own-position room (dynamic shapes), then time a second size")
     args = parser.parse_args()
     import torch._inductor.config as inductor
     from transformers import AutoModelForCausalLM
@@ -158,10 +180,18 @@ def main() -> None:
         want = step(*inputs)
         inductor.freezing = True
         started = time.perf_counter()
+        if args.dynamic:
+            mark_rooms_dynamic(inputs)
         compiled = torch.compile(step, fullgraph=True, dynamic=False)
         got = compiled(*inputs)
         compile_s = time.perf_counter() - started
         fast = median_ms(compiled, inputs, args.steps)
+        if args.dynamic:  # another prompt and chain length: served by the same graph, or compiled again
+            other = grown(inputs, prompt_room=PROMPT_ROOM + 128, own_room=OWN_ROOM + 64)
+            started = time.perf_counter()
+            compiled(*other)
+            print(f"another size (prompt room {PROMPT_ROOM + 128}, own room {OWN_ROOM + 64}): first call "
+                  f"{time.perf_counter() - started:.1f} s, then {median_ms(compiled, other, args.steps):.2f} ms a step")
     difference = (got - want).abs().max().item() / want.abs().max().item()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     print(f"# {torch.__version__}, {torch.get_num_threads()} threads; 8 rows, ~{prompt_length} shared + {own_length} own positions")

@@ -108,6 +108,13 @@ def test_growing_layer_after_crop_select_and_repeat():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_growing_layer_refuses_states_of_another_batch_as_dynamic_layer_does():
+    for layer in (DynamicLayer(), GrowingLayer()):
+        layer.update(*_random_kv(rows=3, positions=4))
+        with pytest.raises(RuntimeError):  # torch.cat's size mismatch, or the copy's
+            layer.update(*_random_kv(rows=1, positions=1))
+
+
 def test_growing_cache_gives_the_model_the_same_logits():
     model = _load()
     prompt, steps = torch.tensor([[1, 504, 3658, 314, 1789]]), torch.tensor([[2117], [28], [3001]])

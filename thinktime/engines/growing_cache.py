@@ -49,12 +49,10 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
     def _owns_views(self, key_states: torch.Tensor) -> bool:
-        """Whether keys/values are still the views of this layer's buffers it handed out last (not replaced)."""
-        if self._views is not None:  # the hot path: one identity check per step
-            return self.keys is self._views[0] and self.values is self._views[1]
-        buffer = self._key_buffer
-        return buffer is not None and self.keys.numel() == 0 and buffer.shape[:2] == key_states.shape[:2] \
-            and buffer.shape[-1] == key_states.shape[-1] and buffer.dtype == self._dtype_for(key_states)
+        """Whether keys/values are still the views of this layer's buffers it handed out last (not replaced by
+        crop, reorder or batch selection) and the new states have their rows: one identity check per step."""
+        return self._views is not None and self.keys is self._views[0] and self.values is self._views[1] \
+            and key_states.shape[0] == self.keys.shape[0]
 
     def _dtype_for(self, states: torch.Tensor) -> torch.dtype:
         return self.storage_dtype or states.dtype

@@ -72,10 +72,18 @@ def cpu_thread_settings(cores: int, ranks_per_replica: int, replicas: int, envir
 
 
 def _usable_cores() -> int:
-    """The cores this process may run on (its affinity where the OS has one, as vLLM counts them)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The physical cores this process may run on: vLLM's CPU worker computes on one logical CPU per core
+    (lscpu's core ids), so a hyperthreaded pair is one core. The logical count where sysfs has no topology."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or 1
 
 
 class _environment:

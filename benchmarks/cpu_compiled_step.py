@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from thinktime.engines.fast import rms_norm
+
 ROWS, PROMPT_ROOM, OWN_ROOM = 8, 512, 64
 
 
@@ -45,9 +47,7 @@ class WholeStep(nn.Module):
         self.norm2 = nn.ParameterList(l.post_attention_layernorm.weight for l in layers)
 
     def rms(self, x, weight):
-        dtype = x.dtype
-        x = x.float()
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        return rms_norm(x, weight, self.eps)  # LlamaRMSNorm's ops
 
     def forward(self, tokens, cos, sin, shared_keys, shared_values, shared_mask, own_keys, own_values, own_mask, at):
         rows, dim, heads, kv_heads = tokens.shape[0], self.dim, self.heads, self.kv_heads

@@ -189,3 +189,38 @@ def test_the_next_question_reuses_the_system_prompt_of_the_last(engine):
     assert first.prompt_tokens > 60
     # only the new question's own tokens (and the template around them), not the 60-token system prompt again
     assert computed < second.prompt_tokens - 50
+
+
+def test_the_lean_step_takes_a_norm_as_a_function_only_where_it_computes_llamas():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from thinktime.engines.lean_step import plain
+
+    norm = LlamaRMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    function = plain(norm)
+    assert function is not norm
+    x = torch.randn(3, 1, 16)
+    assert torch.equal(function(x), norm(x))
+
+    class LlamaRMSNorm(torch.nn.Module):  # the same name, Gemma's (1 + weight) scaling
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.zeros(16)), 1e-5
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+    other = LlamaRMSNorm()
+    assert plain(other) is other
+
+
+def test_the_rows_own_positions_are_kept_in_fp32_from_bf16_states():
+    layer = SharedPrefixLayer(*(torch.randn(1, 2, 5, 8).bfloat16() for _ in range(2)))
+    for _ in range(2):  # the first write allocates, the second takes the in-place path
+        keys, values = (torch.randn(3, 2, 1, 8).bfloat16() for _ in range(2))
+        got_keys, got_values = layer.update(keys, values)
+        assert got_keys.dtype == got_values.dtype == torch.float32
+        assert torch.equal(got_keys[..., -1:, :], keys.float()) and torch.equal(got_values[..., -1:, :], values.float())
+    assert layer.own_length() == 2

@@ -109,7 +109,7 @@ def generation_config_blocker(generation_config) -> str | None:
 
 # --- the math of one layer (pure functions of tensors: compiled once, reused by every layer) ----------
 
-def _rms_norm(x, weight, eps: float):
+def rms_norm(x, weight, eps: float):
     # LlamaRMSNorm, op for op, so the numbers match transformers'.
     dtype = x.dtype
     x = x.to(torch.float32)
@@ -126,7 +126,7 @@ def _pre_attention(h, d, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, eps: float, n
     """h += d (the previous layer's MLP output); q and the new keys and values ([B, 2, kv, head_dim], for one
     cache write) of the normed h, with RoPE (and Qwen3's q/k norms)."""
     h = h + d
-    x = _rms_norm(h, ln_w, eps)
+    x = rms_norm(h, ln_w, eps)
     qkv = F.linear(x, qkv_w, qkv_b)
     b, head_dim = h.shape[0], cos.shape[-1]
     q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
@@ -134,8 +134,8 @@ def _pre_attention(h, d, ln_w, qkv_w, qkv_b, qn_w, kn_w, cos, sin, eps: float, n
     k = k.reshape(b, n_kv, head_dim)
     v = v.reshape(b, n_kv, head_dim)
     if qn_w is not None:
-        q = _rms_norm(q, qn_w, eps)
-        k = _rms_norm(k, kn_w, eps)
+        q = rms_norm(q, qn_w, eps)
+        k = rms_norm(k, kn_w, eps)
     cos, sin = cos[:, None, :], sin[:, None, :]
     q = _rotate(q, cos, sin).reshape(b, n_kv, n_heads // n_kv, head_dim)
     k = _rotate(k, cos, sin)
@@ -158,13 +158,13 @@ def _attend(q, keys, values, valid, softmax):
 def _post_attention(h, attn, o_w, o_b, ln_w, gu_w, gu_b, down_w, down_b, eps: float):
     """The attention output into the residual, then the gated MLP; its output is added by the next layer."""
     h = h + F.linear(attn, o_w, o_b)
-    x = _rms_norm(h, ln_w, eps)
+    x = rms_norm(h, ln_w, eps)
     gate, up = F.linear(x, gu_w, gu_b).chunk(2, dim=-1)
     return h, F.linear(F.silu(gate) * up, down_w, down_b)
 
 
 def _head(h, d, norm_w, lm_w, lm_b, eps: float):
-    return F.linear(_rms_norm(h + d, norm_w, eps), lm_w, lm_b).float()
+    return F.linear(rms_norm(h + d, norm_w, eps), lm_w, lm_b).float()
 
 
 def sample(logits, u, mode: str, temperature, top_p, candidates: int | None = None):

@@ -320,7 +320,7 @@ class TransformersEngine(Engine):
             # Without the fast decoder (which prefills per prompt), a batch of several prompts also goes
             # through the prefix cache: their common start (the system prompt) is prefilled once.
             elif reuse or (len(texts) > 1 and self.fast is None):
-                rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
+                rows = _unpadded(enc)
                 cached = self.prefix_cache.batch_for(rows, params.n, keep_rows=keep_rows)
                 if cached is not None:
                     kwargs[self.prefix_cache.kwarg] = growing(cached) if self.grow_cache_in_place else cached
@@ -368,7 +368,7 @@ class TransformersEngine(Engine):
         """(cache, input_ids, attention_mask, first logits or None) for decoding the rows of `enc` (each n
         times) over a cache of their common start, held once; None where they share too little or the
         model's cache cannot."""
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
+        rows = _unpadded(enc)
         device = self.model.device
         if len(rows) == 1:  # one prompt: all of it is shared, and its logits give every row its first token
             prefix, logits = self.prefix_cache.prefill_with_logits(rows[0], keep=keep)
@@ -393,6 +393,11 @@ class TransformersEngine(Engine):
         mask = [[1] * length + [0] * (width - len(tokens)) + [1] * len(tokens) for tokens in own]
         return (cache, torch.tensor(ids, device=device).repeat_interleave(n, 0),
                 torch.tensor(mask, device=device).repeat_interleave(n, 0), None)
+
+
+def _unpadded(enc) -> list[list[int]]:
+    """Each prompt's token ids without the left padding of the batch."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
 
 
 def _should_reuse(prompts: Sequence[Prompt], params: SamplingParams) -> bool:

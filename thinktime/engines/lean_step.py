@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from thinktime.engines.fast import unsupported_reason
+from thinktime.engines.fast import rms_norm, unsupported_reason
 from thinktime.engines.onednn import PackedLinear, fused_product
 from thinktime.engines.shared_prefix import SharedPrefixLayer, one_query_attention
 
@@ -39,15 +39,6 @@ class _Layer(NamedTuple):
     down_proj: Callable
 
 
-def _rms_norm(weight: torch.Tensor, eps: float) -> Callable:
-    def norm(hidden: torch.Tensor) -> torch.Tensor:  # LlamaRMSNorm.forward, op for op
-        dtype = hidden.dtype
-        hidden = hidden.to(torch.float32)
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * hidden.to(dtype)
-    return norm
-
-
 def plain(module: nn.Module) -> Callable:
     """What `module(x)` computes, as a plain function where that is cheaper to call: a packed linear's
     kernel, a Llama RMSNorm's ops (checked against the module: bit for bit, or the module stays); else
@@ -55,7 +46,8 @@ def plain(module: nn.Module) -> Callable:
     if type(module) is PackedLinear:
         return module.kernel()
     if type(module).__name__ in _LLAMA_NORMS and hasattr(module, "variance_epsilon"):
-        function = _rms_norm(module.weight, module.variance_epsilon)
+        weight, eps = module.weight, module.variance_epsilon
+        function = lambda hidden: rms_norm(hidden, weight, eps)  # noqa: E731  (LlamaRMSNorm.forward, op for op)
         probe = torch.randn(2, 1, module.weight.shape[-1], generator=torch.Generator().manual_seed(0)).to(
             module.weight.dtype)
         with torch.inference_mode():

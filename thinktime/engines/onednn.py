@@ -13,11 +13,12 @@ copy. Outputs differ from MKL's in the last bits (another summation order), as a
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 from torch import nn
+
+from thinktime.engines.fast import env_flag
 
 # The reorder takes the number of rows it should be best for; decoding n samples is the hot path.
 _ROWS_HINT = 8
@@ -146,7 +147,7 @@ def cpu_has_bf16() -> bool:
 
 def unavailable_reason(model: nn.Module) -> str | None:
     """Why the packed path cannot serve this model here, or None when it can."""
-    if os.environ.get("THINKTIME_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env_flag("THINKTIME_ONEDNN", True):
         return "THINKTIME_ONEDNN=0"
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return "this torch build has no oneDNN linear kernels"

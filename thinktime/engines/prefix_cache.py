@@ -45,11 +45,8 @@ def _shared_length(a: tuple[int, ...], b: tuple[int, ...], known: int = 0) -> in
 
 
 def common_prefix_length(rows: list[list[int]]) -> int:
-    first = rows[0]
-    length = min(len(r) for r in rows)
-    for row in rows[1:]:
-        length = next((i for i in range(length) if row[i] != first[i]), length)
-    return length
+    first = tuple(rows[0])
+    return min(_shared_length(first, tuple(row)) for row in rows)
 
 
 class PrefixCache:

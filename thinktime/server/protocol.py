@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MAX_STOP = 4
 
@@ -23,6 +23,18 @@ class APIError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
+
+
+def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+    """OpenAI's API takes null for a parameter with a default as that default (clients send `"n": null`)."""
+    return cls.model_fields[info.field_name].default if value is None else value
+
+
+# Parameters of OpenAI's chat API this server does not implement: refused when set, never silently ignored.
+UNSUPPORTED = {"logprobs": "log probabilities", "top_logprobs": "log probabilities", "tools": "tool calls",
+               "tool_choice": "tool calls", "functions": "function calls", "function_call": "function calls",
+               "response_format": "structured output (response_format)", "audio": "audio output",
+               "modalities": "output modalities", "prediction": "predicted outputs", "logit_bias": "logit_bias"}
 
 
 class TextPart(_Strict):
@@ -45,6 +57,8 @@ class Message(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+    _nulls = field_validator("include_usage", mode="before")(classmethod(_null_is_default))
 
 
 class ThinktimeOptions(_Strict):
@@ -71,6 +85,18 @@ class ChatRequest(_Strict):
     user: Optional[str] = None
     thinktime: Optional[ThinktimeOptions] = None
 
+    _nulls = field_validator("n", "stream", mode="before")(classmethod(_null_is_default))
+
+    def refuse_unsupported(self) -> None:
+        for name, what in UNSUPPORTED.items():
+            value = (self.model_extra or {}).get(name)
+            if value not in (None, False, [], {}) and not (name == "response_format" and value == {"type": "text"}):
+                raise APIError(400, f"this server does not support {what}: remove '{name}' from the request",
+                               param=name, code="unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
+                           code="invalid_value")
+
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -86,13 +112,15 @@ def parse_request(payload: Any) -> ChatRequest:
     if not isinstance(payload, dict):
         raise APIError(400, "the request body must be a JSON object", param=None, code="invalid_json")
     try:
-        return ChatRequest.model_validate(payload)
+        request = ChatRequest.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first.get("loc", ()))
         message = f"{loc}: {first.get('msg', 'invalid value')}" if loc else first.get("msg", "invalid request")
         code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
         raise APIError(400, message, param=loc or None, code=code) from None
+    request.refuse_unsupported()
+    return request
 
 
 def error_type(status: int) -> str:

@@ -44,14 +44,19 @@ class Job:
     id: int = field(default_factory=itertools.count().__next__)
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
+    # Set when the client left or ran out of time (or the server closed): the job counts as cancelled, not
+    # served. The cancel flag alone cannot say so: a finished stream sets it too, to stop its worker.
+    withdrawn: bool = False
 
     @property
     def batch_key(self) -> Hashable | None:
         if self.run is not None or self.params is None:
             return None
         p = self.params
-        # A seed fixes the RNG for the whole call, so seeded sampling runs alone; greedy ignores seeds.
-        if not p.greedy and p.seed is not None:
+        # A seed fixes the RNG for the whole call, so seeded sampling runs alone. Greedy requests with a seed
+        # run alone too: batched rows are padded or share a prefix cache, whose sums round in another order,
+        # which can flip a near-tie; alone, the same request gives the same text whatever else is served.
+        if p.seed is not None:
             return None
         return (p.max_new_tokens, p.temperature if not p.greedy else 0.0, p.top_p if not p.greedy else 1.0,
                 p.n, p.stop)
@@ -117,6 +122,7 @@ class Scheduler:
 
     def withdraw(self, job: Job) -> None:
         """The client is gone or out of time: drop the job if queued, stop it if running."""
+        job.withdrawn = True
         job.cancel.set()
         with self._cond:
             try:
@@ -141,6 +147,7 @@ class Scheduler:
             self._queue.clear()
             self._cond.notify_all()
         for job in pending + self.running:
+            job.withdrawn = True
             job.cancel.set()
         for job in pending:
             job.resolve(error=RuntimeError("the server is shutting down"))
@@ -199,7 +206,7 @@ class Scheduler:
                     job.resolve(error=exc)
             else:
                 for job, result in zip(live, results):
-                    if job.cancel.is_set():
+                    if job.withdrawn:
                         self.stats["cancelled"] += 1
                     else:
                         self.stats["served"] += 1

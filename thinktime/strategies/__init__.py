@@ -15,6 +15,10 @@ STRATEGIES: dict[str, Callable[[Context], Result]] = {
 STRATEGY_OPTIONS = {m.NAME: getattr(m, "OPTIONS", {}) for m in
                     (cot, self_consistency, best_of_n, reflect, budget_forcing, beam, mcts)}
 
+# The option that sets each strategy's size: what `eval -n` scales and what a served model's `:strategy-N` sets.
+SCALE_OPTION = {"self-consistency": "n", "best-of-n": "n", "reflect": "rounds", "budget": "max_tokens",
+                "beam": "width", "mcts": "iterations"}
+
 
 def get_strategy(name: str) -> Callable[[Context], Result]:
     try:
@@ -31,4 +35,4 @@ def check_options(name: str, options: dict) -> None:
     read_options(name, STRATEGY_OPTIONS.get(name, {}), options)
 
 
-__all__ = ["check_options", "STRATEGIES", "STRATEGY_OPTIONS", "Budget", "Context", "get_strategy"]
+__all__ = ["check_options", "SCALE_OPTION", "STRATEGIES", "STRATEGY_OPTIONS", "Budget", "Context", "get_strategy"]

@@ -114,6 +114,18 @@ def test_cancel_stops_generation(engine):
     assert final.completion_tokens < 400
 
 
+def test_a_stream_run_to_its_end_leaves_cancel_unset_and_one_left_early_sets_it(engine):
+    """The same event guards a strategy's later calls (reflect's check, budget forcing's Wait): a finished
+    stream must not set it, or every later call of the strategy returns nothing."""
+    cancel = threading.Event()
+    deltas = list(engine.stream(Prompt.of(QUESTION), SamplingParams(max_new_tokens=4), cancel))
+    assert deltas[-1].completion is not None and not cancel.is_set()
+    stream = engine.stream(Prompt.of(QUESTION), SamplingParams(max_new_tokens=40, temperature=1.0, seed=0), cancel)
+    next(stream)
+    stream.close()  # the caller leaves (Ctrl-C, a closed connection): the generation stops
+    assert cancel.is_set()
+
+
 def test_prompt_longer_than_the_context_is_refused(engine):
     huge = Prompt.of([{"role": "user", "content": "word " * (engine.context_length + 10)}])
     with pytest.raises(BadInputError, match="takes at most"):

@@ -44,6 +44,10 @@ def test_strategy_runs_on_the_embedded_model(thinker, plain, strategy):
         assert sum(v["votes"] for v in result.details["votes"]) == sum(c.answer is not None for c in result.candidates)
     if strategy == "budget":
         assert result.details["thinking_tokens"] <= 28
+        # one more call after the first: a Wait (an end before min_tokens) or the forced answer (a cut at max_tokens)
+        assert result.details["calls"] >= 2 and (result.details["waits"] or result.details["forced_answer"])
+    if strategy == "reflect":  # the check ran: a verdict, then a stop for a reason other than a cancel
+        assert len(result.details["rounds"]) == 1 and result.details["stop_reason"] != "cancelled"
 
 
 def test_self_consistency_is_deterministic_under_a_seed(plain):

@@ -34,3 +34,4 @@ def test_usage_never_exceeds_the_budget(strategy, budget, max_new, texts):
     assert result.usage.completion_tokens <= budget
     assert result.usage.completion_tokens == engine.completion_tokens  # exact: every token counted
     assert all(c.usage.completion_tokens <= budget for c in result.candidates)
+    assert result.details["stop_reason"]  # every strategy says why it stopped

@@ -36,6 +36,7 @@ def test_strategy_runs_on_the_embedded_model(thinker, plain, strategy):
     assert result.usage.completion_tokens >= sum(c.usage.completion_tokens for c in result.candidates) or \
         strategy in ("beam", "mcts")  # search candidates share the steps of their common prefix
     assert any(e.kind == "candidate_finished" for e in events)
+    assert result.details["stop_reason"]  # every strategy says why it stopped (README: Budget)
     data = result.to_dict()
     assert data["strategy"] == strategy and len(data["candidates"]) == len(result.candidates)
     if strategy in ("beam", "mcts"):

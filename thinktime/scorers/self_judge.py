@@ -61,6 +61,7 @@ class SelfJudge(Scorer):
     def __init__(self, ctx: Context, *, judges: int = 1, max_tokens: int = 256, partial: bool = False):
         self.ctx, self.judges, self.max_tokens, self.partial = ctx, judges, max_tokens, partial
         self.calls = 0
+        self.unjudged = 0  # chains that got the neutral 0.5 because no budget was left to judge them
 
     def score(self, question: str, chains: Sequence[Sequence[str]]) -> list[list[float]]:
         prompts = [judge_prompt(question, "\n\n".join(steps), self.partial) for steps in chains]
@@ -70,6 +71,7 @@ class SelfJudge(Scorer):
         out = generate(self.ctx, prompts, self.judges, self.max_tokens, call=100_000 + self.calls,
                        temperature=temperature)
         if out is None:  # no budget left to judge: every chain is as good as any other
+            self.unjudged += len(chains)
             return [[0.5] for _ in chains]
         scores = []
         for judgements in out:

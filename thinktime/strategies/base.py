@@ -79,5 +79,12 @@ def make_result(ctx: Context, chosen: Candidate, strategy: str, candidates: list
         strategy=strategy,
         model=ctx.engine.model_name,
         candidates=candidates,
-        details=details or {},
+        details={"stop_reason": _stop_reason(ctx), **(details or {})},
     )
+
+
+def _stop_reason(ctx: Context) -> str:
+    """Why a run stopped, for strategies that give no reason of their own (cot, a finished best-of-n)."""
+    if ctx.cancel.is_set():
+        return "cancelled"
+    return "budget exhausted" if ctx.budget.exhausted else "finished"

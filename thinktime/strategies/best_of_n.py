@@ -54,6 +54,8 @@ def run(ctx: Context) -> Result:
     best = max(range(len(candidates)), key=lambda i: (candidates[i].score, -i))
     details: dict = {"scorer": scorer.name, "aggregate": opts["aggregate"], "select": opts["select"],
                      "scores": [c.score for c in candidates], "step_scores": step_scores}
+    if getattr(scorer, "unjudged", 0):  # the scores are the neutral 0.5: say so, the choice is the first chain
+        details["stop_reason"] = f"budget exhausted before judging ({scorer.unjudged} of {len(candidates)} unjudged)"
     if opts["select"] == "weighted":
         groups = group_answers([c.answer for c in candidates], [c.score for c in candidates])
         details["votes"] = [{"answer": g.answer, "weight": round(g.weight, 4), "members": g.members} for g in groups]

@@ -100,6 +100,9 @@ def run(ctx: Context) -> Result:
                        sum(p.completion_tokens for p in pieces))
     candidate = to_candidate(whole)
     ctx.emit(Event("candidate_finished", 0, data={"answer": candidate.answer, "tokens": whole.completion_tokens}))
-    details = {"thinking_tokens": thought, "waits": waits, "forced_answer": outcome == "cut",
+    reason = "cancelled" if ctx.cancel.is_set() else {
+        "cut": "thinking cut (max_tokens or the budget), answer forced", "ended": "the model ended its thinking",
+        "cancelled": "cancelled"}[outcome]
+    details = {"stop_reason": reason, "thinking_tokens": thought, "waits": waits, "forced_answer": outcome == "cut",
                "calls": len(pieces), "min_tokens": opts["min_tokens"], "max_tokens": limit}
     return make_result(ctx, candidate, NAME, [candidate], ctx.budget.used, details)

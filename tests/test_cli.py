@@ -64,12 +64,24 @@ def test_streaming_solve_prints_reasoning_then_the_answer_panel():
     (["solve", "--model", "internlm3-8b-instruct", "hi"], None, 5, "no CUDA GPU is visible"),
     (["solve", "--strategy", "nonsense", "hi"], None, 2, "unknown strategy"),
     (["download", "internlm3-8b-instruct"], None, 4, "--source modelscope"),
+    (["solve", "--max-new-tokens", "0", "hi"], None, 2, "max_new_tokens must be a whole number of at least 1"),
+    (["solve", "--budget-tokens", "-3", "hi"], None, 2, "budget_tokens must be a whole number of at least 1"),
+    (["solve", "--device", "tpu", "hi"], None, 2, "unknown device 'tpu'"),
+    (["solve", "-s", "budget-forcing", "-n", "2", "hi"], None, 2, "unknown strategy 'budget-forcing'"),
+    (["solve", "--file", "/"], None, 2, "question file a folder, not a file"),
 ])
 def test_errors_are_clear_and_exit_with_documented_codes(args, stdin, code, message):
     proc = run(*args, stdin=stdin)
     assert proc.returncode == code, (proc.stdout, proc.stderr)
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_question_file_that_is_not_utf8_is_named(tmp_path):
+    binary = tmp_path / "q.txt"
+    binary.write_bytes(b"\xff\xfe what\n")
+    proc = run("solve", "--file", str(binary))
+    assert proc.returncode == 2 and "is not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_jsonl_line_names_the_line(tmp_path):

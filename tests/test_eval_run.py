@@ -125,6 +125,35 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path):
     assert result.exit_code == 2 and "not a thinktime run" in result.output
 
 
+def test_damaged_run_files_are_named_not_crashed_on(runs, tmp_path):
+    """A run folder whose config.json or records hold something else: the file and line are named, exit 2."""
+    import shutil
+
+    source = runs["cot"][0]
+    for name, damage, message in [
+            ("config.json", "not json", "config.json is damaged"),
+            ("records.jsonl", "[1, 2]\n", "line 1 is damaged (not a JSON object)"),
+            ("records.jsonl", '{"id": "x"}\n', "line 1 is damaged (no gold, by_k)"),
+            ("records.jsonl", "", "has no finished problems yet")]:
+        folder = tmp_path / f"run-{name}-{len(damage)}"
+        shutil.copytree(source, folder)
+        (folder / name).write_text(damage, encoding="utf-8")
+        result = CliRunner().invoke(app, ["report", str(folder)])
+        assert result.exit_code == 2 and message in result.output, (name, damage, result.output)
+
+
+def test_an_empty_dataset_and_an_unusable_output_folder_are_bad_input(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", "-d", str(empty), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "holds no problems" in result.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x", encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", "-d", "arith:1", "--limit", "1", "--max-new-tokens", "4",
+                                      "--output", str(blocker / "run")])
+    assert result.exit_code == 2 and "check the path" in result.output, result.output
+
+
 def _eval_command(folder: Path, max_new_tokens: int = 8) -> list[str]:
     # the console script, as users run it (`python -m thinktime.cli` would build a second app without area commands)
     return [str(Path(sys.executable).parent / "thinktime"), "eval", "-d", "arith:2", "--limit", "5", "--batch-problems", "1",

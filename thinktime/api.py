@@ -32,6 +32,10 @@ class Thinker:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  strategy: str = "cot", budget_tokens: int | None = None, options: dict | None = None,
                  trust_remote_code: bool = False, source: str | None = None, **engine_options):
+        for name, value in (("max_new_tokens", max_new_tokens), ("budget_tokens", budget_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise BadInputError(f"{name} must be a whole number of at least 1, got {value!r}",
+                                    hint=f"--{name.replace('_', '-')} 256, or leave it out for the default")
         if isinstance(engine, Engine):
             self.engine = engine
         else:

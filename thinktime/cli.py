@@ -23,8 +23,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @contextmanager
-def friendly_errors():
-    """Known errors print what went wrong and what to do, and exit with their documented code."""
+def friendly_errors(interrupted: str = ""):
+    """Known errors print what went wrong and what to do, and exit with their documented code; `interrupted`
+    is added to the message after Ctrl-C (how to go on)."""
     try:
         yield
     except ThinktimeError as exc:
@@ -32,8 +33,14 @@ def friendly_errors():
         if exc.hint:
             err.print(f"  [yellow]hint:[/] {exc.hint}")
         raise typer.Exit(exc.exit_code) from None
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exc:
+        # A path the user gave (an output folder, a file) that cannot be used: bad input, not a crash.
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", markup=True)
+        err.print("  [yellow]hint:[/] check the path: its folders must exist as folders, and be writable")
+        raise typer.Exit(BadInputError.exit_code) from None
     except KeyboardInterrupt:
-        err.print("\n[yellow]interrupted[/]")
+        err.print("\n[yellow]interrupted[/]" + (f" ({interrupted})" if interrupted else ""))
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
@@ -106,9 +113,15 @@ def read_questions(questions: list[str], file: Optional[Path]) -> list[str]:
         items = list(questions)
     elif file is not None:
         if not file.is_file():
-            raise BadInputError(f"question file not found: {file}", hint="pass a text file (one question per "
+            what = "a folder, not a file" if file.is_dir() else "not found"
+            raise BadInputError(f"question file {what}: {file}", hint="pass a text file (one question per "
                                 "line) or a JSONL file with a 'question' field")
-        items = _parse_lines(file.read_text(encoding="utf-8").splitlines(), str(file))
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInputError(f"question file {file} is not UTF-8 text (byte {exc.start})",
+                                hint="save it as UTF-8 text, one question per line, or JSONL") from None
+        items = _parse_lines(text.splitlines(), str(file))
     elif not sys.stdin.isatty():
         items = _parse_lines(sys.stdin.read().splitlines(), "standard input")
     else:
@@ -160,8 +173,9 @@ def _print_answer(result) -> None:
 def strategy_options(strategy: str, samples: Optional[int], scorer: Optional[str], pairs: list[str]) -> dict:
     """The strategy's options from -n, --scorer and -o KEY=VALUE, checked before any model loads."""
     from thinktime.cli_views import parse_options
-    from thinktime.strategies import check_options
+    from thinktime.strategies import check_options, get_strategy
 
+    get_strategy(strategy)  # an unknown name first: its options would only be refused as unknown to it
     options = parse_options(pairs)
     if samples is not None:
         options["n"] = samples

@@ -36,7 +36,13 @@ _CPU_PARAMS_LIMIT_B = 3.0
 def pick_device(device: str | None) -> str:
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind is None or kind == "meta":  # meta holds no data: nothing could be generated on it
+        raise BadInputError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N (or mps, xpu)")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda asked for, but no CUDA GPU is visible",
                             hint="drop --device to run on the CPU, or check the driver with nvidia-smi")
     return device

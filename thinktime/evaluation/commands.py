@@ -80,7 +80,7 @@ def eval_command(
     data_parallel_size: Optional[int] = DataParallelOpt, distributed_executor_backend: Optional[str] = ExecutorOpt,
 ) -> None:
     """Measure accuracy against thinking time; resumable (rerun the same command after a crash)."""
-    with friendly_errors():
+    with friendly_errors(interrupted="run the same command again to resume where it stopped"):
         from thinktime.evaluation.datasets import load_dataset
         from thinktime.evaluation.progress import EvalProgress
         from thinktime.evaluation.runner import (DEFAULT_SAMPLING_TEMPERATURE, Settings, build_config, check_settings,

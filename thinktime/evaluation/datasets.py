@@ -242,6 +242,9 @@ def load_dataset(name: str, *, split: str | None = None, data_dir: str | Path | 
     else:
         raise BadInputError(f"unknown dataset {name!r}",
                             hint=f"use one of {', '.join(NAMES)} (arith:1 for one level), or a path to a .jsonl file")
+    if not dataset.problems:
+        raise BadInputError(f"{dataset.source} holds no problems", hint="check the file: one JSON object per line, "
+                            "each with a question and an answer")
     ids = [p.id for p in dataset.problems]
     if len(set(ids)) != len(ids):
         raise BadInputError(f"{dataset.source} has duplicate problem ids", hint="give each row a unique 'id'")

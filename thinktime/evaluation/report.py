@@ -82,11 +82,29 @@ def run_name(config: dict) -> str:
     return f"{config.get('strategy')} · {config.get('model')} · {config.get('dataset')} · {decoding}"
 
 
+def _graded_record_problem(record: dict) -> str | None:
+    """What keeps a record from being reported (None: nothing): the fields the runner writes and this reads."""
+    missing = [key for key in ("gold", "by_k") if key not in record]
+    if missing:
+        return f"no {', '.join(missing)}"
+    by_k, candidates = record["by_k"], record.get("candidates", [])
+    if not isinstance(by_k, dict) or not all(isinstance(v, dict) and {"correct", "simple", "tokens", "answer"} <= v.keys()
+                                             for v in by_k.values()):
+        return "by_k is not an object of graded results"
+    if not isinstance(candidates, list) or not all(isinstance(c, dict) and {"correct", "simple", "answer"} <= c.keys()
+                                                   for c in candidates):
+        return "candidates is not a list of graded answers"
+    return None
+
+
 def summarize(folder: str | Path) -> RunSummary:
     folder = Path(folder)
     stored = read_config(folder)
     config = stored.get("config", {})
-    records = read_records(folder)
+    records = read_records(folder, check=_graded_record_problem)
+    if not records:  # an accuracy of 0/0 would read as 0%
+        raise BadInputError(f"{folder} has no finished problems yet",
+                            hint="run (or resume) its eval first: the same `thinktime eval` command")
     ns = [int(k) for k in config.get("n", [1])]
     sampled = config.get("strategy") in ("cot", "self-consistency")
     points = []

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,30 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise BadInputError(f"{folder} is not a thinktime run (no {CONFIG})",
                             hint="pass the folder that `thinktime eval` printed (its --output)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_json_object(path)
 
 
-def read_records(folder: Path) -> list[dict]:
-    """The complete records of a run, first copy of each problem; a torn last line is ignored."""
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path} is damaged: {exc}", hint="restore it, or move the run folder away and run the "
+                            "eval again to redo it") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{path} is damaged: not a JSON object", hint="restore it, or move the run folder away")
+    return value
+
+
+def _record_problem(record) -> str | None:
+    """What makes a parsed records line unusable to the store (None: nothing)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    return None if "id" in record else "no id"
+
+
+def read_records(folder: Path, check: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """The complete records of a run, first copy of each problem; a torn last line is ignored. `check` says what
+    else makes a record unusable to the caller (None: nothing), so that a damaged line is named, not a crash."""
     path = Path(folder) / RECORDS
     if not path.is_file():
         return []
@@ -57,9 +77,12 @@ def read_records(folder: Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            raise BadInputError(f"{path} line {number} is damaged",
-                                hint="remove that line (or the folder) and run the eval again to redo it") from None
+            problem = _record_problem(record) or (check(record) if check else None)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            problem = "not valid JSON"
+        if problem is not None:
+            raise BadInputError(f"{path} line {number} is damaged ({problem})",
+                                hint="remove that line (or the folder) and run the eval again to redo it")
         if record.get("id") not in seen:
             seen.add(record.get("id"))
             records.append(record)
@@ -93,7 +116,11 @@ class RunStore:
         self._take_lock()
         config_path = self.folder / CONFIG
         if config_path.is_file():
-            stored = json.loads(config_path.read_text(encoding="utf-8"))
+            try:
+                stored = _read_json_object(config_path)
+            except BadInputError:
+                self.close()
+                raise
             if stored.get("hash") != self.hash:
                 self.close()
                 raise BadInputError(

@@ -201,3 +201,11 @@ def test_a_killed_eval_resumes_without_loss_or_duplicates(tmp_path):
     assert changed.returncode == 2
     assert "different configuration" in changed.stderr and "max_new_tokens: 8 -> 9" in changed.stderr
     assert records.read_bytes() == after
+
+
+def test_options_the_n_list_path_would_ignore_are_refused():
+    from thinktime.errors import BadInputError
+    from thinktime.evaluation.runner import check_settings
+
+    with pytest.raises(BadInputError, match="does not apply to self-consistency with an n-list"):
+        check_settings(Settings("self-consistency", [1, 2], options={"round": 1}), temperature=0.7)

@@ -117,6 +117,11 @@ def check_settings(settings: Settings, temperature: float) -> None:
     elif settings.budget_tokens is not None:
         raise BadInputError(f"--budget-tokens does not apply to {settings.strategy} with an n-list",
                             hint="cap each chain with --max-new-tokens instead")
+    elif settings.options:  # the n-list path samples once and votes itself: strategy options would be ignored
+        raise BadInputError(f"--option {', '.join(sorted(settings.options))} does not apply to {settings.strategy} "
+                            "with an n-list (one sampling, every smaller n voted from it)",
+                            hint="drop it: these runs sample the largest n once and vote every smaller n from "
+                                 "the same chains, with no early stop")
     if settings.max_n > 1 and temperature <= 0 and settings.sampled:
         raise BadInputError(f"-n {settings.max_n} with greedy decoding draws {settings.max_n} identical chains",
                             hint=f"sample with --temperature > 0 (e.g. {DEFAULT_SAMPLING_TEMPERATURE}), or use -n 1")

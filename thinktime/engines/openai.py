@@ -8,10 +8,13 @@ What it does with a server:
   for as parallel requests with `n=1`, sample `i` seeded `seed + i` (as vLLM seeds its children).
   At most `max_parallel` requests are in flight per engine.
 * **Streaming, always.** Every request streams (`stream_options.include_usage`), so `stream()`
-  yields text as the server makes it and a cancel event closes the connection (the server
-  stops generating) and keeps the text made so far, for `generate()` as well.
-* **Retries** with exponential backoff and jitter (honouring `Retry-After`) on 429, 5xx and
-  dropped connections, until text has reached the caller; after that a failure is an error.
+  yields text as the server makes it and a cancel event shuts the connection down at once, even
+  while the server is silent (the server stops generating), and keeps the text made so far, for
+  `generate()` as well. A 200 that carries no completion (an HTML page, only [DONE], an error
+  object) is an error that says what came; a whole `chat.completion` body is read as one.
+* **Retries** with exponential backoff and jitter (honouring `Retry-After`, up to a minute) on 429,
+  5xx, dropped connections and streams that stop before [DONE], until text has reached the caller;
+  after that a failure is an error.
 * **Reasoning.** Servers that split thinking out (`reasoning_content`, or `reasoning`) get it
   folded back as `<think>reasoning</think>answer`, so `thinktime.reasoning.split_reasoning`
   separates it again exactly as for a local model that thinks in tags.
@@ -27,6 +30,8 @@ What it does with a server:
 """
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import json
 import logging
 import os
@@ -35,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 
 from thinktime import models
 from thinktime.engines.base import Engine
@@ -153,10 +159,12 @@ class OpenAIEngine(Engine):
             try:
                 body = self._post_json(self._root_url() + "/tokenize",
                                        {"model": self.model_name, "prompt": text, "add_special_tokens": False})
-                count = body.get("count", len(body.get("tokens", [])))
+                count = int(body.get("count", len(body.get("tokens", []))))
+                if text and count < 1:  # e.g. llama.cpp, which reads `content`, not `prompt`: no count here
+                    raise ValueError("no tokens counted")
                 self._tokenize_ok = True
-                return int(count)
-            except EngineError:
+                return count
+            except (EngineError, ValueError, TypeError, AttributeError):
                 self._tokenize_ok = False
         if not self._estimated_warned:
             self._estimated_warned = True
@@ -200,8 +208,8 @@ class OpenAIEngine(Engine):
         done: dict[int, Completion] = {}
         if n == 1 or self.supports_n is not False:
             try:
-                done.update(self._pool.submit(self._request, prompt, params, n, params.seed, 0, cancel,
-                                              on_delta).result())
+                done.update(_result(self._pool.submit(self._request, prompt, params, n, params.seed, 0, cancel,
+                                                      on_delta), cancel))
             except _NotSupported:
                 self.supports_n = False
             if n > 1 and done and not cancel.is_set():  # remembered: later calls skip the probe
@@ -212,7 +220,7 @@ class OpenAIEngine(Engine):
                                             None if params.seed is None else params.seed + i, i, cancel, on_delta)
                        for i in missing}
             for i, future in futures.items():
-                done.update(future.result())
+                done.update(_result(future, cancel))
         for i in range(n):  # cancelled before the request started
             done.setdefault(i, Completion("", "cancelled", 0, 0))
         return [done[i] for i in range(n)]
@@ -270,31 +278,24 @@ class OpenAIEngine(Engine):
                 response = self._open(path, body, cancel)
                 if response is None:  # cancelled while waiting to retry
                     return {}
+                stream = _EventStream(response)
                 try:
-                    for chunk in _events(response):
-                        if cancel.is_set():
-                            break
-                        if chunk.get("error"):
-                            raise EngineError(f"{self.base_url} reported an error mid-stream: "
-                                              f"{_error_text(chunk['error'])}")
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                        for item in chunk.get("choices") or ():
-                            index = int(item.get("index", 0))
-                            choice = choices.setdefault(index, _Choice())
-                            delta = item.get("delta") or {}
-                            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                            if reasoning:
-                                emit(index, choice.add_reasoning(reasoning))
-                            text = delta.get("content") if "delta" in item else item.get("text")
-                            if text:
-                                emit(index, choice.add_content(text))
-                            if item.get("finish_reason"):
-                                emit(index, choice.close(_finish(item["finish_reason"])))
-                except requests.RequestException as exc:  # the connection dropped mid-stream
-                    raise _Retryable(f"the stream broke off ({type(exc).__name__})") from None
+                    with _aborted_on(cancel, response):
+                        if stream.is_json:  # a server that ignores stream: true answers with one JSON object
+                            chunks = [_as_chunk(stream.json_body())]
+                        else:
+                            chunks = stream
+                        for chunk in chunks:
+                            if cancel.is_set():
+                                break
+                            usage = self._read_chunk(chunk, choices, emit) or usage
+                except requests.RequestException as exc:  # the connection dropped mid-stream (or we cut it)
+                    if not cancel.is_set():
+                        raise _Retryable(f"the stream broke off ({type(exc).__name__})") from None
                 finally:
                     response.close()
+                if not cancel.is_set():
+                    self._check_complete(stream, choices, path)
                 break
             except _Retryable as exc:
                 attempt += 1
@@ -307,6 +308,44 @@ class OpenAIEngine(Engine):
             if choice.finish_reason is None:
                 choice.finish_reason = "cancelled" if cancel.is_set() else "length"
         return self._completions(prompt, choices, usage, offset)
+
+    def _read_chunk(self, chunk, choices: dict[int, "_Choice"], emit) -> dict | None:
+        """One streamed chunk into the choices; returns its usage, if it carries one."""
+        if not isinstance(chunk, dict):
+            raise EngineError(f"{self.base_url} sent an event that is not a JSON object: {str(chunk)[:200]}")
+        if chunk.get("error") or chunk.get("object") == "error":  # OpenAI's form, and FastChat's / LMDeploy's
+            raise EngineError(f"{self.base_url} reported an error: {_error_text(chunk.get('error') or chunk)}")
+        try:
+            for item in chunk.get("choices") or ():
+                index = int(item.get("index") or 0)
+                choice = choices.setdefault(index, _Choice())
+                delta = item.get("delta") or item.get("message") or {}
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    emit(index, choice.add_reasoning(reasoning))
+                text = delta.get("content") if ("delta" in item or "message" in item) else item.get("text")
+                if text:
+                    emit(index, choice.add_content(text))
+                if item.get("finish_reason") == "error":  # the server gave up on this sample
+                    raise _Retryable("the server ended a sample with finish_reason 'error'")
+                if item.get("finish_reason"):
+                    emit(index, choice.close(_finish(item["finish_reason"])))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise EngineError(f"{self.base_url} sent a chunk this engine cannot read ({type(exc).__name__}): "
+                              f"{json.dumps(chunk)[:200]}") from None
+        usage = chunk.get("usage")
+        return usage if isinstance(usage, dict) and usage else None
+
+    def _check_complete(self, stream: "_EventStream", choices: dict[int, "_Choice"], path: str) -> None:
+        """After a stream that was not cancelled: a 200 that carried no completion, or a stream that stopped
+        before its end, is a failure, never an empty or cut answer passed off as finished."""
+        if not choices:
+            what = ("its body was not a chat completion" if stream.is_json else
+                    f"it sent no completion events ({stream.describe()})")
+            raise EngineError(f"{self.base_url}{path} answered 200, but {what}",
+                              hint="is this an OpenAI-compatible /v1 URL that streams (server-sent events)?")
+        if not stream.done and any(c.finish_reason is None for c in choices.values()):
+            raise _Retryable("the stream ended before [DONE], with a sample unfinished")
 
     def _completions(self, prompt: Prompt, choices: dict[int, _Choice], usage: dict,
                      offset: int) -> dict[int, Completion]:
@@ -347,17 +386,22 @@ class OpenAIEngine(Engine):
         try:
             response = self._session().post(self.base_url + path, json=body, stream=True,
                                             timeout=(10, self.timeout))
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except requests.Timeout as exc:
+            raise _Retryable(f"no answer within the engine's timeout ({type(exc).__name__}; the openai engine's "
+                             f"timeout= is {self.timeout:g} s)") from None
+        except requests.ConnectionError as exc:
             raise _Retryable(f"cannot reach the server ({type(exc).__name__})") from None
         if response.status_code == 200:
             return response
         text = response.text
         response.close()
+        if response.status_code in (400, 422, 500) and body.get("n", 1) > 1 and _mentions_n(text):
+            raise _NotSupported(text)  # llama.cpp refuses n with a 500 in some builds
+        if response.status_code == 429 and "insufficient_quota" in text:  # not transient: retrying cannot help
+            raise _http_error(self.base_url + path, response.status_code, text, self.model_name)
         if response.status_code in _RETRY_STATUS:
             raise _Retryable(f"HTTP {response.status_code}: {_error_text(text)}",
                              retry_after=response.headers.get("Retry-After"))
-        if response.status_code == 400 and body.get("n", 1) > 1 and _mentions_n(text):
-            raise _NotSupported(text)
         raise _http_error(self.base_url + path, response.status_code, text, self.model_name)
 
     def _post_json(self, url: str, body: dict) -> dict:
@@ -369,7 +413,13 @@ class OpenAIEngine(Engine):
             raise EngineError(f"cannot reach {url}: {type(exc).__name__}") from None
         if response.status_code != 200:
             raise _http_error(url, response.status_code, response.text, self.model_name)
-        return response.json()
+        try:
+            body = response.json()
+        except ValueError:
+            raise EngineError(f"{url} did not answer with JSON") from None
+        if not isinstance(body, dict):
+            raise EngineError(f"{url} did not answer with a JSON object")
+        return body
 
     def _served_models(self) -> list[dict] | None:
         """The server's /models list; None when the server has no such endpoint."""
@@ -443,18 +493,105 @@ def normalise_base_url(url: str) -> str:
     return url
 
 
-def _events(response) -> Iterator[dict]:
-    """Server-sent events: one JSON object per `data:` line until [DONE]."""
-    for raw in response.iter_lines(decode_unicode=False):
-        if not raw or not raw.startswith(b"data:"):
-            continue
-        data = raw[5:].strip()
-        if data == b"[DONE]":
-            return
+class _EventStream:
+    """Server-sent events: one JSON value per `data:` line until [DONE]; remembers whether [DONE] came and
+    what else the body held, so that a 200 without completions can be told apart from a finished stream."""
+
+    def __init__(self, response):
+        self.response = response
+        self.done = False
+        self.malformed = 0
+        self.other: list[bytes] = []  # the first lines that were neither events nor SSE comments
+        self.is_json = response.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+    def __iter__(self) -> Iterator:
+        for raw in self.response.iter_lines(decode_unicode=False):
+            if not raw or raw.startswith(b":"):  # blank lines and comments (keep-alives)
+                continue
+            if not raw.startswith(b"data:"):
+                if len(self.other) < 3:
+                    self.other.append(raw[:120])
+                continue
+            data = raw[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                return
+            try:
+                yield json.loads(data)
+            except ValueError:
+                self.malformed += 1
+
+    def json_body(self):
         try:
-            yield json.loads(data)
+            return self.response.json()
         except ValueError:
-            continue
+            return None
+
+    def describe(self) -> str:
+        if self.malformed:
+            return f"{self.malformed} data lines that were not JSON"
+        if self.other:
+            return "other text: " + " | ".join(line.decode("utf-8", "replace") for line in self.other)
+        return "[DONE] only" if self.done else "an empty body"
+
+
+def _as_chunk(body) -> dict:
+    """A whole chat.completion as one chunk: its choices' `message` read as deltas, finished, with its usage."""
+    if not isinstance(body, dict):
+        return {"choices": []}
+    if "choices" not in body:
+        return body  # an error object, or something else: _read_chunk says what
+    return {"choices": [{**item, "finish_reason": item.get("finish_reason") or "stop"}
+                        for item in body.get("choices") or () if isinstance(item, dict)],
+            "usage": body.get("usage")}
+
+
+@contextlib.contextmanager
+def _aborted_on(cancel: threading.Event, response):
+    """While the body is read: a cancel shuts the connection's socket down at once, which unblocks a read
+    waiting on a silent server (closing the response from another thread would not), so the server stops too."""
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            if cancel.wait(0.05):
+                _shut_down(response)
+                return
+
+    watcher = threading.Thread(target=watch, name="thinktime-http-cancel", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        watcher.join()
+
+
+def _shut_down(response) -> None:
+    import socket
+
+    connection = getattr(response.raw, "_connection", None) or getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    response.close()
+
+
+def _result(future, cancel: threading.Event, grace: float = 2.0):
+    """A request's result; once cancelled, at most `grace` seconds more (a server silent before its headers
+    cannot be interrupted: its request is left to end in the background, and its samples count as cancelled)."""
+    while True:
+        try:
+            return future.result(timeout=0.05)
+        except FuturesTimeout:
+            if cancel.is_set():
+                try:
+                    return future.result(timeout=grace)
+                except FuturesTimeout:
+                    return {}
 
 
 def _finish(reason: str) -> str:
@@ -475,12 +612,18 @@ def _share(total: int, weights: dict[int, int]) -> dict[int, int]:
     return parts
 
 
+_MAX_RETRY_AFTER = 60.0  # a longer Retry-After is a server asking for minutes: better to fail and say so
+
+
 def _sleep(retry_after: str | None, attempt: int, cancel: threading.Event) -> None:
     try:
         delay = float(retry_after) if retry_after else 0.0
-    except ValueError:
-        delay = 0.0
-    delay = max(delay, min(30.0, 0.5 * 2 ** (attempt - 1))) * (1 + random.random() * 0.25)
+    except ValueError:  # the HTTP-date form
+        try:
+            delay = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+        except (TypeError, ValueError):
+            delay = 0.0
+    delay = min(_MAX_RETRY_AFTER, max(delay, min(30.0, 0.5 * 2 ** (attempt - 1)))) * (1 + random.random() * 0.25)
     cancel.wait(delay)
 
 
@@ -504,7 +647,8 @@ def _error_text(payload) -> str:
 def _mentions_n(text: str) -> bool:
     message = _error_text(text).lower()
     return any(k in message for k in ("'n'", '"n"', " n ", "n must", "n>1", "n > 1", "parameter n", "`n`",
-                                      "n should", "best_of", "multiple choices", "n=", "field n"))
+                                      "n should", "best_of", "multiple choices", "n=", "field n",
+                                      "one completion choice", "only one choice"))
 
 
 def _http_error(url: str, status: int, text: str, model: str | None) -> EngineError:

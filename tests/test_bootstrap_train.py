@@ -108,3 +108,8 @@ def test_bad_inputs(files, tmp_path):
         train("dpo", "smollm2-135m", [files[0]], tmp_path / "x")  # SFT rows are not pairs
     with pytest.raises(BadInputError, match="not found"):
         train("sft", "smollm2-135m", [tmp_path / "missing.jsonl"], tmp_path / "x")
+    # Prompts that fill --max-length leave no answer to train on: named before TRL fails on an empty loader
+    with pytest.raises(BadInputError, match="every training row's prompt is at least --max-length"):
+        train("sft", "smollm2-135m", [files[0]], tmp_path / "x", TrainSettings(**{**TINY, "max_length": 8}))
+    with pytest.raises(BadInputError, match="every training row's prompt is at least --max-length"):
+        train("dpo", "smollm2-135m", [files[1]], tmp_path / "x", TrainSettings(**{**TINY, "max_length": 8}))

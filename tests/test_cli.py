@@ -1,6 +1,7 @@
 """The `thinktime` command end to end, through a subprocess, on the embedded model."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -69,6 +70,10 @@ def test_streaming_solve_prints_reasoning_then_the_answer_panel():
     (["solve", "--device", "tpu", "hi"], None, 2, "unknown device 'tpu'"),
     (["solve", "-s", "budget-forcing", "-n", "2", "hi"], None, 2, "unknown strategy 'budget-forcing'"),
     (["solve", "--file", "/"], None, 2, "question file a folder, not a file"),
+    (["solve", "--file", "q[red].txt"], None, 2, "question file not found: q[red].txt"),  # printed, not markup
+    (["solve", "-m", "./nope", "hi"], None, 3, "unknown model './nope'"),  # a path, never a hub repo id
+    pytest.param(["solve", "--engine", "vllm", "hi"], None, 6, 'pip install "thinktime[vllm]"',
+                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")),
 ])
 def test_errors_are_clear_and_exit_with_documented_codes(args, stdin, code, message):
     proc = run(*args, stdin=stdin)
@@ -123,3 +128,15 @@ def test_ctrl_c_stops_generation_cleanly_with_exit_code_130():
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     assert "Traceback" not in stderr
+
+
+def test_vote_table_shows_answers_with_brackets():
+    """Interval answers such as [a, b] (common in MATH-500) are text, not rich markup."""
+    from rich.console import Console
+
+    from thinktime.cli_views import vote_table
+
+    console = Console(record=True, width=80)
+    console.print(vote_table([{"answer": "[a, b]", "votes": 2}, {"answer": "[red]", "votes": 1}], samples=3, n=3))
+    text = console.export_text()
+    assert "[a, b]" in text and "[red]" in text

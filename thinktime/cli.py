@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -29,14 +30,15 @@ def friendly_errors(interrupted: str = ""):
     try:
         yield
     except ThinktimeError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}", markup=True)
+        # Messages quote user input and install commands ("thinktime[vllm]"): printed as text, not as markup.
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True)
         if exc.hint:
-            err.print(f"  [yellow]hint:[/] {exc.hint}")
+            err.print(f"  [yellow]hint:[/] {escape(exc.hint)}")
         raise typer.Exit(exc.exit_code) from None
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exc:
         # A path the user gave (an output folder, a file) that cannot be used: bad input, not a crash.
         where = f": {exc.filename}" if exc.filename else ""
-        err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", markup=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc.strerror or exc) + where)}", markup=True)
         err.print("  [yellow]hint:[/] check the path: its folders must exist as folders, and be writable")
         raise typer.Exit(BadInputError.exit_code) from None
     except KeyboardInterrupt:

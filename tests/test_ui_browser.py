@@ -88,3 +88,36 @@ def test_ask_see_thinking_then_answer_offline(browser, ui_url):
     page.screenshot(path=str(ARTIFACTS / "ui_chat_two_turns.png"), full_page=True)
     assert not foreign, f"the page loaded from other hosts: {foreign}"
     page.close()
+
+
+@pytest.fixture(scope="module")
+def long_ui_url(engine):
+    """The same page with room for long chains, so that Stop has something to stop."""
+    from thinktime import Thinker
+    from thinktime.server.background import free_port
+    from thinktime.ui.app import launch
+
+    port = free_port()
+    demo = launch(Thinker(engine=engine, max_new_tokens=400), host="127.0.0.1", port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_stop_finishes_the_panel_and_text_typed_meanwhile_is_kept(browser, long_ui_url):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(long_ui_url, wait_until="load", timeout=60_000)
+    box = page.locator("#question textarea")
+    box.wait_for(timeout=60_000)
+    box.fill("Write a long story about a dragon.")
+    page.locator("#send").click()
+    page.get_by_text("Thinking…", exact=False).first.wait_for(timeout=60_000)
+    box.fill("What is 9 times 9?")  # typed while the answer streams: kept, and Enter starts no second turn
+    box.press("Enter")
+    page.locator("#stop").click()
+    page.wait_for_function("document.querySelector('#chat').innerText.includes('Stopped after')", timeout=60_000)
+    assert box.input_value() == "What is 9 times 9?"
+    text = page.locator("#chat").inner_text()
+    assert "9 times 9" not in text and "Thinking…" not in text, text
+    page.locator("#clear").click()
+    page.wait_for_function("!document.querySelector('#chat').innerText.includes('dragon')", timeout=30_000)
+    page.close()

@@ -23,12 +23,14 @@ import gradio as gr  # noqa: E402  (after the line above)
 
 from thinktime.api import Thinker  # noqa: E402
 from thinktime.server.streaming import CandidateView, ReasoningStream, reply_split  # noqa: E402
-from thinktime.strategies import STRATEGIES  # noqa: E402
+from thinktime.strategies import SCALE_OPTION, STRATEGIES  # noqa: E402
 
 LANGS = ("auto", "en", "zh")
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "$", "right": "$", "display": False}]
 CSS = "#answer-box {min-height: 2em} footer {display: none !important}"
+# What the N slider sets: each strategy's size (SCALE_OPTION), except budget forcing's, which is thinking tokens.
+N_OPTION = {strategy: option for strategy, option in SCALE_OPTION.items() if strategy != "budget"}
 
 
 class ChatSession:
@@ -59,7 +61,7 @@ class ChatSession:
         answer: dict[str, Any] | None = None
         splitter = ReasoningStream(self.think_tags)
         view = CandidateView()
-        options = {"n": int(n)} if strategy != "cot" else {}
+        options = {N_OPTION[strategy]: int(n)} if strategy in N_OPTION else {}
         board = ""
         yield chat, history, board
         stream = thinker.stream(question, history=history, strategy=strategy, options=options,
@@ -93,7 +95,7 @@ class ChatSession:
                     continue
                 yield chat, history, board
         except Exception as exc:  # shown in the chat; the UI keeps going
-            thinking["metadata"] = {"title": "Thinking (stopped)", "status": "done"}
+            thinking["metadata"] = {"title": "Stopped by an error", "status": "done"}
             chat.append({"role": "assistant", "content": f"⚠️ {type(exc).__name__}: {exc}"})
             yield chat, history, board
             return
@@ -103,12 +105,13 @@ class ChatSession:
             return
         reasoning, content = reply_split(result.text, result.finish_reason, self.think_tags)
         if strategy == "cot":
-            thinking["content"] = reasoning or thinking["content"]
+            thinking["content"] = reasoning  # the closing statement moves below the panel, as the answer
         else:
             thinking["content"] += view.flush(result)
         tokens = result.usage.completion_tokens
-        thinking["metadata"] = {"title": f"Thought for {result.seconds:.1f} s · {tokens} tokens", "status": "done",
-                                "duration": round(result.seconds, 1)}
+        stopped = result.finish_reason == "cancelled" or (cancel is not None and cancel.is_set())
+        thinking["metadata"] = {"title": f"{'Stopped after' if stopped else 'Thought for'} {result.seconds:.1f} s · "
+                                         f"{tokens} tokens", "status": "done"}
         if answer is None:
             answer = {"role": "assistant", "content": ""}
             chat.append(answer)
@@ -155,7 +158,8 @@ def _board(result) -> str:
         chosen = " ✔" if c.answer == result.answer and c.answer is not None else ""
         votes = "" if c.votes is None else c.votes
         score = "" if c.score is None else f"{c.score:.3f}"
-        rows.append(f"| {i + 1} | `{c.answer}`{chosen} | {votes} | {score} | {c.usage.completion_tokens} |")
+        answer = "—" if c.answer is None else f"`{c.answer}`"
+        rows.append(f"| {i + 1} | {answer}{chosen} | {votes} | {score} | {c.usage.completion_tokens} |")
     return (f"**{result.strategy}: {len(result.candidates)} candidates** — answer `{result.answer}`\n\n"
             "| # | answer | votes | score | tokens |\n|---|---|---|---|---|\n" + "\n".join(rows))
 
@@ -169,17 +173,27 @@ def build(thinker: Thinker) -> gr.Blocks:
                 request: gr.Request):
         key = getattr(request, "session_hash", None) or "default"
         cancel = cancels[key] = threading.Event()
+        cleared = False
         try:
             for chat_out, history_out, board in session.respond(question, chat or [], history or [], strategy, n,
                                                                 budget, lang, max_new_tokens, temperature, cancel):
-                yield chat_out, history_out, board, ""
+                # The box is emptied once, as the question is taken; later updates leave what is typed meanwhile.
+                yield chat_out, history_out, board, gr.update() if cleared else ""
+                cleared = True
         finally:
             cancel.set()
+            if cancels.get(key) is cancel:
+                del cancels[key]  # one entry per running turn, not per browser session ever seen
 
     def stop(request: gr.Request):
+        """Stops the engine; the turn then ends as usual, its panel titled "Stopped after ..."."""
         event = cancels.get(getattr(request, "session_hash", None) or "default")
         if event is not None:
             event.set()
+
+    def clear_all(request: gr.Request):
+        stop(request)
+        return [], [], "", ""
 
     with gr.Blocks(title="thinktime", analytics_enabled=False, fill_height=True) as demo:
         gr.Markdown(f"### thinktime · `{thinker.model_name}` · the thinking streams in the panel, "
@@ -198,7 +212,8 @@ def build(thinker: Thinker) -> gr.Blocks:
             with gr.Column(scale=2):
                 strategy = gr.Dropdown(strategies, value=thinker.strategy if thinker.strategy in strategies
                                        else strategies[0], label="strategy", elem_id="strategy")
-                n = gr.Slider(1, 32, value=4, step=1, label="N (chains for multi-chain strategies)")
+                n = gr.Slider(1, 32, value=4, step=1, label="N: chains (self-consistency, best-of-n), beam width, "
+                              "mcts iterations, reflect rounds")
                 budget = gr.Number(value=0, precision=0, minimum=0, label="budget (total new tokens, 0 = none)")
                 lang = gr.Radio(list(LANGS), value=thinker.lang, label="thinking prompt language")
                 max_new = gr.Slider(16, max(thinker.max_new_tokens, 64), value=thinker.max_new_tokens, step=16,
@@ -207,9 +222,15 @@ def build(thinker: Thinker) -> gr.Blocks:
                 board = gr.Markdown("", elem_id="candidates")
         inputs = [question, chatbot, history, strategy, n, budget, lang, max_new, temperature]
         outputs = [chatbot, history, board, question]
-        events = [question.submit(respond, inputs, outputs), send.click(respond, inputs, outputs)]
-        stop_btn.click(stop, None, None, cancels=events)
-        clear.click(lambda: ([], [], "", ""), None, [chatbot, history, board, question])
+        # One event for Enter and Send: while a turn runs, another is not taken (trigger_mode "once"), so no turn
+        # starts from a conversation that is still being written.
+        turn = gr.on([question.submit, send.click], respond, inputs, outputs, trigger_mode="once")
+        # Stop runs beside the turn (not queued behind it) and only stops the engine: the turn then finishes
+        # its panel. Clear and the chat's own trash icon also cancel the turn, so it cannot write the old
+        # conversation back, and empty the model's history with the screen.
+        stop_btn.click(stop, None, None, queue=False)
+        for trigger in (clear.click, chatbot.clear):
+            trigger(clear_all, None, [chatbot, history, board, question], cancels=[turn], queue=False)
     demo.queue(default_concurrency_limit=1)  # one engine: requests take turns
     return demo
 

@@ -126,6 +126,18 @@ def test_a_stream_run_to_its_end_leaves_cancel_unset_and_one_left_early_sets_it(
     assert cancel.is_set()
 
 
+def test_a_cut_never_ends_in_half_a_character(engine):
+    """Chinese characters take several byte tokens: a chain cut between them would end in U+FFFD."""
+    from thinktime import Thinker
+
+    # with the thinking prompt, this question's greedy chain cuts a character in two at 5, 7, 9, 11 tokens
+    prompt = Prompt.of(Thinker(engine=engine).messages("一个数加上7等于15，这个数是多少？"))
+    for k in (5, 9):
+        [[completion]] = engine.generate([prompt], SamplingParams(max_new_tokens=k))
+        streamed = "".join(d.text for d in engine.stream(prompt, SamplingParams(max_new_tokens=k)))
+        assert "\ufffd" not in completion.text and streamed == completion.text
+
+
 def test_prompt_longer_than_the_context_is_refused(engine):
     huge = Prompt.of([{"role": "user", "content": "word " * (engine.context_length + 10)}])
     with pytest.raises(BadInputError, match="takes at most"):

@@ -364,8 +364,9 @@ class TransformersEngine(Engine):
                     text, finish, used = text[:stop_at], "stop", len(ids)
                 elif cut < len(row):  # the model ended its turn; that token was generated too
                     finish, used = "stop", len(ids) + 1
-                else:
+                else:  # cut: a multi-byte character may be cut in two, decoded as U+FFFD; it is not text
                     finish, used = ("cancelled" if cancel.is_set() else "length"), len(ids)
+                    text = text.rstrip("\ufffd")
                 row_completions.append(Completion(text, finish, int(prompt_len), used, ids))
             completions.append(row_completions)
         return completions

@@ -140,3 +140,8 @@ def test_selection_rules_on_the_same_samples():
     assert result["sign_test_p"] == 1.0
     lo, hi = result["majority"]["ci"]
     assert lo < 2 / 3 < hi
+
+
+def test_letter_answers_in_another_case():
+    """Derivations are found in any case: the occurrences they are compared with must be too."""
+    assert not quotes_hint("The chosen option = b", "B")

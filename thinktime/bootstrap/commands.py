@@ -115,9 +115,12 @@ def bootstrap_command(
         from thinktime.bootstrap.training import TrainSettings
 
         for name, value in (("--samples", samples), ("--keep", keep), ("--max-new-tokens", max_new_tokens),
-                            ("--batch-size", batch_size)):
+                            ("--batch-size", batch_size), ("--hint-samples", hint_samples)):
             if value < 1:
                 raise BadInputError(f"{name} must be at least 1")
+        if compare_n and no_train:
+            raise BadInputError("--compare-n scores the final model's samples with a reward model trained on the "
+                                "run's pairs, and --no-train trains nothing", hint="drop one of them")
         if temperature <= 0:
             raise BadInputError("--temperature must be above 0", hint="K greedy samples would all be the same chain")
         model = _default_model(model, device)

@@ -70,7 +70,7 @@ def trim_after_derivation(rationale: str, gold: str) -> str | None:
 def derives_answer(rationale: str, gold: str, question: str = "") -> bool:
     """Rule 2 passes: the answer appears first as a computation's result (see the module docstring)."""
     pattern = _answer_pattern(gold)
-    occurrences = [m.start() for m in re.finditer(pattern, rationale)]
+    occurrences = [m.start() for m in re.finditer(pattern, rationale, re.IGNORECASE)]  # as derivations are found
     derivations = [m.start("answer") for m in
                    re.finditer(rf"{_RESULT_LEAD}(?P<answer>{pattern})", rationale, re.IGNORECASE)]
     if not derivations:

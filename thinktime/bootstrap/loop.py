@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,14 +67,23 @@ class BootstrapConfig:
         return d
 
 
+def training_split(dataset: str) -> str | None:
+    """The dataset's train split where it has one (gsm8k): bootstrapping on its test split would leave a later
+    `thinktime eval` of the trained model contaminated. None: the dataset's only split (arith, a file, math500)."""
+    from thinktime.evaluation.datasets import SPECS
+
+    spec = SPECS.get(dataset.strip().lower())
+    return "train" if spec is not None and ("train" in spec.files or "train" in spec.hub) else None
+
+
 def split_problems(config: BootstrapConfig):
     """(training problems, held-out Dataset): disjoint, the held-out ones from the end of the set."""
     from thinktime.evaluation.datasets import Dataset, load_dataset
 
     if config.train_problems < 1 or config.eval_problems < 1:
         raise BadInputError("--train-problems and --eval-problems must be at least 1")
-    full = load_dataset(config.dataset, limit=config.train_problems + config.eval_problems,
-                        data_seed=config.data_seed)
+    full = load_dataset(config.dataset, split=training_split(config.dataset),
+                        limit=config.train_problems + config.eval_problems, data_seed=config.data_seed)
     if len(full) < config.train_problems + config.eval_problems:
         raise BadInputError(f"{config.dataset} has {len(full)} problems; {config.train_problems} for training and "
                             f"{config.eval_problems} held out need more", hint="lower --train-problems/--eval-problems")
@@ -127,7 +137,8 @@ def _check_config(out: Path, config: BootstrapConfig) -> None:
     new = config.to_dict()
     if path.is_file():
         old = json.loads(path.read_text())
-        keep = {"rounds", "compare_n", "reward_training"}  # a finished run may get more rounds, or the comparison
+        # A finished run may get more rounds, or the comparison; the same folder may be named another way.
+        keep = {"rounds", "compare_n", "reward_training", "output"}
         diff = sorted(k for k in set(old) | set(new) if k not in keep and old.get(k) != new.get(k))
         if diff:
             raise BadInputError(f"{out} holds a bootstrap run with other settings ({', '.join(diff)})",
@@ -148,13 +159,16 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
         raise BadInputError(f"unknown --train-data {config.train_data!r}", hint="use round (STaR) or all")
     if config.rounds < 0:
         raise BadInputError("--rounds must be at least 0")
+    if config.train_model:  # before hours of sampling, not when the first training starts
+        config.training.check()
+        config.reward_training.check()
     if config.train_model and config.engine.startswith("openai"):
         raise BadInputError("a remote server cannot sample from the models trained here",
                             hint="use --engine transformers or vllm, or --no-train to write the data only")
     out = Path(config.output)
-    _check_config(out, config)
     train_set, heldout = split_problems(config)
     base = str(models.resolve(config.model).path) if config.train_model else config.model
+    _check_config(out, config)  # written only once the settings have passed every check above
     log(f"bootstrap: {len(train_set)} training problems, {len(heldout)} held out, {config.rounds} rounds -> {out}")
     started = time.perf_counter()
     summary: dict = {"config": config.to_dict(), "rounds": []}
@@ -223,6 +237,7 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
                                     hint="sample more (--samples), allow more tokens (--max-new-tokens), "
                                          "or pick an easier --dataset level")
             start_from = base if config.restart == "base" else current
+            shutil.rmtree(model_dir, ignore_errors=True)  # this run's own folder, left half-written by a crash
             train("sft", start_from, files, model_dir, config.training, log=log)
         current = str(model_dir)
     _free(engine)
@@ -259,6 +274,7 @@ def _reward_model_comparison(config: BootstrapConfig, base: str, records: list[d
         log("compare: no preference pairs in any round: no reward model to train")
         return {"skipped": "no preference pairs"}
     if not (rm_dir / TRAIN_INFO).is_file():
+        shutil.rmtree(rm_dir, ignore_errors=True)  # half-written by a crash
         train("rm", base, files, rm_dir, config.reward_training, log=log)
     result = compare_reward_model(records, rm_dir, config.compare_n, device=config.device)
     data.write_json(out / "compare" / "result.json", result)

@@ -57,6 +57,19 @@ class TrainSettings:
     def lr(self, method: str) -> float:
         return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[method][int(self.lora)]
 
+    def check(self) -> None:
+        """Refuse settings that would fail deep inside TRL, or train nothing and call it done."""
+        if self.max_steps <= 0 and not self.epochs > 0:
+            raise BadInputError(f"--epochs must be above 0, got {self.epochs:g}", hint="or set --max-steps")
+        for name, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                            ("--max-length", self.max_length)):
+            if value < 1:
+                raise BadInputError(f"{name} must be at least 1, got {value}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise BadInputError(f"--lr must be above 0, got {self.learning_rate:g}")
+        if self.lora and self.lora_r < 1:
+            raise BadInputError(f"--lora-r must be at least 1, got {self.lora_r}")
+
 
 def _dtype_name(dtype: str | None, device: str) -> str:
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16",
@@ -85,6 +98,9 @@ def load_rows(method: str, files: Sequence[str | Path], completion_only: bool = 
         if not Path(path).is_file():
             raise BadInputError(f"training data not found: {path}", hint="pass the sft.jsonl / pairs.jsonl files "
                                 "that `thinktime bootstrap` wrote")
+    if not any(Path(path).read_text(encoding="utf-8").strip() for path in paths):  # datasets fails on empty files
+        raise BadInputError(f"no rows to train on in {', '.join(paths)}",
+                            hint="a bootstrap round that made no pairs writes an empty pairs.jsonl")
     rows = load_dataset("json", data_files=paths, split="train")
     need = ["messages"] if method == "sft" else ["prompt", "chosen", "rejected"]
     missing = [c for c in need if c not in rows.column_names]
@@ -113,6 +129,16 @@ def _report_through(trainer, log, method: str) -> None:
 
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Report())
+
+
+def _check_output(output: Path) -> None:
+    """The output folder is replaced by the trained model: only an empty folder or an earlier training output
+    (it holds TRAIN_INFO) may be, never a folder of other files (`-o .` would have emptied the working folder)."""
+    if output.is_file():
+        raise BadInputError(f"the output {output} is a file", hint="pass a folder for the trained model")
+    if output.is_dir() and any(output.iterdir()) and not (output / TRAIN_INFO).is_file():
+        raise BadInputError(f"{output} holds other files, and training would replace the folder",
+                            hint="pass a new (or empty) folder, or one that an earlier `thinktime train` wrote")
 
 
 def check_lengths(method: str, rows, tokenizer, max_length: int, log=print) -> None:
@@ -146,6 +172,9 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     if method not in METHODS:
         raise BadInputError(f"unknown training method {method!r}", hint=f"use one of {', '.join(METHODS)}")
     settings = settings or TrainSettings()
+    settings.check()
+    output = Path(output)
+    _check_output(output)
     import torch
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -289,9 +289,13 @@ class OpenAIEngine(Engine):
                             if cancel.is_set():
                                 break
                             usage = self._read_chunk(chunk, choices, emit) or usage
-                except requests.RequestException as exc:  # the connection dropped mid-stream (or we cut it)
-                    if not cancel.is_set():
+                except (requests.RequestException, OSError, ValueError, AttributeError) as exc:
+                    if cancel.is_set():
+                        pass  # we cut the connection ourselves: reading a shut socket fails in any of these ways
+                    elif isinstance(exc, requests.RequestException):  # the connection dropped mid-stream
                         raise _Retryable(f"the stream broke off ({type(exc).__name__})") from None
+                    else:
+                        raise
                 finally:
                     response.close()
                 if not cancel.is_set():

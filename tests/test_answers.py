@@ -37,6 +37,9 @@ def test_unclosed_box_is_ignored_and_falls_back():
     ("We compute carefully. The answer is 17.", "17", "answer-is"),
     ("Final answer: $\\frac{3}{4}$\n", "\\frac{3}{4}", "answer-is"),
     ("所以答案是 24。", "24", "answer-is"),
+    ("答案是：5", "5", "answer-is"),  # 是 and a colon together
+    ("所以，答案为：12个。", "12个", "answer-is"),
+    ("答案是：$\\frac{3}{4}$", "\\frac{3}{4}", "answer-is"),
     ("There are 3 apples and 4 pears, 7 in all", "7", "last-number"),
     ("a total of 1,234 items", "1234", "last-number"),
     ("no digits here at all", None, None),

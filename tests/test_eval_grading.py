@@ -54,7 +54,27 @@ CASES = [
     ("九", "9", True, True),
     ("三百零五", "305", True, True),
     ("答案是12", "12", True, True),
-    ("68下", "68", False, False),  # an unknown measure word is not silently dropped
+    ("68下", "68", True, True),  # times: CMATH asks in it
+    ("68和", "68", False, False),  # a word that is not a measure word is not silently dropped
+    ("9\\text{个}", "9", True, True),  # a Chinese unit in a text wrapper
+    ("9\\text{ 元}", "9", True, True),
+    ("5盆", "5", True, True),
+    ("3万元", "3", True, True),  # the question asks in 万元
+    # count nouns after a number, plain or wrapped (GSM8K, arith:5)
+    ("17 stickers", "17", True, True),
+    ("17\\text{ stickers}", "17", True, True),
+    ("3 or 4", "4", False, False),
+    # the degree sign, as models write it
+    ("90°", "90^\\circ", True, True),
+    ("40°", "40", True, True),
+    # vectors: a row break is not an escaped space (a wrong vector, or its first entry, passed)
+    ("-2", "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}", False, False),
+    ("\\begin{pmatrix} -2 \\\\ -14 \\\\ 7 \\end{pmatrix}", "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}", False, False),
+    ("\\begin{pmatrix}-2\\\\-14\\\\-7\\end{pmatrix}", "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}", True, True),
+    # thousands separators written ",\\! " (MATH-500)
+    ("11111111100", "11,\\! 111,\\! 111,\\! 100", True, True),
+    ("11111111101", "11111111100", False, False),  # integers compare exactly
+    ("0.12%", "12%", False, False),  # a percentage is not its hundredth
     # no answer
     (None, "5", False, False),
     ("", "5", False, False),

@@ -66,7 +66,7 @@ def find_boxed(text: str) -> list[tuple[int, str]]:
 
 _ANSWER_IS = re.compile(
     r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*:?\s*\$*\s*(?P<ans>[^\n$]+?)\s*\$*\s*(?:\.\s|\.$|\n|$)"
-    r"|(?:最终答案|答案)\s*(?:是|为|：|:)\s*\$*\s*(?P<zh>[^\n$。，,]+?)\s*\$*\s*(?:。|，|,|\n|$)",
+    r"|(?:最终答案|答案)\s*(?:(?:是|为)\s*[：:]?|[：:])\s*\$*\s*(?P<zh>[^\n$。，,]+?)\s*\$*\s*(?:。|，|,|\n|$)",
     re.IGNORECASE,
 )
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
@@ -99,8 +99,11 @@ def normalize(answer: str) -> str:
     s = answer.strip()
     s = s.strip("$").strip()
     s = _TEXT_WRAP.sub(r"\1", s)
+    s = re.sub(r",\\!\s*", ",", s)  # 11,\! 111,\! 100: a thousands separator, with the space after it
+    # An escaped space "\ " is a space; "\\ " (a row break, then a space) is kept: matrices are made of them.
+    s = re.sub(r"(?<!\\)\\ ", "", s)
     for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                     ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", ""),
+                     ("\\!", ""), ("\\,", ""), ("\\;", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("°", ""),
                      ("\\%", "%"), ("\\$", "")):
         s = s.replace(old, new)
     s = re.sub(r"\s+", " ", s).strip()
@@ -217,5 +220,7 @@ def equivalent(a: str | None, b: str | None, timeout: float = 5.0) -> bool:
         return True
     xa, xb = _as_number(na), _as_number(nb)
     if xa is not None and xb is not None:
+        if xa.is_integer() and xb.is_integer():  # exact: a relative tolerance would pass 11111111100 for ...101
+            return xa == xb
         return abs(xa - xb) <= 1e-9 * max(1.0, abs(xa), abs(xb))
     return math_equal(na, nb, timeout)

@@ -14,15 +14,16 @@ from fractions import Fraction
 
 from thinktime.answers import equivalent, normalize
 
-GRADER_VERSION = 1  # bump when a verdict could change: runs record it in their configuration
+GRADER_VERSION = 2  # bump when a verdict could change: runs record it in their configuration (2: units, vectors)
 
 _UNIT_WORDS = (
     "cm", "mm", "km", "m", "kg", "g", "mg", "ml", "l", "s", "sec", "seconds", "minutes", "min", "hours", "h",
     "days", "dollars", "dollar", "cents", "degrees", "units", "square units", "meters", "metres", "inches",
     "feet", "miles", "pages", "apples", "people", "students", "years", "yuan",
 )
-_ZH_UNITS = re.compile(r"(?<=[\d.%)}\]])\s*(?:平方厘米|平方分米|平方米|立方厘米|立方米|千克|公斤|克|吨|千米|公里|米|分米|厘米|毫米|"
-                       r"元|角|分钟|小时|秒|天|年|岁|个|只|本|页|人|名|次|张|支|辆|棵|块|条|件|朵|瓶|箱|袋|台|份|道|倍|度|升|毫升)+$")
+_ZH_UNITS = re.compile(r"(?<=[\d.%)}\]])\s*(?:平方千米|平方厘米|平方分米|平方米|立方厘米|立方分米|立方米|千克|公斤|公顷|克|吨|斤|千米|"
+                       r"公里|米|分米|厘米|毫米|万元|元钱|元|角|分钟|小时|秒|天|年|岁|个|只|本|页|人|名|位|次|下|张|支|枝|"
+                       r"辆|棵|块|条|件|朵|瓶|箱|袋|盒|盆|束|组|根|把|头|双|套|颗|粒|杯|间|台|份|道|倍|度|升|毫升)+$")
 _ZH_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
 _ZH_SMALL = {"十": 10, "百": 100, "千": 1000}
 _ZH_BIG = {"万": 10_000, "亿": 100_000_000}
@@ -59,6 +60,10 @@ def clean(answer: str | None) -> str | None:
     s = re.sub(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\s*\{\s*(?:" + "|".join(map(re.escape, _UNIT_WORDS)) + r")\s*\}\s*(\^\{?\d\}?)?$",
                "", s, flags=re.I)
     s = re.sub(r"(?<=\d)\s+(?:" + "|".join(map(re.escape, _UNIT_WORDS)) + r")\.?(\^\{?\d\}?)?$", "", s, flags=re.I)
+    # any other word or two after a number, plain or in a text wrapper: 17 stickers, 18\text{ cookies}
+    s = re.sub(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\s*\{\s*[A-Za-z]+(?:\s+[A-Za-z]+)?\s*\}$", "", s)
+    s = re.sub(r"(?<=\d)\s+[A-Za-z]+(?:\s+[A-Za-z]+)?\.?$", "", s)
+    s = re.sub(r"\\(?:text|mbox|mathrm)\s*\{\s*([\u4e00-\u9fff]+)\s*\}$", r"\1", s)  # 9\text{个} -> 9个
     s = _ZH_UNITS.sub("", s)
     s = s.rstrip("。.").strip()
     zh = chinese_number(s)
@@ -102,7 +107,9 @@ def simple_equal(pred: str | None, gold: str | None) -> bool:
     if xa == xb:
         return True
     # "12" for a gold "12%" (or the reverse): the same percentage, written without the sign
-    return (b.endswith("%") and xa == xb * 100) or (a.endswith("%") and xb == xa * 100)
+    # (only when one of the two has the sign: 0.12% is not 12%)
+    return (b.endswith("%") and not a.endswith("%") and xa == xb * 100) or \
+        (a.endswith("%") and not b.endswith("%") and xb == xa * 100)
 
 
 def math_equal(pred: str | None, gold: str | None, timeout: float = 5.0) -> bool:

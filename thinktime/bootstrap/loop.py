@@ -200,7 +200,9 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
                 t = time.perf_counter()
                 sampler = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
                                   temperature=config.sampling.temperature, seed=config.sampling.seed)
-                compare_records = sample_heldout(sampler, heldout, config.compare_n, out / "compare" / "samples",
+                # one folder per final model and N: a run extended by rounds or given another N samples afresh
+                samples_dir = out / "compare" / f"samples-round{r}-n{config.compare_n}"
+                compare_records = sample_heldout(sampler, heldout, config.compare_n, samples_dir,
                                                  seed=config.sampling.seed)
                 log(f"compare: {config.compare_n} samples per held-out problem, {time.perf_counter() - t:.0f} s")
             break
@@ -273,8 +275,9 @@ def _reward_model_comparison(config: BootstrapConfig, base: str, records: list[d
     if not files:
         log("compare: no preference pairs in any round: no reward model to train")
         return {"skipped": "no preference pairs"}
-    if not (rm_dir / TRAIN_INFO).is_file():
-        shutil.rmtree(rm_dir, ignore_errors=True)  # half-written by a crash
+    info = rm_dir / TRAIN_INFO
+    if not info.is_file() or sorted(json.loads(info.read_text()).get("data", [])) != sorted(map(str, files)):
+        shutil.rmtree(rm_dir, ignore_errors=True)  # half-written by a crash, or trained on fewer rounds' pairs
         train("rm", base, files, rm_dir, config.reward_training, log=log)
     result = compare_reward_model(records, rm_dir, config.compare_n, device=config.device)
     data.write_json(out / "compare" / "result.json", result)

@@ -256,3 +256,36 @@ def test_search_stops_at_the_budget():
     result = solve(engine, "beam", width=2, expansions=2, depth=6, budget=5, scorer=FixedScorer({}))
     assert result.usage.completion_tokens <= 5
     assert result.details["stop_reason"] == "budget exhausted"
+
+
+def test_a_chain_cut_short_votes_no_last_number_guess():
+    """Three chains cut mid-arithmetic end on an intermediate 6; two finished chains box 42: 42 wins."""
+    texts = ["so the answer is \\boxed{42}", "6 times 7: first 6 plus 6 is 12, and 6 plus 6 is 18, and so on"]
+    engine = ScriptedEngine(lambda prompt, k: texts[[0, 1, 1, 0, 1][k]])
+    result = solve(engine, "self-consistency", n=5, max_new_tokens=12)
+    assert result.answer == "42" and [v["answer"] for v in result.details["votes"]] == ["42"]
+
+
+def test_budget_forcing_lets_a_think_tag_model_finish_its_own_answer():
+    """After the model closes </think> itself, its answer gets what is left of max_new_tokens, not answer_tokens."""
+    summary = " ".join(["word"] * 80) + " so the answer is \\boxed{42}"
+    engine = ScriptedEngine(lambda prompt, k: "thinking done </think>" if "</think>" not in prompt.prefix else summary)
+    result = solve(engine, "budget", think_tags=True, max_new_tokens=400, answer_tokens=16)
+    assert result.answer == "42" and result.answer_method == "boxed"
+
+
+def test_a_negated_verdict_word_is_no_verdict():
+    from thinktime.scorers.self_judge import parse_verdict
+
+    for text in ("The solution is not correct.", "I checked every step and found no errors.", "解答没有错误。"):
+        assert parse_verdict(text) is None, text
+    assert parse_verdict("The answer is correct.") is True and parse_verdict("This is wrong.") is False
+    assert parse_verdict("\\boxed{wrong} It is not correct.") is False  # a boxed verdict still decides
+
+
+def test_solve_many_keeps_each_questions_budget():
+    from thinktime import Thinker
+
+    engine = ScriptedEngine(lambda prompt, k: " ".join(["step"] * 12))
+    results = Thinker(engine=engine, budget_tokens=5, max_new_tokens=50).solve_many(["a?", "b?"])
+    assert [r.usage.completion_tokens for r in results] == [5, 5]

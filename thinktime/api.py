@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from collections.abc import Iterator, Sequence
 
 from thinktime import models, prompts
@@ -130,8 +131,14 @@ class Thinker:
         if (kwargs.get("strategy") or self.strategy) != "cot":
             return [self.solve(q, **kwargs) for q in questions]
         contexts = [self.context(q, **kwargs) for q in questions]
-        params = contexts[0].params if contexts else None
-        completions = self.engine.generate([c.prompt for c in contexts], params) if contexts else []
+        if not contexts:
+            return []
+        # One batch, one max_new_tokens: each question's budget caps it, as cot.run does one at a time.
+        params = contexts[0].params
+        params = replace(params, max_new_tokens=min(c.budget.cap(params.max_new_tokens) for c in contexts))
+        if params.max_new_tokens < 1:
+            return [self.solve(q, **kwargs) for q in questions]  # no room: each says so on its own
+        completions = self.engine.generate([c.prompt for c in contexts], params)
         results = []
         for ctx, (completion,) in zip(contexts, completions):
             ctx.budget.charge([completion], completion.prompt_tokens)

@@ -14,7 +14,9 @@ from fractions import Fraction
 
 from thinktime.answers import equivalent, normalize
 
-GRADER_VERSION = 2  # bump when a verdict could change: runs record it in their configuration (2: units, vectors)
+# Bump when a verdict could change: runs record it in their configuration. 2: units, vectors, and a chain cut
+# short votes its last-number guess in maj@k only when no chain gave a real answer (voting.vote_answers).
+GRADER_VERSION = 2
 
 _UNIT_WORDS = (
     "cm", "mm", "km", "m", "kg", "g", "mg", "ml", "l", "s", "sec", "seconds", "minutes", "min", "hours", "h",

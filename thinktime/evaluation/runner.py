@@ -143,7 +143,7 @@ def _base_record(problem: Problem) -> dict[str, Any]:
 
 def _sampled_records(thinker, chunk: list[Problem], settings: Settings) -> list[dict]:
     from thinktime.strategies.base import to_candidate
-    from thinktime.voting import majority
+    from thinktime.voting import majority, vote_answers
 
     contexts = [thinker.context(p.question) for p in chunk]
     params = replace(contexts[0].params, n=settings.max_n, seed=problem_seed(settings.seed, chunk[0].id))
@@ -158,7 +158,7 @@ def _sampled_records(thinker, chunk: list[Problem], settings: Settings) -> list[
         verdicts = [grade(c.answer, problem.gold) for c in candidates]
         by_k = {}
         for k in settings.ns:
-            group = majority([c.answer for c in candidates[:k]])
+            group = majority(vote_answers(candidates[:k]))  # the self-consistency strategy's vote
             verdict = verdicts[group.members[0]] if group else Verdict(False, False)
             by_k[str(k)] = {"answer": group.answer if group else None, "votes": int(group.weight) if group else 0,
                             "correct": verdict.correct, "simple": verdict.simple,

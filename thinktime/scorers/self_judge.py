@@ -41,11 +41,19 @@ def parse_verdict(text: str) -> bool | None:
             return True
         if word in _NO:
             return False
-    words = _WORD.findall(text)
-    if not words:
+    matches = list(_WORD.finditer(text))
+    if not matches:
         return None
-    last = (words[-1][0] or words[-1][1]).lower()
-    return last in _YES
+    last = matches[-1]
+    # A negated verdict word ("not correct", "no errors", "没有错误", "并不正确") reads the other way, or not at
+    # all ("no mistakes; right"): without a boxed verdict such a text gives none, rather than a guess.
+    before = text[max(0, last.start() - 24):last.start()].lower()
+    if re.search(r"\b(?:not|no|never|n't|without)\b[\w\s,;]*$|n't\s*$|[没不无未]", before) or \
+            re.search(r"\b(?:no|not)\s+(?:error|errors|mistake|mistakes|issue|issues|problem|problems)\b|没有错|无误",
+                      text[max(0, last.start() - 40):], re.IGNORECASE):
+        return None
+    word = (last.group(1) or last.group(2)).lower()
+    return word in _YES
 
 
 def judge_prompt(question: str, solution: str, partial: bool = False) -> Prompt:

@@ -91,8 +91,9 @@ def run(ctx: Context) -> Result:
         add(("\n" + THINK_CLOSE if think_tags else "") + "\n\n" + FINAL_ANSWER[lang])
         continue_chain(opts["answer_tokens"])
     elif outcome == "ended" and think_tags and pieces and pieces[-1].finish_reason == "stop":
-        add(THINK_CLOSE + "\n\n")  # the model closed its thinking: let it write the answer
-        continue_chain(opts["answer_tokens"])
+        add(THINK_CLOSE + "\n\n")  # the model closed its thinking: let it write its answer, as long as it is
+        # (an R1-style summary runs to hundreds of tokens before its box); answer_tokens bounds forced answers only
+        continue_chain(max(opts["answer_tokens"], ctx.params.max_new_tokens - thought))
     if not pieces:
         return make_result(ctx, nothing_generated(), NAME, [], ctx.budget.used,
                            {"stop_reason": "cancelled" if ctx.cancel.is_set() else "budget exhausted"})

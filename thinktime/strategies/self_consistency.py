@@ -7,7 +7,8 @@ between rounds sampling stops early (adaptive consistency) once the leading answ
   the leader is the majority answer, P(p > 1/2) for p ~ Beta(leader + 1, runner-up + 1), reaches
   `confidence`.
 Tie rule (thinktime.voting): among answers with equal votes the one sampled first wins. The vote
-distribution is in `result.details["votes"]`; chains without an answer cast no vote.
+distribution is in `result.details["votes"]`; chains without an answer cast no vote, and chains cut short whose
+answer is only their last number vote only when no chain gave a real answer (voting.vote_answers).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from thinktime.strategies.base import Context, make_result, to_candidate
 from thinktime.strategies.options import Option, positive, probability, read_options
 from thinktime.strategies.sampling import generate, nothing_generated, sampling_temperature
 from thinktime.types import Candidate, Event, Result
-from thinktime.voting import VoteGroup, group_answers
+from thinktime.voting import VoteGroup, group_answers, vote_answers
 
 NAME = "self-consistency"
 TIE_RULE = "equal votes: the answer sampled first wins"
@@ -76,7 +77,7 @@ def run(ctx: Context) -> Result:
             candidates.append(candidate)
             ctx.emit(Event("candidate_finished", i, data={"answer": candidate.answer,
                                                           "tokens": completion.completion_tokens}))
-        groups = group_answers([c.answer for c in candidates])
+        groups = group_answers(vote_answers(candidates))
         ctx.emit(Event("progress", data={"votes": vote_table(groups), "samples": len(candidates), "n": n}))
         if len(candidates) < n and (why := stop_reason(groups, n - len(candidates), opts["confidence"])):
             reason = why

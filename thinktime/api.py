@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 from thinktime import models, prompts
 from thinktime.engines import Engine, create_engine

@@ -35,3 +35,13 @@ def test_usage_never_exceeds_the_budget(strategy, budget, max_new, texts):
     assert result.usage.completion_tokens == engine.completion_tokens  # exact: every token counted
     assert all(c.usage.completion_tokens <= budget for c in result.candidates)
     assert result.details["stop_reason"]  # every strategy says why it stopped
+
+
+def test_search_says_how_many_nodes_went_unjudged():
+    """When the budget runs out before the judge, beam and mcts score the last children a neutral 0.5: said so."""
+    engine = ScriptedEngine(lambda prompt, k: "a b c\n\nd e f")
+    for strategy in ("beam", "mcts"):
+        ctx = Context("What is 2+2?", Prompt.of([{"role": "user", "content": "What is 2+2?"}]), engine,
+                      SamplingParams(max_new_tokens=6, seed=1), Budget(8), options=dict(STRATEGY_OPTIONS[strategy]))
+        result = get_strategy(strategy)(ctx)
+        assert result.details["unjudged"] > 0, strategy

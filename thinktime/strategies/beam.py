@@ -57,5 +57,6 @@ def run(ctx: Context) -> Result:
     chosen = candidates[0] if candidates else nothing_generated()
     details = {"tree": tree.to_dicts(), "stop_reason": reason, "scorer": scorer.name,
                "best": best_branch(tree, leaves[0]) if leaves else None,
-               "finished": len(finished), "width": opts["width"]}
+               "finished": len(finished), "width": opts["width"],
+               "unjudged": getattr(scorer, "unjudged", 0)}  # nodes scored a neutral 0.5: no budget left to judge
     return make_result(ctx, chosen, NAME, candidates, ctx.budget.used, details)

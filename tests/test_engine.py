@@ -155,3 +155,30 @@ def test_vllm_gets_every_core_of_a_small_cpu_unless_told_otherwise():
     assert cpu_thread_settings(2, 1, 2, {}) == {}
     assert cpu_thread_settings(2, 1, 1, {"VLLM_CPU_OMP_THREADS_BIND": "0"}) == {}  # the user's word wins
     assert cpu_thread_settings(2, 1, 1, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) == {}
+
+
+def test_a_seeded_sample_is_a_prefix_of_the_same_sample_with_more_room(engine):
+    """Every row's draws follow the steps, so a budget or the context cutting max_new_tokens cuts, never changes,
+    a seeded sample (the second sample too, not only the first)."""
+    prompt = Prompt.of([{"role": "user", "content": "Tell me a story."}])
+    short, long = (engine.generate([prompt], SamplingParams(max_new_tokens=k, n=2, temperature=1.0, seed=7))[0]
+                   for k in (6, 12))
+    for a, b in zip(short, long):
+        assert b.token_ids[:len(a.token_ids)] == a.token_ids
+
+
+def test_a_closed_engine_frees_its_model_and_says_so():
+    import gc
+    import weakref
+
+    from thinktime.engines.hf import TransformersEngine
+    from thinktime.errors import ThinktimeError
+
+    engine = TransformersEngine("smollm2-135m")
+    engine.generate([Prompt.of(QUESTION)], SamplingParams(max_new_tokens=2))
+    model = weakref.ref(engine.model)
+    engine.close()
+    gc.collect()
+    assert model() is None  # nothing (prefix cache, lean step) keeps the weights alive
+    with pytest.raises(ThinktimeError, match="closed"):
+        engine.generate([Prompt.of(QUESTION)], SamplingParams(max_new_tokens=2))

@@ -53,7 +53,7 @@ def test_greedy_tokens_equal_generate_over_a_padded_batch(engine):
 
 
 def test_finished_rows_leave_the_batch(engine):
-    params = SamplingParams(max_new_tokens=40, n=3, temperature=0.8, seed=3)
+    params = SamplingParams(max_new_tokens=40, n=3, temperature=0.8, seed=5)  # chains of 12, 19 and 40 tokens
     with loop(engine, True), batch_sizes(engine) as seen:
         [chains] = engine.generate([Prompt.of([{"role": "user", "content": QUESTIONS[0]}])], params)
     lengths = sorted(c.completion_tokens for c in chains)

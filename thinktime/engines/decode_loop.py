@@ -41,7 +41,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cach
     mode = "greedy" if greedy else ("top_p" if top_p < 1.0 else "sample")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, as generate does
-    uniforms = 1.0 - torch.rand(rows, max_new_tokens, generator=torch.Generator().manual_seed(int(seed)))
+    # Drawn step by step ([step, row]), so that a row's draws do not depend on max_new_tokens: a seeded sample is
+    # a prefix of the same sample with more room (a budget or the context may cut max_new_tokens).
+    uniforms = (1.0 - torch.rand(max_new_tokens, rows, generator=torch.Generator().manual_seed(int(seed)))).T
     if streamer is not None:
         streamer.put(input_ids[:1].cpu())  # as generate does, the prompt comes first
     device = input_ids.device

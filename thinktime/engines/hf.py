@@ -25,7 +25,7 @@ from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.onednn import cpu_has_bf16, pack_linears
 from thinktime.engines.prefix_cache import MIN_SHARED, PrefixCache, common_prefix_length
 from thinktime.engines.shared_prefix import shared_prefix_cache
-from thinktime.errors import BadInputError, InsufficientMemoryError
+from thinktime.errors import BadInputError, InsufficientMemoryError, ThinktimeError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
@@ -249,6 +249,7 @@ class TransformersEngine(Engine):
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
+        self._check_open()
         if not prompts:
             return []
         per_call = max(1, self.max_batch_rows // max(1, params.n))
@@ -264,6 +265,7 @@ class TransformersEngine(Engine):
 
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
+        self._check_open()
         cancel = cancel or threading.Event()
 
         def work(emit) -> None:
@@ -276,10 +278,18 @@ class TransformersEngine(Engine):
         yield from iterate_in_thread(work, cancel, name="thinktime-generate")
 
     def close(self) -> None:
+        """Frees the model: every holder of it (the fast decoder, the lean step, the prefix cache's KV entries)."""
         self.fast = None  # it holds the weights and its KV cache
-        del self.model
+        self.lean_step = None
+        self.prefix_cache.clear()
+        self.prefix_cache.model = None
+        self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.model is None:
+            raise ThinktimeError("this transformers engine is closed", hint="create another engine")
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -182,3 +182,10 @@ def test_a_closed_engine_frees_its_model_and_says_so():
     assert model() is None  # nothing (prefix cache, lean step) keeps the weights alive
     with pytest.raises(ThinktimeError, match="closed"):
         engine.generate([Prompt.of(QUESTION)], SamplingParams(max_new_tokens=2))
+
+
+def test_vllm_refuses_the_transformers_only_fast_option_before_loading():
+    from thinktime.engines.vllm import VLLMEngine
+
+    with pytest.raises(BadInputError, match="transformers engine only"):
+        VLLMEngine("smollm2-135m", fast=False)  # `solve --engine vllm --no-fast` failed inside vLLM's EngineArgs

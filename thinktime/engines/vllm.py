@@ -122,6 +122,8 @@ class VLLMEngine(Engine):
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
                  distributed_executor_backend: str | None = None, gpu_memory_utilization: float | None = None,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, **llm_options):
+        if "fast" in llm_options:  # --fast/--no-fast: vLLM would fail on it deep inside, after loading
+            raise BadInputError("--fast / --no-fast apply to the transformers engine only", hint="drop it for vllm")
         for label, size in (("tensor", tensor_parallel_size), ("pipeline", pipeline_parallel_size),
                             ("data", data_parallel_size)):
             if int(size) < 1:
@@ -318,7 +320,9 @@ class VLLMEngine(Engine):
                 sample.add(output.text, output.token_ids)
                 finished = output.finish_reason is not None
                 if finished:
-                    sample.finish("cancelled" if aborted else _FINISH.get(output.finish_reason, "stop"))
+                    # a sample that finished on its own in the step the abort came keeps its own reason
+                    reason = _FINISH.get(output.finish_reason) if output.finish_reason else None
+                    sample.finish(reason or ("cancelled" if aborted else "stop"))
                 yield output.index, output.text, finished
             if item.finished or all(s.finished for s in row):
                 pending.discard(position)

@@ -38,6 +38,7 @@ def _delta(text: str, finish: str | None = None, index: int = 0) -> dict:
 def _fake_app() -> FastAPI:
     app = FastAPI()
     app.state.attempts = {}
+    app.state.cut = {}
 
     @app.get("/{mode}/v1/models")
     async def models(mode: str):
@@ -71,10 +72,20 @@ def _fake_app() -> FastAPI:
         if mode == "llama-n" and n > 1:
             return JSONResponse({"error": {"message": "Only one completion choice is allowed", "code": 500}},
                                 status_code=500)
-        if mode == "silent":  # headers come, then nothing for a long time
+        if mode == "one-fails":  # no n; of the single requests, one fails (seed 1, or "fail") and the others stall
+            if n > 1:
+                return JSONResponse({"error": {"message": "Only one completion choice is allowed"}}, status_code=500)
+            if body.get("seed") == 1 or body["messages"][-1]["content"] == "fail":
+                return StreamingResponse(iter(_sse({"object": "error", "message": "out of memory"})),
+                                         media_type="text/event-stream")
+        if mode in ("silent", "one-fails"):  # headers come, then nothing for a long time
             async def stall():
                 yield _sse(_delta("The "))[0]
-                await asyncio.sleep(8)
+                try:
+                    await asyncio.sleep(8)
+                except asyncio.CancelledError:  # the client hung up
+                    app.state.cut[mode] = app.state.cut.get(mode, 0) + 1
+                    raise
                 for event in good:
                     yield event
             return StreamingResponse(stall(), media_type="text/event-stream")
@@ -150,3 +161,22 @@ def test_a_cancel_returns_at_once_while_the_server_is_silent(fake):
         engine.close()
     assert time.monotonic() - started < 3  # the server would send the rest after 8 s
     assert completion.finish_reason == "cancelled" and completion.text == "The "  # the text made so far is kept
+
+
+@pytest.mark.parametrize("prompts, n", [([PROMPT], 3), ([PROMPT, Prompt.of([{"role": "user", "content": "fail"}]),
+                                                        PROMPT], 1)])
+def test_one_failed_request_stops_its_siblings_at_once(fake, prompts, n):
+    # n samples as single requests, or several prompts: the first failure ends the call, and the
+    # requests still running are cut rather than left to hold the server for minutes.
+    engine = engine_for(fake, "one-fails")
+    started = time.monotonic()
+    try:
+        with pytest.raises(EngineError, match="out of memory"):
+            engine.generate(prompts, SamplingParams(max_new_tokens=16, n=n, temperature=0.7, seed=1 if n > 1 else None))
+    finally:
+        engine.close()
+    assert time.monotonic() - started < 3  # the silent siblings would answer after 8 s
+    while fake.app.state.cut.get("one-fails", 0) < 2 and time.monotonic() - started < 3:
+        time.sleep(0.05)
+    assert fake.app.state.cut.get("one-fails", 0) == 2  # both silent siblings were hung up on
+    fake.app.state.cut.clear()

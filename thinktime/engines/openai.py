@@ -39,8 +39,9 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures import wait as futures_wait
 
 from thinktime import models
 from thinktime.engines.base import Engine
@@ -180,9 +181,15 @@ class OpenAIEngine(Engine):
         cancel = cancel or threading.Event()
         if len(prompts) == 1:
             return [self._sample(prompts[0], params, cancel, None)]
-        with ThreadPoolExecutor(min(len(prompts), 64), thread_name_prefix="thinktime-prompt") as outer:
-            futures = [outer.submit(self._sample, p, params, cancel, None) for p in prompts]
-            return [f.result() for f in futures]
+        siblings = threading.Event()  # set by a cancel, or by one prompt's failure: the others stop too
+        outer = ThreadPoolExecutor(min(len(prompts), 64), thread_name_prefix="thinktime-prompt")
+        try:
+            futures = {k: outer.submit(self._sample, p, params, siblings, None) for k, p in enumerate(prompts)}
+            results = _gather(futures, cancel, siblings)
+        finally:
+            outer.shutdown(wait=False)
+        return [results.get(k) or [Completion("", "cancelled", 0, 0) for _ in range(params.n)]
+                for k in range(len(prompts))]
 
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
@@ -216,11 +223,12 @@ class OpenAIEngine(Engine):
                 self.supports_n = len(done) >= n
         missing = [i for i in range(n) if i not in done]
         if missing and not cancel.is_set():
+            siblings = threading.Event()  # set by a cancel, or by one request's failure: the others stop too
             futures = {i: self._pool.submit(self._request, prompt, params, 1,
-                                            None if params.seed is None else params.seed + i, i, cancel, on_delta)
+                                            None if params.seed is None else params.seed + i, i, siblings, on_delta)
                        for i in missing}
-            for i, future in futures.items():
-                done.update(_result(future, cancel))
+            for result in _gather(futures, cancel, siblings).values():
+                done.update(result)
         for i in range(n):  # cancelled before the request started
             done.setdefault(i, Completion("", "cancelled", 0, 0))
         return [done[i] for i in range(n)]
@@ -596,6 +604,33 @@ def _result(future, cancel: threading.Event, grace: float = 2.0):
                     return future.result(timeout=grace)
                 except FuturesTimeout:
                     return {}
+
+
+def _gather(futures: dict, cancel: threading.Event, siblings: threading.Event, grace: float = 2.0) -> dict:
+    """Each future's result by key. The futures run under `siblings`: a cancel is passed on to it, and so is
+    the first failure, which is raised once the others have stopped (so a failed sample does not leave its
+    siblings' requests running for minutes). Once stopping, at most `grace` seconds more; a request still
+    running then (a server silent before its headers) is left to end in the background, without a result."""
+    pending, results = dict(futures), {}
+    error: BaseException | None = None
+    deadline = None
+    while pending:
+        if cancel.is_set():
+            siblings.set()
+        finished, _ = futures_wait(list(pending.values()), timeout=0.05, return_when=FIRST_COMPLETED)
+        for key in [k for k, f in pending.items() if f in finished]:
+            try:
+                results[key] = pending.pop(key).result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the siblings stop
+                error = error or exc
+                siblings.set()
+        if siblings.is_set():
+            deadline = deadline or time.monotonic() + grace
+            if time.monotonic() > deadline:
+                break
+    if error is not None:
+        raise error
+    return results
 
 
 def _finish(reason: str) -> str:

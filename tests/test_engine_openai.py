@@ -71,6 +71,20 @@ def test_separate_reasoning_folds_back_into_think_tags():
     assert cut.close("length") == "" and split_reasoning(cut.text).reasoning == "still thinking"
 
 
+def test_reasoning_sent_after_the_answer_began_stays_where_it_came():
+    # Some servers interleave: the streamed pieces and the final text must still agree, and the
+    # answer must not end up hidden inside a think block.
+    choice = _Choice()
+    pieces = [choice.add_reasoning("think. "), choice.add_content("So "), choice.add_reasoning("(check) "),
+              choice.add_content("\\boxed{4}"), choice.close("stop")]
+    assert "".join(pieces) == choice.text == "<think>think. </think>So (check) \\boxed{4}"
+    late = _Choice()
+    pieces = [late.add_content("It is "), late.add_reasoning("hmm "), late.add_content("\\boxed{4}"),
+              late.close("stop")]
+    assert "".join(pieces) == late.text == "It is hmm \\boxed{4}"
+    assert split_reasoning(late.text).answer == "It is hmm \\boxed{4}"
+
+
 # --- against the live server ------------------------------------------------------------------------
 
 def test_picks_the_served_model_and_its_alias(remote):

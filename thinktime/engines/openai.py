@@ -63,45 +63,48 @@ class _NotSupported(Exception):
 
 
 class _Choice:
-    """One sample's pieces as they stream in."""
+    """One sample's pieces as they stream in. The text is exactly what was streamed, in order, so a
+    stream's reader and the final completion always agree."""
 
-    __slots__ = ("reasoning", "content", "finish_reason", "thinking_open", "thinking_closed")
+    __slots__ = ("pieces", "finish_reason", "thinking_open", "thinking_closed", "has_content")
 
     def __init__(self):
-        self.reasoning: list[str] = []
-        self.content: list[str] = []
+        self.pieces: list[str] = []
         self.finish_reason: str | None = None
         self.thinking_open = False
         self.thinking_closed = False
+        self.has_content = False
+
+    def _emit(self, text: str) -> str:
+        self.pieces.append(text)
+        return text
 
     def add_reasoning(self, text: str) -> str:
-        self.reasoning.append(text)
-        if not self.thinking_open:
+        if not self.thinking_open and not self.has_content:
             self.thinking_open = True
-            return THINK_OPEN + text
-        return text
+            return self._emit(THINK_OPEN + text)
+        # Inside the thinking; or reasoning that a server sent after the answer began, which stays where
+        # it came (a second think block would hide the answer before it).
+        return self._emit(text)
 
     def add_content(self, text: str) -> str:
-        self.content.append(text)
+        self.has_content = True
         if self.thinking_open and not self.thinking_closed:
             self.thinking_closed = True
-            return THINK_CLOSE + text
-        return text
+            return self._emit(THINK_CLOSE + text)
+        return self._emit(text)
 
     def close(self, finish_reason: str) -> str:
         """Finish the sample; returns text still owed to a stream (a closing think tag)."""
         self.finish_reason = finish_reason
         if self.thinking_open and not self.thinking_closed and finish_reason == "stop":
             self.thinking_closed = True
-            return THINK_CLOSE
+            return self._emit(THINK_CLOSE)
         return ""
 
     @property
     def text(self) -> str:
-        reasoning, content = "".join(self.reasoning), "".join(self.content)
-        if not self.thinking_open:
-            return content
-        return THINK_OPEN + reasoning + (THINK_CLOSE if self.thinking_closed else "") + content
+        return "".join(self.pieces)
 
 
 class OpenAIEngine(Engine):

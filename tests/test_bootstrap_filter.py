@@ -19,6 +19,8 @@ Q = "What is 47 + 38?"
     "47 + 38 = **85**\n\nThe answer is 85.",        # later mentions after the derivation are fine
     "47 + 38 is equal to 85.",
     "47加38等于85。",
+    "Adding them: the sum of forty-seven and 38 equals 85.",
+    "Let me add.\n47 + 38\n= 85",                 # the left side on the line before "="
 ])
 def test_derived_answers_do_not_quote_the_hint(text):
     assert not quotes_hint(text, "85", Q)
@@ -32,6 +34,9 @@ def test_derived_answers_do_not_quote_the_hint(text):
     ("The answer is 85. Check: 47 + 38 = 85.", "states the answer before deriving it"),
     ("\\boxed{85}", "never derives it"),
     ("47 + 38 makes 85.", "no result of a computation"),
+    ("The answer = 85. Indeed 47 + 38 = 85.", "asserts it with '=' before deriving it"),
+    ("So the final answer equals 85.", "nothing computed on the left"),
+    ("Result: = 85", "an empty left side"),
 ])
 def test_quoting_the_hint(text, why):
     assert quotes_hint(text, "85", Q), why
@@ -73,9 +78,9 @@ def test_grading_uses_the_answer_fallbacks():
 def test_keep_correct_distinct_in_order():
     samples = [Sample("a = 85", "85", "stop", True), Sample("wrong 84", "84", "stop", False),
                Sample("a  =  85", "85", "stop", True),   # the same text up to whitespace
-               Sample("b = 85", "85", "stop", True), Sample("c = 85", "85", "length", True)]
+               Sample("b = 85", "85", "stop", True), Sample("c: 80 + 5 = 85", "85", "length", True)]
     assert keep_correct(samples, "85", keep=1) == ["a = 85"]
-    assert keep_correct(samples, "85", keep=5) == ["a = 85", "b = 85", "c = 85"]  # c: cut off, but derived
+    assert keep_correct(samples, "85", keep=5) == ["a = 85", "b = 85", "c: 80 + 5 = 85"]  # c: cut off, but derived
     assert keep_correct([Sample("x", "84", "stop", False)], "85", keep=3) == []
 
 
@@ -83,7 +88,8 @@ def test_cut_off_chains_are_trimmed_after_their_derivation():
     rambling = "First, 9 + 7 = 16.\n\nNow, we can find the sum of 20 and"
     assert trim_after_derivation(rambling, "16") == "First, 9 + 7 = 16."
     assert trim_after_derivation("so 9 + 7 = 16 and then", "16") == "so 9 + 7 = 16 and then"  # no sentence end
-    assert trim_after_derivation("a = \\boxed{16}. More", "16") == "a = \\boxed{16}."
+    assert trim_after_derivation("a = 9 + 7 = \\boxed{16}. More", "16") == "a = 9 + 7 = \\boxed{16}."
+    assert trim_after_derivation("The answer = 16. More", "16") is None  # asserted, not derived
     assert trim_after_derivation("The sum of 9 and 7 is", "16") is None
     samples = grade_texts([rambling, "The sum of 9 and 7 is 16. Then 3", "9 + 7 = 15.\nSo"], "16",
                           ["length", "length", "length"])

@@ -13,7 +13,9 @@ exact: a rationale quotes the hint when
    of the answer comes any other way ("The answer is 85. First, 47 + 38 = 85"), or that never
    writes the answer as such a result, quotes the hint. When the gold answer also appears in the
    question (60 - 30 = 30), its earlier mentions may be copied operands, so only the existence of
-   a derivation is required.
+   a derivation is required. For a numeric answer, a result counts only when its left side (back to
+   the start of the clause: a line break, a sentence's end or a colon) holds a number or an operator:
+   "47 + 38 = 85" and "the sum of 47 and 38 equals 85" derive it; "the answer = 85" only asserts it.
 
 Non-numeric gold answers (\\frac{3}{4}, x^2) are matched literally after the same "=" rule.
 """
@@ -37,7 +39,7 @@ def with_hint(question: str, answer: str, lang: str = "en") -> str:
 
 
 def _answer_pattern(gold: str) -> str:
-    value = gold.strip().replace(",", "") if re.fullmatch(r"-?[\d,]+(?:\.\d+)?", gold.strip()) else gold.strip()
+    value = gold.strip().replace(",", "") if _is_numeric(gold) else gold.strip()
     if re.fullmatch(r"-?\d+(?:\.\d+)?", value):
         # a whole number: no digit (or decimal part) glued on either side; thousands separators allowed
         digits = r",?".join(re.escape(c) for c in value.lstrip("-"))
@@ -51,9 +53,36 @@ def mentions_hint(rationale: str) -> bool:
     return _MENTIONS.search(rationale) is not None
 
 
+_CLAUSE_START = re.compile(r"\n|[。！？；:：]|[.!?;](?=\s)")
+_OPERAND = re.compile(r"\d|[+*/×÷^·]|\s[-−]\s|\\(?:times|cdot|div|frac|sqrt)|[一二三四五六七八九十百千万加减乘除]")
+
+
+def _is_numeric(gold: str) -> bool:
+    return re.fullmatch(r"-?[\d,]+(?:\.\d+)?", gold.strip()) is not None
+
+
+def _computed(rationale: str, lead_start: int) -> bool:
+    """The clause left of a result's "=" holds something computed: a number or an operator."""
+    window = max(0, lead_start - 200)
+    starts = [window] + [m.end() for m in _CLAUSE_START.finditer(rationale, window, lead_start)]
+    left = ""
+    while starts and not left.strip():  # "47 + 38\n= 85": an empty clause reads on from the one before
+        left = rationale[starts.pop():lead_start]
+    return _OPERAND.search(left) is not None
+
+
+def _derivations(rationale: str, gold: str) -> list[re.Match]:
+    """Every place the rationale writes the gold answer as a computation's result ("47 + 38 = 85")."""
+    found = list(re.finditer(rf"{_RESULT_LEAD}(?P<answer>{_answer_pattern(gold)})", rationale, re.IGNORECASE))
+    if _is_numeric(gold):  # letters and expressions have no arithmetic to look for on the left
+        found = [m for m in found if _computed(rationale, m.start())]
+    return found
+
+
 def first_derivation(rationale: str, gold: str) -> re.Match | None:
     """Where the rationale first writes the gold answer as a computation's result ("= 85")."""
-    return re.search(rf"{_RESULT_LEAD}(?P<answer>{_answer_pattern(gold)})", rationale, re.IGNORECASE)
+    found = _derivations(rationale, gold)
+    return found[0] if found else None
 
 
 def trim_after_derivation(rationale: str, gold: str) -> str | None:
@@ -71,8 +100,7 @@ def derives_answer(rationale: str, gold: str, question: str = "") -> bool:
     """Rule 2 passes: the answer appears first as a computation's result (see the module docstring)."""
     pattern = _answer_pattern(gold)
     occurrences = [m.start() for m in re.finditer(pattern, rationale, re.IGNORECASE)]  # as derivations are found
-    derivations = [m.start("answer") for m in
-                   re.finditer(rf"{_RESULT_LEAD}(?P<answer>{pattern})", rationale, re.IGNORECASE)]
+    derivations = [m.start("answer") for m in _derivations(rationale, gold)]
     if not derivations:
         return False
     if question and re.search(pattern, question):

@@ -52,6 +52,7 @@ def test_round_data_and_statistics(run):
     # keep=1: a rationale per problem at most; beyond the solved problems only chains cut off by the
     # token limit after deriving the gold answer (kept trimmed)
     assert stats["kept"] <= stats["problems"] and stats["kept"] - stats["trimmed"] <= stats["solved"]
+    assert stats["kept_problems"] == stats["kept"]  # keep=1
     assert stats["sft_rows"] == stats["kept"] + stats["rationalised"] >= 1
     sft = load_dataset("json", data_files=str(out / "round-1" / "sft.jsonl"), split="train")
     assert len(sft) == stats["sft_rows"]

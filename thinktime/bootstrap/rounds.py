@@ -41,8 +41,9 @@ class RoundStats:
     problems: int = 0
     samples: int = 0
     correct_samples: int = 0
-    solved: int = 0  # problems with at least one correct sample
+    solved: int = 0  # problems with at least one correct sample (a finished chain whose answer is right)
     kept: int = 0  # rationales kept by the STaR filter
+    kept_problems: int = 0  # problems with a kept rationale: the solved ones, and chains cut after deriving it
     trimmed: int = 0  # kept rationales (either kind) cut by the token limit, trimmed after their derivation
     rationalised_problems: int = 0  # problems rescued by rationalisation
     rationalised: int = 0  # rationales kept from hinted sampling
@@ -119,6 +120,7 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
         stats.correct_samples += sum(s.correct for s in samples)
         stats.solved += any(s.correct for s in samples)
         stats.kept += len(kept[problem.id])
+        stats.kept_problems += bool(kept[problem.id])
         stats.trimmed += sum(t not in {s.text for s in samples} for t in kept[problem.id])
         stats.completion_tokens += sum(c.completion_tokens for c in completions)
 

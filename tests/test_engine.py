@@ -189,3 +189,25 @@ def test_vllm_refuses_the_transformers_only_fast_option_before_loading():
 
     with pytest.raises(BadInputError, match="transformers engine only"):
         VLLMEngine("smollm2-135m", fast=False)  # `solve --engine vllm --no-fast` failed inside vLLM's EngineArgs
+
+
+def test_running_out_of_memory_is_a_clear_error_and_the_engine_serves_on(engine, monkeypatch):
+    # The allocator's failure is simulated (a real one would need a GPU filled to the brim); what is
+    # under test is that it reaches the user as exit 5 with what to do, and that the engine recovers.
+    import torch
+
+    from thinktime.errors import InsufficientMemoryError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    params = SamplingParams(max_new_tokens=4, n=3, temperature=0.7, seed=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "_decode", out_of_memory)
+        with pytest.raises(InsufficientMemoryError) as info:
+            engine.generate([Prompt.of(QUESTION)], params)
+        assert info.value.exit_code == 5 and "3 row(s)" in str(info.value) and "fewer samples" in info.value.hint
+        with pytest.raises(InsufficientMemoryError):
+            list(engine.stream(Prompt.of(QUESTION), params))
+    [completions] = engine.generate([Prompt.of(QUESTION)], params)
+    assert len(completions) == 3 and all(c.completion_tokens >= 1 for c in completions)

@@ -453,3 +453,25 @@ def test_thinktime_serve_command_end_to_end():
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}/v1" in output  # bound to the loopback by default
+
+
+def test_out_of_memory_is_a_503_and_the_server_serves_on(server, server_thinker, monkeypatch):
+    # The allocator's failure is simulated inside the real engine (filling a GPU is not an option in
+    # CI); the server must say it was the server's memory, not a bad request, and keep serving.
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "1+1?"}], "max_tokens": 4, "n": 2}
+    with monkeypatch.context() as patch:
+        patch.setattr(server_thinker.engine, "_decode", out_of_memory)
+        answer = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 503
+        error = answer.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "out_of_memory" and "fewer samples" in error["message"]
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=60) as streamed:
+            events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert any(json.loads(e[6:]).get("error", {}).get("code") == "out_of_memory" for e in events if e != "data: [DONE]")
+    assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200

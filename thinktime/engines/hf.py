@@ -293,9 +293,24 @@ class TransformersEngine(Engine):
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _run(self, texts: list[str], params: SamplingParams, cancel: threading.Event,
-             streamer: BaseStreamer | None = None, reuse: bool = False,
-             keep_rows: bool = True) -> list[list[Completion]]:
+    def _run(self, texts: list[str], params: SamplingParams, *args, **kwargs) -> list[list[Completion]]:
+        try:
+            return self._decode(texts, params, *args, **kwargs)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what the failed call held goes back: the next, smaller call can run
+            rows = len(texts) * params.n
+            raise InsufficientMemoryError(
+                f"{self.device} memory ran out decoding {rows} row(s) of up to {params.max_new_tokens} new tokens "
+                f"with {self.model_name}: {str(exc).splitlines()[0][:200]}",
+                hint="ask for fewer samples at once (n; the server's --max-batch), fewer --max-new-tokens, "
+                     "or a smaller model") from None
+
+    def _decode(self, texts: list[str], params: SamplingParams, cancel: threading.Event,
+                streamer: BaseStreamer | None = None, reuse: bool = False,
+                keep_rows: bool = True) -> list[list[Completion]]:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         prompt_lengths = enc.attention_mask.sum(dim=1).tolist()
         width = enc.input_ids.shape[1]

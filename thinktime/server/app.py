@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from thinktime.api import Thinker
-from thinktime.errors import ThinktimeError
+from thinktime.errors import EngineError, InsufficientMemoryError, ThinktimeError
 from thinktime.server.protocol import APIError, ChatRequest, error_type, parse_request
 from thinktime.server.scheduler import Job, QueueFull, Scheduler
 from thinktime.server.streaming import CandidateView, ReasoningStream, reply_split
@@ -445,12 +445,23 @@ def _submit(service: ChatService, job: Job) -> None:
                        headers={"Retry-After": str(exc.retry_after)}) from None
 
 
+def _engine_failure(error: ThinktimeError) -> APIError:
+    """A failure of a request that passed its checks: the request's fault (400), or the server's, when
+    memory ran out (503: a smaller request, or the same later, may pass) or its engine failed (502)."""
+    message = f"{error.message} ({error.hint})" if error.hint else error.message
+    if isinstance(error, InsufficientMemoryError):
+        return APIError(503, message, type="server_error", code="out_of_memory")
+    if isinstance(error, EngineError):
+        return APIError(502, message, type="server_error", code="engine_error")
+    return APIError(400, message, code="invalid_value")
+
+
 def _outcome(job: Job):
     error = job.future.exception()
     if error is None:
         return job.future.result()
     if isinstance(error, ThinktimeError):
-        raise APIError(400, error.message, code="invalid_value")
+        raise _engine_failure(error)
     if isinstance(error, asyncio.CancelledError):
         raise APIError(504, "the request was cancelled before it finished", type="timeout_error", code="cancelled")
     raise APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")
@@ -488,11 +499,9 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
                 if job.future.done() or await _settled(job):
                     error = job.future.exception()
                     if error is not None and not isinstance(error, asyncio.CancelledError):
-                        message = error.message if isinstance(error, ThinktimeError) else \
-                            f"generation failed: {type(error).__name__}"
-                        body = APIError(400 if isinstance(error, ThinktimeError) else 500, message,
-                                        type="invalid_request_error" if isinstance(error, ThinktimeError)
-                                        else "server_error").body()
+                        body = (_engine_failure(error) if isinstance(error, ThinktimeError) else
+                                APIError(500, f"generation failed: {type(error).__name__}", type="server_error")
+                                ).body()
                         yield f"data: {json.dumps(body)}\n\n"
                 break
             if isinstance(item, StreamDelta):  # cot: choice `index` of n

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from thinktime.engines.base import Engine
+from thinktime.errors import BadInputError
 from thinktime.scorers.base import Scorer
 from thinktime.types import Completion, Prompt
 
@@ -20,8 +21,11 @@ class ScriptedEngine(Engine):
     name = "scripted"
     model_name = "scripted"
 
-    def __init__(self, script: Callable[[Prompt, int], str] | Iterable[str]):
-        """`script(prompt, k)` gives the k-th sample's text for a prompt, or an iterable gives texts in order."""
+    def __init__(self, script: Callable[[Prompt, int], str] | Iterable[str], context_length: int | None = None):
+        """`script(prompt, k)` gives the k-th sample's text for a prompt, or an iterable gives texts in order.
+        With `context_length`, prompts and completions share a window as on the real engines: a prompt that
+        fills it is refused, and a completion stops ("length") where the window ends."""
+        self.context_length = context_length
         self.ordered = not callable(script)
         self.script = iter(script).__next__ if self.ordered else script
         self.calls: list[tuple[list[Prompt], object]] = []
@@ -34,6 +38,10 @@ class ScriptedEngine(Engine):
         return len(_TOKEN.findall(text))
 
     def generate(self, prompts, params, cancel=None):
+        if self.context_length:
+            for prompt in prompts:
+                if self.count_tokens(self.render(prompt)) >= self.context_length:
+                    raise BadInputError("the prompt fills the context window")
         self.calls.append((list(prompts), params))
         out = []
         for prompt in prompts:
@@ -49,10 +57,15 @@ class ScriptedEngine(Engine):
         cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
         pieces = _TOKEN.findall(text[:cut] if cut >= 0 else text)
         prompt_tokens = self.count_tokens(self.render(prompt))
-        if len(pieces) >= params.max_new_tokens:
-            pieces = pieces[: params.max_new_tokens]
-            return Completion("".join(pieces), "length", prompt_tokens, len(pieces))
-        return Completion("".join(pieces), "stop", prompt_tokens, len(pieces) + 1)
+        limit = params.max_new_tokens
+        if self.context_length:
+            limit = min(limit, self.context_length - prompt_tokens)
+        if len(pieces) >= limit:
+            pieces = pieces[:limit]
+            return Completion("".join(pieces), "length", prompt_tokens, len(pieces), ended_turn=False)
+        if cut >= 0:  # a stop string ended it: it is not part of the text, and no end-of-turn token was made
+            return Completion("".join(pieces), "stop", prompt_tokens, len(pieces), ended_turn=False)
+        return Completion("".join(pieces), "stop", prompt_tokens, len(pieces) + 1, ended_turn=True)
 
 
 class FixedScorer(Scorer):

@@ -79,6 +79,9 @@ def test_bad_sampling_values_are_errors(thinker):
         thinker.solve("1+1?", temperature=-1)
     with pytest.raises(BadInputError):
         thinker.solve("1+1?", top_p=0)
+    for bad in (0, -5, 2.5):  # refused per call as the constructor refuses them, before any engine call
+        with pytest.raises(BadInputError, match="budget_tokens must be a whole number"):
+            thinker.solve("1+1?", budget_tokens=bad)
 
 
 def test_unknown_model_lists_aliases():

@@ -42,6 +42,6 @@ def test_search_says_how_many_nodes_went_unjudged():
     engine = ScriptedEngine(lambda prompt, k: "a b c\n\nd e f")
     for strategy in ("beam", "mcts"):
         ctx = Context("What is 2+2?", Prompt.of([{"role": "user", "content": "What is 2+2?"}]), engine,
-                      SamplingParams(max_new_tokens=6, seed=1), Budget(8), options=dict(STRATEGY_OPTIONS[strategy]))
+                      SamplingParams(max_new_tokens=6, seed=1), Budget(6), options=dict(STRATEGY_OPTIONS[strategy]))
         result = get_strategy(strategy)(ctx)
         assert result.details["unjudged"] > 0, strategy

@@ -90,12 +90,32 @@ def test_budget_of_zero_gives_an_empty_result():
     assert result.details["stop_reason"] == "budget exhausted"
 
 
+def test_rounds_share_the_budget_as_one_call_would():
+    # Budget 80 over 8 chains is 10 tokens a chain, in one call or in rounds of 2: the first round
+    # must not take it all, and a run stopped early leaves the rest unspent.
+    for size in (8, 2):
+        engine = ScriptedEngine([boxed(1), boxed(2)] * 10)
+        result = solve(engine, "self-consistency", n=8, round=size, confidence=1.0, budget=80, max_new_tokens=40)
+        caps = [params.max_new_tokens for _, params in engine.calls]
+        assert len(caps) == 8 // size and caps[0] == 10 and min(caps) >= 10  # what a short chain leaves, flows on
+        assert result.details["samples"] == 8 and result.usage.completion_tokens <= 80
+
+
 def test_rounds_stop_when_the_budget_runs_out():
-    engine = ScriptedEngine([boxed(1), boxed(2)] * 10)
-    result = solve(engine, "self-consistency", n=8, round=2, confidence=1.0, budget=12)
-    assert result.usage.completion_tokens <= 12
-    assert result.details["stop_reason"] == "budget exhausted"
-    assert result.answer == "1"
+    # Fewer tokens than chains still to sample: not even one token each, so nothing more is drawn
+    engine = ScriptedEngine(["1 2 3 4 5 6 7 8 9 " + boxed(1)] * 10)
+    events = []
+    result = solve(engine, "self-consistency", n=8, round=2, confidence=1.0, budget=5, events=events)
+    assert engine.calls == [] and result.details["stop_reason"] == "budget exhausted"
+    assert [e for e in events if e.kind == "candidate_started"] == []  # no chain announced that never ran
+
+
+def test_guesses_of_chains_cut_short_never_stop_sampling_early():
+    # Two cut chains whose last number is 3 would "decide" the vote, but the third chain boxes 12:
+    # a real answer voids the guesses, so sampling goes on.
+    engine = ScriptedEngine(["I add 1 2 3 and keep going for a while longer"] * 2 + [boxed(12)])
+    result = solve(engine, "self-consistency", n=3, round=1, max_new_tokens=8)
+    assert result.details["samples"] == 3 and result.answer == "12"
 
 
 def test_unknown_and_bad_options_are_refused():
@@ -281,6 +301,11 @@ def test_a_negated_verdict_word_is_no_verdict():
         assert parse_verdict(text) is None, text
     assert parse_verdict("The answer is correct.") is True and parse_verdict("This is wrong.") is False
     assert parse_verdict("\\boxed{wrong} It is not correct.") is False  # a boxed verdict still decides
+    for text in ("There is nothing wrong with this solution.", "I see nothing wrong.", "Is the solution wrong? No."):
+        assert parse_verdict(text) is None, text
+    # a judgement cut by its token limit stopped mid-thought: only a boxed verdict in it counts
+    assert parse_verdict("Let me check whether the first step is correct", finished=False) is None
+    assert parse_verdict("\\boxed{yes} and more", finished=False) is True
 
 
 def test_solve_many_keeps_each_questions_budget():
@@ -289,3 +314,115 @@ def test_solve_many_keeps_each_questions_budget():
     engine = ScriptedEngine(lambda prompt, k: " ".join(["step"] * 12))
     results = Thinker(engine=engine, budget_tokens=5, max_new_tokens=50).solve_many(["a?", "b?"])
     assert [r.usage.completion_tokens for r in results] == [5, 5]
+
+
+# --- reviews' findings: turn ends, cut judgements, n=1, languages, context windows, cancels ----------
+
+def test_a_step_that_ends_the_turn_ends_the_chain_even_without_a_box():
+    # "The answer is 4." ended the model's turn (no delimiter followed): the chain is finished, and the
+    # model is never asked to continue a reply it had already ended.
+    engine = ScriptedEngine(lambda prompt, k: "The answer is 4." if prompt.prefix else "Add 2 and 2.\n\nmore")
+    result = solve(engine, "beam", width=1, expansions=1, depth=5, scorer=FixedScorer({}))
+    assert len(engine.calls) == 2 and result.details["stop_reason"] == "enough chains finished"
+    assert result.text == "Add 2 and 2.\n\nThe answer is 4." and result.answer == "4"
+    # an empty step cut by the delimiter is not a finished chain (it used to beat every scored chain)
+    engine = ScriptedEngine(lambda prompt, k: ["\n\nx", "Add 2 and 2.\n\nmore"][k] if not prompt.prefix
+                            else boxed(4))
+    result = solve(engine, "beam", width=2, expansions=2, depth=3, scorer=FixedScorer({}))
+    assert result.answer == "4" and all(n["step"] for n in result.details["tree"][1:])
+
+
+def test_a_judgement_cut_short_is_no_verdict():
+    def script(prompt, k):
+        if "proposed solution" in prompt.messages[-1]["content"]:  # the judge thinks aloud, and is cut
+            return "Let me check whether the first step is correct or not, slowly and carefully " + "\\boxed{no}"
+        return [boxed(5), boxed(4)][k]
+
+    result = solve(ScriptedEngine(script), "best-of-n", n=2, scorer="self", judge_tokens=8)
+    assert [c.score for c in result.candidates] == [0.5, 0.5] and result.answer == "5"  # no verdicts: a tie
+
+
+def test_best_of_one_is_not_judged_and_keeps_the_whole_budget():
+    engine = ScriptedEngine(lambda prompt, k: boxed(4))
+    result = solve(engine, "best-of-n", n=1, scorer="self", budget=100, max_new_tokens=100)
+    assert len(engine.calls) == 1 and engine.calls[0][1].max_new_tokens == 100
+    assert result.answer == "4" and result.candidates[0].score is None
+
+
+def test_weighted_best_of_n_does_not_let_guesses_vote():
+    engine = ScriptedEngine(["I add 1 2 3 and keep going for a while longer"] * 2 + [boxed(12)])
+    result = solve(engine, "best-of-n", n=3, scorer=FixedScorer({}), select="weighted", max_new_tokens=8)
+    assert result.answer == "12"
+
+
+def test_best_of_n_refuses_an_empty_delimiter_before_generating():
+    engine = ScriptedEngine([])
+    with pytest.raises(BadInputError, match="bad value"):
+        solve(engine, "best-of-n", n=2, delimiter="")
+    assert engine.calls == []
+
+
+def test_reflect_leaves_room_for_a_check_under_a_budget():
+    replies = iter(["1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 " + boxed(4), "fine \\boxed{correct}"])
+    engine = ScriptedEngine(lambda prompt, k: next(replies))
+    result = solve(engine, "reflect", budget=40, max_new_tokens=40, check_tokens=16)
+    assert len(engine.calls) == 2 and result.details["rounds"][0]["verdict"] == "correct"
+    assert result.usage.completion_tokens <= 40
+
+
+def test_reflect_and_budget_forcing_stop_when_the_context_window_is_full():
+    # Each round adds a solution and a critique to the conversation: once the window is full, the last
+    # solution is kept and the reason said, instead of the engine's error after the tokens were spent.
+    engine = ScriptedEngine(lambda prompt, k: "\\boxed{wrong} " + "x " * 10 if "Check" in
+                            prompt.messages[-1]["content"] else "y " * 10 + boxed(1), context_length=70)
+    result = solve(engine, "reflect", rounds=5)
+    assert result.details["stop_reason"] == "the context window is full" and result.answer == "1"
+    engine = ScriptedEngine(lambda prompt, k: "a " * 100, context_length=40)
+    result = solve(engine, "budget", max_new_tokens=200, max_tokens=150)
+    assert result.details["stop_reason"] == "the context window is full"
+    assert result.details["forced_answer"] is False
+
+
+def test_a_cancel_is_reported_as_a_cancel():
+    import threading
+
+    cancel = threading.Event()
+
+    def script(prompt, k):
+        if "proposed solution" in prompt.messages[-1]["content"]:
+            return "\\boxed{yes}"
+        cancel.set()  # the user stops the run while the chains are generated: the judge never runs
+        return boxed(k)
+
+    for strategy, options in (("best-of-n", {"n": 2}), ("beam", {"width": 2}), ("mcts", {"iterations": 2})):
+        ctx = make_ctx(ScriptedEngine(script), strategy, scorer="self", **options)
+        ctx.cancel = cancel
+        result = get_strategy(strategy)(ctx)
+        assert result.details["stop_reason"] == "cancelled", strategy
+        assert result.details.get("unjudged", 0) == 0, strategy
+        cancel.clear()
+
+
+def test_the_chosen_language_reaches_what_strategies_write():
+    # A Chinese question with lang="en": the Wait and the check are English, as the system prompt is.
+    from thinktime.strategies import Budget, Context
+
+    question = "五加七等于多少？"
+    engine = ScriptedEngine(lambda prompt, k: "short " + boxed(12))
+    ctx = Context(question, Prompt.of([{"role": "user", "content": question}]), engine,
+                  SamplingParams(max_new_tokens=40, seed=0), Budget(None), options={"min_tokens": 10}, lang="en")
+    get_strategy("budget")(ctx)
+    assert engine.calls[1][0][0].prefix.endswith("Wait")
+    engine = ScriptedEngine(lambda prompt, k: "\\boxed{correct}" if len(engine.calls) > 1 else boxed(12))
+    ctx = Context(question, Prompt.of([{"role": "user", "content": question}]), engine,
+                  SamplingParams(max_new_tokens=40, seed=0), Budget(None), lang="en")
+    get_strategy("reflect")(ctx)
+    assert engine.calls[1][0][0].messages[-1]["content"].startswith("Check the solution")
+
+
+def test_mcts_reports_the_iterations_it_completed():
+    engine = ScriptedEngine(tree_script)
+    result = solve(engine, "mcts", iterations=8, expansions=2, depth=5, budget=6, scorer=FixedScorer({}))
+    assert result.details["stop_reason"] == "budget exhausted"
+    progress = [call for call in engine.calls]
+    assert result.details["iterations"] == len(progress)

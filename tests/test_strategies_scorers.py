@@ -111,3 +111,20 @@ def test_best_of_n_with_a_prm(checkpoints):
     assert result.answer == result.candidates[max(range(3), key=lambda i: (scores[i], -i))].answer
     assert [len(s) for s in result.details["step_scores"]] == [3, 2, 1]
     assert result.details["scorer"].startswith("qwen-prm:")
+
+
+@pytest.mark.parametrize("family", ["qwen-prm", "skywork-prm", "rlhflow-prm", "orm"])
+def test_empty_chains_are_scored_without_a_crash(checkpoints, family):
+    # A model that ends its turn at once gives an empty chain; a batch of only those used to crash the
+    # PRM (an empty id list made a float tensor).
+    kind = "orm" if family == "orm" else "prm"
+    scorer = load_reward_model(f"{kind}:{checkpoints[family]}", device="cpu")
+    alone = scorer.score("What is 2 + 3?", [[""], []])
+    assert all(len(s) <= 1 for s in alone)
+    mixed = scorer.score("What is 2 + 3?", [[""], CHAINS[0]])
+    assert len(mixed[1]) == (1 if family == "orm" else 3)
+    engine = ScriptedEngine(lambda prompt, k: "")
+    ctx = Context("What is 2 + 3?", Prompt.of([{"role": "user", "content": "What is 2 + 3?"}]), engine,
+                  SamplingParams(max_new_tokens=8), Budget(None), options={"n": 2, "scorer": scorer})
+    result = get_strategy("best-of-n")(ctx)
+    assert result.answer is None and len(result.candidates) == 2

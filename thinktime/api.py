@@ -34,9 +34,7 @@ class Thinker:
                  strategy: str = "cot", budget_tokens: int | None = None, options: dict | None = None,
                  trust_remote_code: bool = False, source: str | None = None, **engine_options):
         for name, value in (("max_new_tokens", max_new_tokens), ("budget_tokens", budget_tokens)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise BadInputError(f"{name} must be a whole number of at least 1, got {value!r}",
-                                    hint=f"--{name.replace('_', '-')} 256, or leave it out for the default")
+            _check_count(name, value)
         if isinstance(engine, Engine):
             self.engine = engine
         else:
@@ -95,8 +93,10 @@ class Thinker:
     def context(self, question: str, *, history: Sequence[dict] = (), strategy: str | None = None,
                 budget_tokens: int | None = None, emit=None, cancel: threading.Event | None = None,
                 options: dict | None = None, **sampling) -> Context:
+        _check_count("budget_tokens", budget_tokens)
+        _check_count("max_new_tokens", sampling.get("max_new_tokens"))
         ctx = Context(question=question, prompt=Prompt.of(self.messages(question, history)), engine=self.engine,
-                      params=self.sampling(**sampling),
+                      params=self.sampling(**sampling), lang=None if self.lang == "auto" else self.lang,
                       budget=Budget(budget_tokens if budget_tokens is not None else self.budget_tokens),
                       options={**(self.options if (strategy or self.strategy) == self.strategy else {}),
                                **(options or {})})
@@ -151,3 +151,10 @@ def _check_question(question: str) -> str:
     if not isinstance(question, str) or not question.strip():
         raise BadInputError("the question is empty", hint="pass a question as text, e.g. thinktime solve \"1+1=?\"")
     return question.strip()
+
+
+def _check_count(name: str, value) -> None:
+    """A token count from the caller: a whole number of at least 1, or None for the default."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise BadInputError(f"{name} must be a whole number of at least 1, got {value!r}",
+                            hint=f"--{name.replace('_', '-')} 256, or leave it out for the default")

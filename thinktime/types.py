@@ -63,6 +63,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] | None = None
+    # "stop" covers two ends: the model ended its turn (an end-of-turn token), or a stop string was met.
+    # True / False say which; None where the engine cannot tell (a server that does not report it).
+    ended_turn: bool | None = None
 
     @property
     def usage(self) -> Usage:

@@ -11,16 +11,16 @@ from dataclasses import dataclass
 from thinktime.answers import equivalent, normalize
 
 
-def _guess(candidate) -> bool:
+def is_guess(candidate) -> bool:
     """A chain cut short (token limit, cancel) whose answer is only its last number: there, almost always an
     intermediate value. A box or "the answer is" in a cut chain is still an answer."""
     return candidate.finish_reason in ("length", "cancelled") and candidate.answer_method == "last-number"
 
 
 def vote_answers(candidates: Sequence) -> list[str | None]:
-    """The answers chains vote with: guesses (see _guess) only when no chain gave a real answer, so one chain alone
+    """The answers chains vote with: guesses (see is_guess) only when no chain gave a real answer, so one chain alone
     keeps the answer it reports (maj@1 is cot's answer), and five cut chains' guesses never outvote two boxes."""
-    real = [None if _guess(c) else c.answer for c in candidates]
+    real = [None if is_guess(c) else c.answer for c in candidates]
     return real if any(a is not None for a in real) else [c.answer for c in candidates]
 
 

@@ -385,14 +385,15 @@ class TransformersEngine(Engine):
                 ids = row[:cut]
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 stop_at = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+                ended_turn = False
                 if stop_at >= 0:  # stop strings are not part of the output (OpenAI semantics)
                     text, finish, used = text[:stop_at], "stop", len(ids)
                 elif cut < len(row):  # the model ended its turn; that token was generated too
-                    finish, used = "stop", len(ids) + 1
+                    finish, used, ended_turn = "stop", len(ids) + 1, True
                 else:  # cut: a multi-byte character may be cut in two, decoded as U+FFFD; it is not text
                     finish, used = ("cancelled" if cancel.is_set() else "length"), len(ids)
                     text = text.rstrip("\ufffd")
-                row_completions.append(Completion(text, finish, int(prompt_len), used, ids))
+                row_completions.append(Completion(text, finish, int(prompt_len), used, ids, ended_turn))
             completions.append(row_completions)
         return completions
 

@@ -66,11 +66,12 @@ class _Choice:
     """One sample's pieces as they stream in. The text is exactly what was streamed, in order, so a
     stream's reader and the final completion always agree."""
 
-    __slots__ = ("pieces", "finish_reason", "thinking_open", "thinking_closed", "has_content")
+    __slots__ = ("pieces", "finish_reason", "thinking_open", "thinking_closed", "has_content", "stop_reason")
 
     def __init__(self):
         self.pieces: list[str] = []
         self.finish_reason: str | None = None
+        self.stop_reason: tuple | None = None  # (what ended it,) where the server says: vLLM, SGLang
         self.thinking_open = False
         self.thinking_closed = False
         self.has_content = False
@@ -322,7 +323,7 @@ class OpenAIEngine(Engine):
         for choice in choices.values():  # the stream ended without a finish reason: we closed it
             if choice.finish_reason is None:
                 choice.finish_reason = "cancelled" if cancel.is_set() else "length"
-        return self._completions(prompt, choices, usage, offset)
+        return self._completions(prompt, choices, usage, offset, bool(params.stop))
 
     def _read_chunk(self, chunk, choices: dict[int, "_Choice"], emit) -> dict | None:
         """One streamed chunk into the choices; returns its usage, if it carries one."""
@@ -344,6 +345,9 @@ class OpenAIEngine(Engine):
                 if item.get("finish_reason") == "error":  # the server gave up on this sample
                     raise _Retryable("the server ended a sample with finish_reason 'error'")
                 if item.get("finish_reason"):
+                    for key in ("stop_reason", "matched_stop"):  # vLLM's and SGLang's: the stop string, or
+                        if key in item:                          # None / a token id for an end-of-turn token
+                            choice.stop_reason = (item[key],)
                     emit(index, choice.close(_finish(item["finish_reason"])))
         except (AttributeError, TypeError, ValueError) as exc:
             raise EngineError(f"{self.base_url} sent a chunk this engine cannot read ({type(exc).__name__}): "
@@ -363,7 +367,7 @@ class OpenAIEngine(Engine):
             raise _Retryable("the stream ended before [DONE], with a sample unfinished")
 
     def _completions(self, prompt: Prompt, choices: dict[int, _Choice], usage: dict,
-                     offset: int) -> dict[int, Completion]:
+                     offset: int, stop_strings: bool = False) -> dict[int, Completion]:
         texts = {i: c.text for i, c in choices.items()}
         prompt_tokens = usage.get("prompt_tokens")
         if prompt_tokens is None:
@@ -373,7 +377,8 @@ class OpenAIEngine(Engine):
             counts = {i: self.count_tokens(t) for i, t in texts.items()}
         else:
             counts = _share(int(total), {i: len(t) for i, t in texts.items()})
-        return {offset + i: Completion(texts[i], choices[i].finish_reason, int(prompt_tokens), counts[i])
+        return {offset + i: Completion(texts[i], choices[i].finish_reason, int(prompt_tokens), counts[i],
+                                       ended_turn=_ended_turn(choices[i], stop_strings))
                 for i in sorted(choices)}
 
     # --- HTTP ---------------------------------------------------------------------------------
@@ -634,6 +639,15 @@ def _gather(futures: dict, cancel: threading.Event, siblings: threading.Event, g
     if error is not None:
         raise error
     return results
+
+
+def _ended_turn(choice: _Choice, stop_strings: bool) -> bool | None:
+    """Whether the model ended its turn: what the server says, or sure when no stop string was asked for."""
+    if choice.finish_reason != "stop":
+        return False
+    if choice.stop_reason is not None:
+        return not isinstance(choice.stop_reason[0], str)
+    return None if stop_strings else True
 
 
 def _finish(reason: str) -> str:

@@ -322,7 +322,7 @@ class VLLMEngine(Engine):
                 if finished:
                     # a sample that finished on its own in the step the abort came keeps its own reason
                     reason = _FINISH.get(output.finish_reason) if output.finish_reason else None
-                    sample.finish(reason or ("cancelled" if aborted else "stop"))
+                    sample.finish(reason or ("cancelled" if aborted else "stop"), getattr(output, "stop_reason", None))
                 yield output.index, output.text, finished
             if item.finished or all(s.finished for s in row):
                 pending.discard(position)
@@ -401,12 +401,13 @@ class VLLMEngine(Engine):
 class _Sample:
     """One sample's text and tokens as they arrive."""
 
-    __slots__ = ("parts", "token_ids", "finish_reason")
+    __slots__ = ("parts", "token_ids", "finish_reason", "ended_turn")
 
     def __init__(self):
         self.parts: list[str] = []
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.ended_turn = False
 
     @property
     def finished(self) -> bool:
@@ -417,14 +418,17 @@ class _Sample:
             self.parts.append(text)
         self.token_ids.extend(token_ids)
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, stop_reason=None) -> None:
         self.finish_reason = reason
+        # vLLM's stop_reason: the stop string met, or None / a token id when a stop token ended the turn
+        self.ended_turn = reason == "stop" and not isinstance(stop_reason, str)
 
     def completion(self, prompt_tokens: int, stop_ids) -> Completion:
         ids = list(self.token_ids)
         # The generated end-of-turn token counts as used (as in the transformers engine) but is not text.
         visible = ids[:-1] if ids and ids[-1] in stop_ids else ids
-        return Completion("".join(self.parts), self.finish_reason or "cancelled", prompt_tokens, len(ids), visible)
+        return Completion("".join(self.parts), self.finish_reason or "cancelled", prompt_tokens, len(ids), visible,
+                          self.ended_turn)
 
 
 class _Replica:

@@ -142,14 +142,23 @@ class _TransformersScorer(Scorer):
         raise NotImplementedError
 
     def _forward(self, batch: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Step scores per chain; a chain with no step to score (an empty chain) gets none, without a forward."""
+        scored = [i for i, (ids, positions) in enumerate(batch) if ids and positions]
+        out: list[list[float]] = [[] for _ in batch]
+        if not scored:
+            return out
+        rows = [batch[i] for i in scored]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(ids) for ids, _ in batch)
+        width = max(len(ids) for ids, _ in rows)
         # Right padding keeps every position where encode() put it.
-        ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in batch], device=self.device)
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in batch], device=self.device)
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in rows], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in rows], dtype=torch.long,
+                            device=self.device)
         with torch.inference_mode():
             per_token = self.token_scores(ids, mask).float().cpu()
-        return [[float(per_token[i, p]) for p in positions] for i, (_, positions) in enumerate(batch)]
+        for k, i in enumerate(scored):
+            out[i] = [float(per_token[k, p]) for p in batch[i][1]]
+        return out
 
     def token_scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """A score in [0, 1] for every token position, shape (batch, width)."""

@@ -30,10 +30,12 @@ _NO = {"no", "incorrect", "wrong", "false", "否", "错误", "错", "不正确"}
 _WORD = re.compile(r"\b(yes|no|correct|incorrect|wrong)\b|(不正确|正确|错误)", re.IGNORECASE)
 
 
-def parse_verdict(text: str) -> bool | None:
+def parse_verdict(text: str, finished: bool = True) -> bool | None:
     """True for a yes/correct verdict, False for no/wrong, None when the text gives none.
 
-    The last \\boxed{} verdict wins; without one, the last verdict word in the text.
+    The last \\boxed{} verdict wins; without one, the last verdict word in the text, but only in a
+    judgement that finished: one cut by its token limit stopped mid-thought ("let me check whether the
+    first step is correct"), and only a boxed verdict in it is a verdict.
     """
     for _, content in reversed(find_boxed(text)):
         word = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", content).strip().strip(".。").lower()
@@ -42,22 +44,24 @@ def parse_verdict(text: str) -> bool | None:
         if word in _NO:
             return False
     matches = list(_WORD.finditer(text))
-    if not matches:
+    if not matches or not finished:
         return None
     last = matches[-1]
     # A negated verdict word ("not correct", "no errors", "没有错误", "并不正确") reads the other way, or not at
     # all ("no mistakes; right"): without a boxed verdict such a text gives none, rather than a guess.
     before = text[max(0, last.start() - 24):last.start()].lower()
-    if re.search(r"\b(?:not|no|never|n't|without)\b[\w\s,;]*$|n't\s*$|[没不无未]", before) or \
+    word = (last.group(1) or last.group(2)).lower()
+    if word in ("yes", "no") and "?" in text[max(0, last.start() - 40):last.start()]:
+        return None  # "Is the solution wrong? No.": which way it reads depends on the question
+    if re.search(r"\b(?:not|no|never|n't|without|nothing|none|neither|nor)\b[\w\s,;]*$|n't\s*$|[没不无未]", before) or \
             re.search(r"\b(?:no|not)\s+(?:error|errors|mistake|mistakes|issue|issues|problem|problems)\b|没有错|无误",
                       text[max(0, last.start() - 40):], re.IGNORECASE):
         return None
-    word = (last.group(1) or last.group(2)).lower()
     return word in _YES
 
 
-def judge_prompt(question: str, solution: str, partial: bool = False) -> Prompt:
-    lang = detect_language(question)
+def judge_prompt(question: str, solution: str, partial: bool = False, lang: str | None = None) -> Prompt:
+    lang = lang or detect_language(question)
     text = _ASK[lang].format(partial=_PARTIAL[lang] if partial else "", question=question, solution=solution)
     return Prompt.of([{"role": "user", "content": text}])
 
@@ -72,17 +76,18 @@ class SelfJudge(Scorer):
         self.unjudged = 0  # chains that got the neutral 0.5 because no budget was left to judge them
 
     def score(self, question: str, chains: Sequence[Sequence[str]]) -> list[list[float]]:
-        prompts = [judge_prompt(question, "\n\n".join(steps), self.partial) for steps in chains]
+        prompts = [judge_prompt(question, "\n\n".join(steps), self.partial, self.ctx.language) for steps in chains]
         temperature = 0.0 if self.judges == 1 else sampling_temperature(self.ctx)
         # Judge calls get their own seeds, apart from the calls that sample chains.
         self.calls += 1
         out = generate(self.ctx, prompts, self.judges, self.max_tokens, call=100_000 + self.calls,
                        temperature=temperature)
-        if out is None:  # no budget left to judge: every chain is as good as any other
-            self.unjudged += len(chains)
+        if out is None:  # cancelled, or no budget left to judge: every chain is as good as any other
+            if not self.ctx.cancel.is_set():
+                self.unjudged += len(chains)
             return [[0.5] for _ in chains]
         scores = []
         for judgements in out:
-            verdicts = [parse_verdict(c.text) for c in judgements]
+            verdicts = [parse_verdict(c.text, c.finish_reason == "stop") for c in judgements]
             scores.append([sum(0.5 if v is None else float(v) for v in verdicts) / len(verdicts)])
         return scores

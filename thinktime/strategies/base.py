@@ -50,9 +50,16 @@ class Context:
     cancel: threading.Event = field(default_factory=threading.Event)
     options: dict = field(default_factory=dict)  # strategy-specific settings (n, width, ...)
     started: float = field(default_factory=time.perf_counter)
+    lang: str | None = None  # the language of what strategies write into the chain (Wait, checks); None: the question's
 
     def sampling(self, **changes) -> SamplingParams:
         return replace(self.params, **changes)
+
+    @property
+    def language(self) -> str:
+        from thinktime.prompts import detect_language
+
+        return self.lang or detect_language(self.question)
 
 
 def to_candidate(completion: Completion) -> Candidate:

@@ -50,6 +50,8 @@ def run(ctx: Context) -> Result:
         if not active:
             reason = "no chain left to extend"
             break
+    if ctx.cancel.is_set():  # a cancel can land inside the judge, which returns neutral scores
+        reason = "cancelled"
     leaves = sorted(finished, key=_rank) + sorted((n for n in active if n is not tree.root), key=_rank)
     candidates = [chain_candidate(tree, n, opts["delimiter"]) for n in leaves]
     for i, c in enumerate(candidates):

@@ -12,11 +12,10 @@ chain so far is reused instead of prefilled again.
 """
 from __future__ import annotations
 
-from thinktime.prompts import detect_language
 from thinktime.reasoning import THINK_CLOSE
 from thinktime.strategies.base import Context, make_result, to_candidate
 from thinktime.strategies.options import Option, positive, read_options
-from thinktime.strategies.sampling import nothing_generated, stream_one
+from thinktime.strategies.sampling import context_room, nothing_generated, stream_one
 from thinktime.types import Completion, Event, Prompt, Result
 
 NAME = "budget"
@@ -35,7 +34,7 @@ OPTIONS = {
 
 def run(ctx: Context) -> Result:
     opts = read_options(NAME, OPTIONS, ctx.options)
-    lang = detect_language(ctx.question)
+    lang = ctx.language
     wait = opts["wait"] or WAIT[lang]
     think_tags = opts["think_tags"]
     if think_tags is None:
@@ -51,8 +50,13 @@ def run(ctx: Context) -> Result:
         ctx.emit(Event("delta", 0, inserted))
 
     def continue_chain(max_new: int, stop_at=()) -> Completion | None:
+        """The chain's next piece; None when out of budget, cancelled, or the context window is full."""
         nonlocal text, call
-        completion = stream_one(ctx, Prompt(ctx.prompt.messages, ctx.prompt.prefix + text), max_new, call=call,
+        prompt = Prompt(ctx.prompt.messages, ctx.prompt.prefix + text)
+        room = context_room(ctx, prompt)
+        if room is not None and room < 1:
+            return None
+        completion = stream_one(ctx, prompt, max_new if room is None else min(max_new, room), call=call,
                                 stop=stop_at)
         call += 1
         if completion is not None:
@@ -76,8 +80,8 @@ def run(ctx: Context) -> Result:
             outcome = "cancelled"
             break
         if piece.finish_reason == "length":
-            if thought < limit and ctx.budget.remaining is None:
-                outcome = "ended"  # the engine's own limit (context window): nothing more fits
+            if piece.completion_tokens < room:
+                outcome = "full"  # the engine stopped it short of what was asked: its context window
             break
         if thought < opts["min_tokens"] and waits < opts["max_waits"]:
             waits += 1
@@ -87,9 +91,15 @@ def run(ctx: Context) -> Result:
         outcome = "ended"
         break
 
+    forced = False
     if outcome == "cut" and not ctx.cancel.is_set():
-        add(("\n" + THINK_CLOSE if think_tags else "") + "\n\n" + FINAL_ANSWER[lang])
-        continue_chain(opts["answer_tokens"])
+        closing = ("\n" + THINK_CLOSE if think_tags else "") + "\n\n" + FINAL_ANSWER[lang]
+        room = context_room(ctx, Prompt(ctx.prompt.messages, ctx.prompt.prefix + text + closing))
+        if room is not None and room < 1:
+            outcome = "full"  # not even the forced answer fits: the chain stays as it was
+        else:
+            add(closing)
+            forced = continue_chain(opts["answer_tokens"]) is not None
     elif outcome == "ended" and think_tags and pieces and pieces[-1].finish_reason == "stop":
         add(THINK_CLOSE + "\n\n")  # the model closed its thinking: let it write its answer, as long as it is
         # (an R1-style summary runs to hundreds of tokens before its box); answer_tokens bounds forced answers only
@@ -103,7 +113,7 @@ def run(ctx: Context) -> Result:
     ctx.emit(Event("candidate_finished", 0, data={"answer": candidate.answer, "tokens": whole.completion_tokens}))
     reason = "cancelled" if ctx.cancel.is_set() else {
         "cut": "thinking cut (max_tokens or the budget), answer forced", "ended": "the model ended its thinking",
-        "cancelled": "cancelled"}[outcome]
-    details = {"stop_reason": reason, "thinking_tokens": thought, "waits": waits, "forced_answer": outcome == "cut",
+        "full": "the context window is full", "cancelled": "cancelled"}[outcome]
+    details = {"stop_reason": reason, "thinking_tokens": thought, "waits": waits, "forced_answer": forced,
                "calls": len(pieces), "min_tokens": opts["min_tokens"], "max_tokens": limit}
     return make_result(ctx, candidate, NAME, [candidate], ctx.budget.used, details)

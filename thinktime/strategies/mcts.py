@@ -52,6 +52,7 @@ def run(ctx: Context) -> Result:
     scorer = search_scorer(ctx, opts)
     tree = Tree()
     reason = "iterations used up"
+    completed = 0
     for iteration in range(1, opts["iterations"] + 1):
         node = select(tree, opts["exploration"], opts["depth"])
         if node is not tree.root and (node.finished or node.depth >= opts["depth"]):
@@ -66,9 +67,12 @@ def run(ctx: Context) -> Result:
                 backup(tree, child, child.score or 0.0)
             if not children:  # nothing new (cannot happen with expansions >= 1): count the visit
                 backup(tree, node, node.score or 0.0)
+        completed = iteration
         leader = _best(tree)
         ctx.emit(Event("progress", data={"iteration": iteration, "nodes": len(tree.nodes) - 1,
                                          "best": best_branch(tree, leader) if leader else None}))
+    if ctx.cancel.is_set():  # a cancel can land inside the judge, which returns neutral scores
+        reason = "cancelled"
     finished = sorted((n for n in tree.nodes if n.finished), key=_finished_rank)
     leaves = finished or ([most_visited_leaf(tree)] if len(tree.nodes) > 1 else [])
     candidates = [chain_candidate(tree, n, opts["delimiter"]) for n in leaves]
@@ -76,7 +80,7 @@ def run(ctx: Context) -> Result:
         ctx.emit(Event("candidate_finished", i, data={"answer": c.answer, "score": c.score}))
     chosen = candidates[0] if candidates else nothing_generated()
     details = {"tree": tree.to_dicts(), "stop_reason": reason, "scorer": scorer.name,
-               "best": best_branch(tree, leaves[0]) if leaves else None, "iterations": iteration,
+               "best": best_branch(tree, leaves[0]) if leaves else None, "iterations": completed,
                "unjudged": getattr(scorer, "unjudged", 0)}  # nodes scored a neutral 0.5: no budget left to judge
     return make_result(ctx, chosen, NAME, candidates, ctx.budget.used, details)
 

@@ -1,16 +1,18 @@
 """reflect: verify-then-correct. Solve; ask the model to check its solution; when the check finds an
 error, ask for a corrected solution; repeat until a check confirms the solution or the rounds or the
-budget run out. The answer is the last solution's (the confirmed one when a check confirmed it).
+budget run out. The answer is the last solution's (the confirmed one when a check confirmed it; the
+last one that gave an answer when a correction was cut short).
 
-A check whose verdict cannot be read stops the loop too: there is no error to correct.
+A check whose verdict cannot be read stops the loop too: there is no error to correct. Under a budget
+each solution leaves room for a check; the conversation grows every round, and the loop stops, keeping
+the last solution, when the engine's context window has no room for the next step.
 """
 from __future__ import annotations
 
-from thinktime.prompts import detect_language
 from thinktime.scorers.self_judge import parse_verdict
 from thinktime.strategies.base import Context, make_result, to_candidate
 from thinktime.strategies.options import Option, positive, read_options
-from thinktime.strategies.sampling import generate, nothing_generated, stream_one
+from thinktime.strategies.sampling import context_room, generate, nothing_generated, stream_one
 from thinktime.types import Event, Prompt, Result
 
 NAME = "reflect"
@@ -32,12 +34,24 @@ _CORRECT = {
 
 def run(ctx: Context) -> Result:
     opts = read_options(NAME, OPTIONS, ctx.options)
-    lang = detect_language(ctx.question)
+    lang = ctx.language
     messages = list(ctx.prompt.messages)
     attempts, checks = [], []
     call = 0
+
+    def solution_tokens() -> int:
+        """A solution's tokens, leaving a check its room under a budget (else a budgeted reflect never checks)."""
+        if ctx.budget.remaining is None or len(checks) >= opts["rounds"]:
+            return ctx.params.max_new_tokens
+        return max(1, min(ctx.params.max_new_tokens, ctx.budget.remaining - min(opts["check_tokens"],
+                                                                                 ctx.budget.remaining // 2)))
+
+    def full(prompt: Prompt) -> bool:
+        room = context_room(ctx, prompt)
+        return room is not None and room < 1
+
     ctx.emit(Event("candidate_started", 0))
-    completion = stream_one(ctx, ctx.prompt, ctx.params.max_new_tokens, index=0, call=call)
+    completion = stream_one(ctx, ctx.prompt, solution_tokens(), index=0, call=call)
     reason = "rounds used up"
     while completion is not None:
         attempt = to_candidate(completion)
@@ -50,13 +64,16 @@ def run(ctx: Context) -> Result:
         # The check sees the conversation so far with the solution as the model's own reply.
         messages = messages + [{"role": "assistant", "content": attempt.text}]
         check_prompt = Prompt.of(messages + [{"role": "user", "content": _CHECK[lang].format()}])
+        if full(check_prompt):
+            reason = "the context window is full"
+            break
         # Checks are not streamed as deltas: deltas are the text of candidates (the solutions).
         checked = generate(ctx, [check_prompt], 1, opts["check_tokens"], call=call)
         if checked is None:
             reason = "budget exhausted"
             break
         check = checked[0][0]
-        verdict = parse_verdict(check.text)
+        verdict = parse_verdict(check.text, check.finish_reason == "stop")
         checks.append({"round": len(checks) + 1, "verdict": {True: "correct", False: "wrong", None: "unclear"}[verdict],
                        "tokens": check.completion_tokens, "check": check.text})
         attempt.score = None if verdict is None else float(verdict)
@@ -67,8 +84,11 @@ def run(ctx: Context) -> Result:
             break
         call += 1
         messages = messages + [{"role": "user", "content": _CORRECT[lang].format(critique=check.text.strip())}]
+        if full(Prompt.of(messages)):
+            reason = "the context window is full"
+            break
         ctx.emit(Event("candidate_started", len(attempts)))
-        completion = stream_one(ctx, Prompt.of(messages), ctx.params.max_new_tokens, index=len(attempts), call=call)
+        completion = stream_one(ctx, Prompt.of(messages), solution_tokens(), index=len(attempts), call=call)
         if completion is None:
             reason = "budget exhausted"
     if ctx.cancel.is_set():
@@ -76,6 +96,8 @@ def run(ctx: Context) -> Result:
     elif not attempts:
         reason = "budget exhausted"
     chosen = attempts[-1] if attempts else nothing_generated()
+    if chosen.answer is None:  # a correction cut short (budget, context window): the last solution that answered
+        chosen = next((a for a in reversed(attempts) if a.answer is not None), chosen)
     details = {"rounds": checks, "confirmed": reason == "confirmed", "stop_reason": reason,
                "attempts": len(attempts)}
     return make_result(ctx, chosen, NAME, attempts, ctx.budget.used, details)

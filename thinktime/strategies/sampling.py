@@ -60,6 +60,14 @@ def stream_one(ctx: Context, prompt: Prompt, max_new_tokens: int, *, index: int 
     return completion
 
 
+def context_room(ctx: Context, prompt: Prompt) -> int | None:
+    """Tokens the engine's context window has left after `prompt`; None where the engine does not say."""
+    limit = getattr(ctx.engine, "context_length", None)
+    if not limit:
+        return None
+    return limit - ctx.engine.count_tokens(ctx.engine.render(prompt))
+
+
 def nothing_generated() -> Candidate:
     """The stand-in chosen candidate when the budget allowed no chain at all."""
     return Candidate("", None, None, "length", Usage())

@@ -5,6 +5,7 @@ from thinktime.scorers import AGGREGATES, Scorer, aggregate, make_scorer
 from thinktime.strategies.base import Context
 from thinktime.strategies.options import Option, positive
 from thinktime.strategies.sampling import generate, sampling_temperature
+from thinktime.answers import find_boxed
 from thinktime.strategies.steps import DEFAULT_DELIMITER, Node, Tree, continuation, ends_chain
 from thinktime.types import Candidate, Usage
 
@@ -42,8 +43,11 @@ def expand(ctx: Context, tree: Tree, nodes: list[Node], opts: dict, call: int) -
             if step in seen:  # a duplicate adds nothing to search, but its tokens were spent
                 seen[step].tokens += completion.completion_tokens
                 continue
+            finished = completion.finish_reason == "stop" and ends_chain(step, completion.ended_turn)
+            if not step and not finished:  # the delimiter at once, or a cut: no step to build on
+                continue
             child = tree.add(node, step, completion.completion_tokens)
-            child.finished = ends_chain(step)
+            child.finished = finished or bool(find_boxed(step))
             seen[step] = child
             children.append(child)
     return children

@@ -18,7 +18,7 @@ from thinktime.strategies.base import Context, make_result, to_candidate
 from thinktime.strategies.options import Option, positive, probability, read_options
 from thinktime.strategies.sampling import generate, nothing_generated, sampling_temperature
 from thinktime.types import Candidate, Event, Result
-from thinktime.voting import VoteGroup, group_answers, vote_answers
+from thinktime.voting import VoteGroup, group_answers, is_guess, vote_answers
 
 NAME = "self-consistency"
 TIE_RULE = "equal votes: the answer sampled first wins"
@@ -36,9 +36,10 @@ def leader_probability(leader: int, runner_up: int) -> float:
     return sum(comb(trials, k) for k in range(leader + 1)) / 2**trials
 
 
-def stop_reason(groups: list[VoteGroup], remaining: int, confidence: float) -> str | None:
-    """Why sampling can stop now, or None to keep sampling."""
-    if not groups:
+def stop_reason(groups: list[VoteGroup], remaining: int, confidence: float, guesses: bool = False) -> str | None:
+    """Why sampling can stop now, or None to keep sampling. Votes that are only guesses (`guesses`: no chain
+    gave a real answer yet) decide nothing: one real answer to come would void them all."""
+    if not groups or guesses:
         return None
     leader = int(groups[0].weight)
     runner_up = int(groups[1].weight) if len(groups) > 1 else 0
@@ -64,10 +65,15 @@ def run(ctx: Context) -> Result:
     while len(candidates) < n:
         k = min(size, n - len(candidates))
         first = len(candidates)
+        # Each chain's share is what is left over all the chains still to sample, not over this round's:
+        # chains are as long in rounds as in one call, and stopping early leaves the rest unspent.
+        max_new = ctx.budget.cap(ctx.params.max_new_tokens, n - first)
+        if max_new < 1 or ctx.cancel.is_set():
+            reason = "cancelled" if ctx.cancel.is_set() else "budget exhausted"
+            break
         for i in range(first, first + k):
             ctx.emit(Event("candidate_started", i))
-        out = generate(ctx, [ctx.prompt], k, ctx.params.max_new_tokens, call=call,
-                       temperature=sampling_temperature(ctx))
+        out = generate(ctx, [ctx.prompt], k, max_new, call=call, temperature=sampling_temperature(ctx))
         call += 1
         if out is None:
             reason = "cancelled" if ctx.cancel.is_set() else "budget exhausted"
@@ -77,9 +83,11 @@ def run(ctx: Context) -> Result:
             candidates.append(candidate)
             ctx.emit(Event("candidate_finished", i, data={"answer": candidate.answer,
                                                           "tokens": completion.completion_tokens}))
-        groups = group_answers(vote_answers(candidates))
+        answers = vote_answers(candidates)
+        groups = group_answers(answers)
         ctx.emit(Event("progress", data={"votes": vote_table(groups), "samples": len(candidates), "n": n}))
-        if len(candidates) < n and (why := stop_reason(groups, n - len(candidates), opts["confidence"])):
+        guesses = all(a is None or is_guess(c) for a, c in zip(answers, candidates))
+        if len(candidates) < n and (why := stop_reason(groups, n - len(candidates), opts["confidence"], guesses)):
             reason = why
             break
     for group in groups:

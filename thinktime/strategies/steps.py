@@ -24,9 +24,12 @@ def continuation(prompt: Prompt, steps: list[str], delimiter: str) -> Prompt:
     return Prompt(prompt.messages, prompt.prefix + "".join(s + delimiter for s in steps))
 
 
-def ends_chain(step: str) -> bool:
-    """A step that gives a boxed answer, or an empty one (the model ended its turn), ends the chain."""
-    return not step.strip() or bool(find_boxed(step))
+def ends_chain(step: str, ended_turn: bool | None = None) -> bool:
+    """A step ends the chain when it gives a boxed answer or the model ended its turn with it. Where the
+    engine cannot tell a turn's end from the delimiter (ended_turn None), an empty step is taken as the end."""
+    if find_boxed(step) or ended_turn:
+        return True
+    return ended_turn is None and not step.strip()
 
 
 @dataclass

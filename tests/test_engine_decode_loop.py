@@ -75,6 +75,19 @@ def test_seeded_sampling_repeats_and_top_p_applies(engine):
     assert [c.token_ids for c in other] != [c.token_ids for c in first]
 
 
+def test_a_seed_per_prompt_draws_what_each_prompt_alone_would(fp32_engine):
+    # An eval seeds each problem; its samples must not depend on which problems share its call. fp32, so
+    # that batching does not move the logits (in bf16 a padded batch rounds differently).
+    prompts = [Prompt.of([{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=12, n=2, temperature=0.9, seeds=(101, 202, 303))
+    together = fp32_engine.generate(prompts, params)
+    for prompt, seed, got in zip(prompts, params.seeds, together):
+        [alone] = fp32_engine.generate([prompt], SamplingParams(max_new_tokens=12, n=2, temperature=0.9, seed=seed))
+        assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+    last_two = fp32_engine.generate(prompts[1:], params.for_prompts(1, 3))  # another batch: the same samples
+    assert [[c.token_ids for c in row] for row in last_two] == [[c.token_ids for c in row] for row in together[1:]]
+
+
 def test_stream_joins_to_the_generated_text(engine):
     prompt, params = Prompt.of([{"role": "user", "content": QUESTIONS[2]}]), SamplingParams(max_new_tokens=32)
     [[whole]] = engine.generate([prompt], params)

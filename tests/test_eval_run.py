@@ -78,6 +78,24 @@ def test_smaller_n_come_from_the_same_samples(runs):
     assert summary.points[1].pass_at_k >= summary.points[0].pass_at_k
 
 
+def test_a_problems_samples_do_not_depend_on_the_run_around_it(fp32_engine, tmp_path):
+    # Each problem draws from its own seed: a run extended from --limit 2 to 4, a fresh run of 4, and
+    # one problem per call all sample the same chains (fp32: batching does not move the logits).
+    thinker = Thinker(engine=fp32_engine, max_new_tokens=12, temperature=0.8)
+
+    def texts(folder):
+        return {r["id"]: [c["text"] for c in r["candidates"]] for r in read_records(folder)}
+
+    settings = Settings("self-consistency", [1, 2], seed=5)
+    evaluate(thinker, load_dataset("arith:1", limit=2), settings, tmp_path / "grown")
+    evaluate(thinker, load_dataset("arith:1", limit=4), settings, tmp_path / "grown")  # resumed: 2 more
+    evaluate(thinker, load_dataset("arith:1", limit=4), settings, tmp_path / "fresh")
+    evaluate(thinker, load_dataset("arith:1", limit=4), Settings("self-consistency", [1, 2], seed=5,
+                                                                  batch_problems=1), tmp_path / "alone")
+    assert texts(tmp_path / "grown") == texts(tmp_path / "fresh") == texts(tmp_path / "alone")
+    assert len(texts(tmp_path / "fresh")) == 4
+
+
 def test_a_registry_strategy_runs_once_per_n(engine, tmp_path):
     data = load_dataset("arith:1", limit=1)
     thinker = Thinker(engine=engine, max_new_tokens=32)

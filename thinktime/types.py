@@ -1,7 +1,7 @@
 """The data that flows through thinktime: prompts in, completions out of engines, results out of strategies."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -31,10 +31,21 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # One seed per prompt of a generate call, in place of `seed`: each prompt's samples are then what
+    # that prompt alone with its seed would draw, whatever else is in the batch (an eval's problems).
+    seeds: tuple[int, ...] | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    def for_prompt(self, index: int) -> "SamplingParams":
+        """The settings of prompt `index` of a call on its own."""
+        return self if self.seeds is None else replace(self, seed=self.seeds[index], seeds=None)
+
+    def for_prompts(self, start: int, stop: int) -> "SamplingParams":
+        """The settings of prompts [start, stop) of a call, as a call of their own."""
+        return self if self.seeds is None else replace(self, seeds=self.seeds[start:stop])
 
 
 @dataclass

@@ -23,8 +23,21 @@ from thinktime.engines.fast import Rows, sample
 TOP_P_CANDIDATES = 256  # top-p looks for its kept tokens among these first (fast.sample)
 
 
+def draw_uniforms(seed, rows: int, steps: int) -> torch.Tensor:
+    """[rows, steps] uniforms in (0, 1] for sampling. Drawn step by step ([step, row]), so that a row's draws
+    do not depend on `steps`: a seeded sample is a prefix of the same sample with more room (a budget or the
+    context may cut max_new_tokens). `seed`: one for the call, or a list of one per prompt (the rows are
+    the prompts' samples, n each, in order), which makes a prompt's draws those of its call alone."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, as generate does
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    per_prompt = rows // len(seeds)
+    return torch.cat([(1.0 - torch.rand(steps, per_prompt, generator=torch.Generator().manual_seed(int(s)))).T
+                      for s in seeds])
+
+
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cache, cache_kwarg: str,
-           max_new_tokens: int, greedy: bool, temperature: float, top_p: float, seed: int | None,
+           max_new_tokens: int, greedy: bool, temperature: float, top_p: float, seed,
            stop_ids: set[int], pad_id: int, stop_strings=(), tokenizer=None, streamer=None,
            cancel: threading.Event | None = None, lean=None, first_logits: torch.Tensor | None = None
            ) -> list[list[int]]:
@@ -39,11 +52,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cach
     if max_new_tokens <= 0:
         return state.padded()
     mode = "greedy" if greedy else ("top_p" if top_p < 1.0 else "sample")
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, as generate does
-    # Drawn step by step ([step, row]), so that a row's draws do not depend on max_new_tokens: a seeded sample is
-    # a prefix of the same sample with more room (a budget or the context may cut max_new_tokens).
-    uniforms = (1.0 - torch.rand(max_new_tokens, rows, generator=torch.Generator().manual_seed(int(seed)))).T
+    uniforms = draw_uniforms(seed, rows, max_new_tokens)
     if streamer is not None:
         streamer.put(input_ids[:1].cpu())  # as generate does, the prompt comes first
     device = input_ids.device

@@ -532,9 +532,13 @@ class FastDecoder:
             self.top_p.fill_(float(top_p))
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, like generate
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
         # One uniform per row and position, in (0, 1]; its shape depends on the call alone (reproducible).
-        self.u[:rows, :need] = 1.0 - torch.rand(rows, need, generator=generator, device=self.device)
+        # A seed per prompt (a list) draws each prompt's rows as its call alone would.
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        for k, s in enumerate(seeds):
+            generator = torch.Generator(device=self.device).manual_seed(int(s))
+            part = slice(k * (rows // len(seeds)), (k + 1) * (rows // len(seeds)))
+            self.u[part, :need] = 1.0 - torch.rand(rows // len(seeds), need, generator=generator, device=self.device)
         started = time.perf_counter()
         first = self._prefill(prompts, n, rows, width, lengths, mode, prefix_cache)
         self.stats["prefill_s"] = time.perf_counter() - started
@@ -714,7 +718,8 @@ def run_for_engine(engine, enc, params, max_new: int, cancel, streamer=None, reu
     try:
         return decoder.generate(
             prompts, n=params.n, max_new_tokens=max_new, greedy=params.greedy, temperature=params.temperature,
-            top_p=params.top_p, seed=params.seed, stop_ids=engine.stop_ids, pad_id=engine.tokenizer.pad_token_id,
+            top_p=params.top_p, seed=list(params.seeds) if params.seeds else params.seed, stop_ids=engine.stop_ids,
+            pad_id=engine.tokenizer.pad_token_id,
             stop_strings=params.stop, tokenizer=engine.tokenizer, streamer=streamer, cancel=cancel,
             prefix_cache=engine.prefix_cache if reuse else None)
     except FastPathUnavailable as exc:

@@ -254,9 +254,14 @@ class TransformersEngine(Engine):
             return []
         per_call = max(1, self.max_batch_rows // max(1, params.n))
         results: list[list[Completion]] = []
+        if params.seeds is not None and not params.greedy and not self._draws_per_prompt():
+            per_call = 1  # model.generate draws from one global generator: a prompt at a time, each with its seed
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
-            results.extend(self._run([self.render(p) for p in chunk], params, cancel or threading.Event(),
+            chunk_params = params.for_prompts(start, start + len(chunk))
+            if len(chunk) == 1:
+                chunk_params = chunk_params.for_prompt(0)
+            results.extend(self._run([self.render(p) for p in chunk], chunk_params, cancel or threading.Event(),
                                      reuse=_should_reuse(chunk, params),
                                      # a batch of fresh questions shares its system prompt; the rows
                                      # themselves will not come again, continuations will
@@ -271,7 +276,8 @@ class TransformersEngine(Engine):
         def work(emit) -> None:
             streamer = _QueueStreamer(self.tokenizer, params.n, self.stop_ids | {self.tokenizer.pad_token_id}, emit,
                                       params.stop)
-            rows = self._run([self.render(prompt)], params, cancel, streamer, reuse=_should_reuse([prompt], params))
+            rows = self._run([self.render(prompt)], params.for_prompt(0), cancel, streamer,
+                             reuse=_should_reuse([prompt], params))
             for index, completion in enumerate(rows[0]):
                 emit(StreamDelta(index, streamer.decoders[index].finish(completion.text), completion))
 
@@ -286,6 +292,12 @@ class TransformersEngine(Engine):
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _draws_per_prompt(self) -> bool:
+        """Whether this engine's calls decode in its own loop or fast path, which draw a prompt's samples from
+        that prompt's seed; generate() (a generation config only it applies) draws from one global generator."""
+        blocked = generation_config_blocker(self.model.generation_config) is not None
+        return not blocked and (self.fast is not None or self.decode_loop)
 
     def _check_open(self) -> None:
         if self.model is None:
@@ -358,8 +370,8 @@ class TransformersEngine(Engine):
             if self.grow_cache_in_place and self.prefix_cache.kwarg not in kwargs:
                 # A cache that grows in place instead of copying itself at every step (engines/growing_cache.py).
                 kwargs[self.prefix_cache.kwarg] = new_growing_cache(self.model.config)
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
+            if params.seed is not None or params.seeds:
+                torch.manual_seed(params.seeds[0] if params.seeds else params.seed)
             new_tokens = None
             if self.fast is not None:  # None when it cannot serve this call (it says why, once)
                 from thinktime.engines.fast import run_for_engine
@@ -369,7 +381,8 @@ class TransformersEngine(Engine):
                 new_tokens = decode_loop.decode(
                     self.model, input_ids, attention_mask, cache=kwargs[self.prefix_cache.kwarg],
                     cache_kwarg=self.prefix_cache.kwarg, max_new_tokens=max_new, greedy=params.greedy,
-                    temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop_ids=self.stop_ids,
+                    temperature=params.temperature, top_p=params.top_p,
+                    seed=list(params.seeds) if params.seeds else params.seed, stop_ids=self.stop_ids,
                     pad_id=self.tokenizer.pad_token_id, stop_strings=params.stop, tokenizer=self.tokenizer,
                     streamer=streamer, cancel=cancel, lean=self.lean_step,
                     first_logits=first_logits)

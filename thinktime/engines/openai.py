@@ -184,11 +184,12 @@ class OpenAIEngine(Engine):
             return []
         cancel = cancel or threading.Event()
         if len(prompts) == 1:
-            return [self._sample(prompts[0], params, cancel, None)]
+            return [self._sample(prompts[0], params.for_prompt(0), cancel, None)]
         siblings = threading.Event()  # set by a cancel, or by one prompt's failure: the others stop too
         outer = ThreadPoolExecutor(min(len(prompts), 64), thread_name_prefix="thinktime-prompt")
         try:
-            futures = {k: outer.submit(self._sample, p, params, siblings, None) for k, p in enumerate(prompts)}
+            futures = {k: outer.submit(self._sample, p, params.for_prompt(k), siblings, None)
+                       for k, p in enumerate(prompts)}
             results = _gather(futures, cancel, siblings)
         finally:
             outer.shutdown(wait=False)
@@ -201,7 +202,7 @@ class OpenAIEngine(Engine):
 
         def work(emit) -> None:
             # A consumer that stops early sets `cancel`: the connections close and the server stops.
-            for index, completion in enumerate(self._sample(prompt, params, cancel,
+            for index, completion in enumerate(self._sample(prompt, params.for_prompt(0), cancel,
                                                             lambda i, text: emit(StreamDelta(i, text)))):
                 emit(StreamDelta(index, "", completion))
 

@@ -31,6 +31,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 from thinktime import models
 from thinktime.engines.base import Engine
@@ -286,8 +287,9 @@ class VLLMEngine(Engine):
     def _submit(self, engine_inputs: list[dict], params: SamplingParams) -> list[_Request]:
         self._check_alive()
         out: queue.Queue = queue.Queue()  # one queue for the whole call: (position, output) items
-        requests = [_Request(f"tt-{next(self._ids)}", i, ei, self._sampling_params(params, len(ei["prompt_token_ids"])),
-                             out) for i, ei in enumerate(engine_inputs)]
+        requests = [_Request(f"tt-{next(self._ids)}", i, ei,
+                             self._sampling_params(params.for_prompt(i), len(ei["prompt_token_ids"])), out)
+                    for i, ei in enumerate(engine_inputs)]
         self._inbox.put(("add", requests))  # the whole batch in one message: added together
         return requests
 
@@ -390,7 +392,8 @@ class VLLMEngine(Engine):
         shares = [list(range(len(prompts)))[r::len(self._replicas)] for r in range(len(self._replicas))]
         jobs = [(replica, share) for replica, share in zip(self._replicas, shares) if share]
         for replica, share in jobs:
-            replica.send(("generate", [prompts[i] for i in share], params))
+            shared = params if params.seeds is None else replace(params, seeds=tuple(params.seeds[i] for i in share))
+            replica.send(("generate", [prompts[i] for i in share], shared))
         results: list[list[Completion] | None] = [None] * len(prompts)
         for replica, share in jobs:
             for i, completions in zip(share, replica.receive(cancel)):

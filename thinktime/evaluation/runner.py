@@ -146,7 +146,10 @@ def _sampled_records(thinker, chunk: list[Problem], settings: Settings) -> list[
     from thinktime.voting import majority, vote_answers
 
     contexts = [thinker.context(p.question) for p in chunk]
-    params = replace(contexts[0].params, n=settings.max_n, seed=problem_seed(settings.seed, chunk[0].id))
+    # Each problem draws from its own seed, so its samples do not depend on which problems share its call
+    # (--limit, --batch-problems, or where a resumed run starts).
+    params = replace(contexts[0].params, n=settings.max_n, seed=None,
+                     seeds=tuple(problem_seed(settings.seed, p.id) for p in chunk))
     started = time.perf_counter()
     outputs = thinker.engine.generate([c.prompt for c in contexts], params)
     generation = time.perf_counter() - started

@@ -65,6 +65,11 @@ def test_bad_names_and_folders_get_clear_errors(shared_data, tmp_path):
         load_dataset("aime24", split="train", data_dir=shared_data)
     with pytest.raises(BadInputError):
         load_dataset("gsm8k", data_dir=shared_data, limit=0)
+    # a folder with only gsm8k.jsonl (the test split) has no train split: it is never read as one
+    (tmp_path / "gsm8k.jsonl").write_text((shared_data / "gsm8k_test.jsonl").read_text().splitlines()[0] + "\n")
+    assert len(load_dataset("gsm8k", data_dir=tmp_path)) == 1
+    with pytest.raises(BadInputError, match=r"gsm8k \(train\) not found"):
+        load_dataset("gsm8k", split="train", data_dir=tmp_path)
 
 
 def test_custom_jsonl_file(tmp_path):
@@ -72,6 +77,8 @@ def test_custom_jsonl_file(tmp_path):
     path.write_text('{"question": "1+1?", "answer": "2"}\n{"problem": "2+2?", "solution": "so \\\\boxed{4}"}\n')
     data = load_dataset(str(path))
     assert [p.gold for p in data.problems] == ["2", "4"]
+    path.write_text('{"question": "1+1?", "answer": null, "gold": "2"}\n')  # a null answer beside a gold
+    assert [p.gold for p in load_dataset(str(path)).problems] == ["2"]
     path.write_text('{"question": "1+1?"}\n')
     with pytest.raises(BadInputError, match="no gold answer"):
         load_dataset(str(path))
@@ -97,6 +104,8 @@ def test_arith_is_seeded_and_leveled():
     assert parse_arith_levels("arith:1-3") == (1, 2, 3) and parse_arith_levels("arith:2,4") == (2, 4)
     with pytest.raises(BadInputError):
         parse_arith_levels("arith:7")
+    with pytest.raises(BadInputError):  # a reversed range is an error, not silently nothing
+        parse_arith_levels("arith:3-1,2")
 
 
 # --- the run store ---------------------------------------------------------------------------------

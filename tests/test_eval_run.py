@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from thinktime import Thinker
 from thinktime.cli import app
 from thinktime.evaluation.datasets import load_dataset
-from thinktime.evaluation.report import PLOT, summarize, write_report
+from thinktime.evaluation.report import PLOT, budget_table, summarize, write_report
 from thinktime.evaluation.runner import Settings, build_config, run_eval
-from thinktime.evaluation.store import RECORDS, RunStore, read_records
+from thinktime.evaluation.store import RECORDS, RunStore, read_config, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,6 +124,42 @@ def test_report_table_markdown_and_plot(runs, tmp_path):
         image.verify()
     with Image.open(png) as image:
         assert image.size[0] > 300 and image.size[1] > 200
+
+
+def _synthetic_run(folder, tokens: int, correct: bool, ids=("p1",), answer="7", **config):
+    """A run folder holding graded records (the report is under test, not the run that made them)."""
+    config = {"model": "m", "dataset": "d", "strategy": "cot", "n": [1], **config}
+    with RunStore(folder, config) as store:
+        for problem in ids:
+            candidate = {"answer": answer, "tokens": tokens, "correct": correct, "simple": correct}
+            store.append({"id": problem, "gold": "7", "candidates": [candidate], "chosen": answer, "correct": correct,
+                          "simple": correct, "completion_tokens": tokens, "seconds": 0.1,
+                          "by_k": {"1": {"answer": answer, "correct": correct, "simple": correct, "tokens": tokens}}})
+    return folder
+
+
+def test_comparing_runs_at_equal_budgets_names_and_problem_sets(tmp_path):
+    # 23.25 tokens rounds down to 23.2: its own point must still count within "23.2"
+    a = _synthetic_run(tmp_path / "one", 23, True, ids=("p1", "p2"))
+    b = _synthetic_run(tmp_path / "two", 24, False, ids=("p1", "p2", "p3"))
+    summaries = [summarize(a), summarize(b)]
+    summaries[0].points[0].avg_tokens = 23.25
+    budgets, best = budget_table(summaries)
+    assert best[0][budgets.index(23.25)] == 1.0
+    summaries, md, _ = write_report([a, b], tmp_path / "report")
+    assert [s.name for s in summaries] == ["cot · m · d · greedy · one", "cot · m · d · greedy · two"]
+    assert "cover different problems (2, 3)" in md.read_text()
+
+
+def test_a_multi_line_answer_stays_in_its_table_row(tmp_path):
+    folder = _synthetic_run(tmp_path / "run", 5, False, answer="\\begin{pmatrix}1\\\\\n2\\end{pmatrix}")
+    with RunStore(folder, read_config(folder)["config"]) as store:
+        record = dict(store.records[0])
+    record["candidates"][0]["simple"] = True  # a disagreement, so the answer is listed
+    (folder / RECORDS).write_text(json.dumps(record) + "\n")
+    _, md, _ = write_report([folder])
+    rows = [line for line in md.read_text().splitlines() if "pmatrix" in line]
+    assert len(rows) == 1 and rows[0].startswith("| ") and rows[0].endswith(" |")
 
 
 def test_grader_disagreements_are_listed(tmp_path):

@@ -95,7 +95,9 @@ def eval_command(
                             scale_option=scale_option)
         data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, data_seed=data_seed)
         if temperature is None:
-            temperature = 0.0 if settings.max_n == 1 else DEFAULT_SAMPLING_TEMPERATURE
+            # An n-list samples n chains; a registry strategy's -n is its own size (max_tokens, rounds, width),
+            # and those that sample several chains (best-of-n, beam, mcts) choose their temperature themselves.
+            temperature = DEFAULT_SAMPLING_TEMPERATURE if settings.sampled and settings.max_n > 1 else 0.0
         check_settings(settings, temperature)
         thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
                                 temperature, top_p, seed, trust_remote_code, source,
@@ -108,7 +110,11 @@ def eval_command(
             err.print(f"[dim]run folder: {folder}" + (f" · resuming, {done}/{len(data)} done" if done else "") + "[/]")
             with EvalProgress(len(data), store.records, data.problems, err) as progress:
                 run_eval(thinker, data, store, settings, on_record=progress.update)
+            beyond = len(store.done - {p.id for p in data.problems})
         _print_report([Path(folder)], None)
+        if beyond:
+            err.print(f"[yellow]The report covers the whole folder: {len(data) + beyond} problems, {beyond} of "
+                      f"them from an earlier eval with a larger --limit.[/]")
 
 
 @app.command("report")

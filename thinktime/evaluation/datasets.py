@@ -107,7 +107,9 @@ def _cmath(row: dict, i: int, split: str) -> Problem:
 
 def _custom(row: dict, i: int, split: str) -> Problem:
     question = _text(row, "question", "problem", "prompt")
-    gold = row.get("answer", row.get("gold"))
+    gold = row.get("answer")
+    if gold is None:  # an "answer": null beside a "gold" is no answer: the gold is
+        gold = row.get("gold")
     if gold is not None and isinstance(gold, str) and "####" in gold:
         gold = gsm8k_gold(gold)
     if gold is None or not str(gold).strip():
@@ -160,6 +162,8 @@ def parse_arith_levels(name: str) -> tuple[int, ...]:
     try:
         for part in spec.split(","):
             lo, _, hi = part.partition("-")
+            if int(hi or lo) < int(lo):  # "3-1": an empty range, not silently nothing
+                raise ValueError(part)
             levels.extend(range(int(lo), int(hi or lo) + 1))
     except ValueError:
         levels = []
@@ -182,7 +186,10 @@ def _load_arith(name: str, limit: int | None, seed: int) -> Dataset:
 
 def _local_file(name: str, split: str, data_dir: Path) -> Path | None:
     spec = SPECS[name]
-    for candidate in (spec.files.get(split), f"{name}_{split}.jsonl", f"{name}.jsonl"):
+    # A bare NAME.jsonl is the default split's only: read as another split (train), it would hand test
+    # problems to what trains on them.
+    bare = f"{name}.jsonl" if split == spec.default_split else None
+    for candidate in (spec.files.get(split), f"{name}_{split}.jsonl", bare):
         if candidate and (data_dir / candidate).is_file():
             return data_dir / candidate
     return None

@@ -62,22 +62,33 @@ class RunSummary:
     completion_tokens: int
     prompt_tokens: int
     disagreements: list[Disagreement] = field(default_factory=list)
+    ids: frozenset = frozenset()  # the problems it covers
 
     @property
     def tokens_per_second(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _label(strategy: str, k: int, ns: list[int], sampled: bool, scale: str | None) -> str:
+def _label(strategy: str, k: int, ns: list[int], sampled: bool, scale: str | None, temperature: float = 0.0) -> str:
     if sampled:
         if strategy == "cot" and ns == [1]:
             return "cot"
-        return "sample@1" if k == 1 else f"maj@{k}"
+        if k == 1:
+            return "sample@1" if temperature else "greedy"
+        return f"maj@{k}"
     return f"{strategy} {scale}={k}" if scale else strategy
 
 
+# Strategies that sample several chains at this temperature when the run's is 0 (strategies/sampling.py).
+_SAMPLE_THEMSELVES = {"best-of-n", "beam", "mcts"}
+
+
 def run_name(config: dict) -> str:
+    from thinktime.strategies.sampling import DEFAULT_SAMPLING_TEMPERATURE
+
     temperature = config.get("temperature", 0)
+    if not temperature and config.get("strategy") in _SAMPLE_THEMSELVES:
+        temperature = DEFAULT_SAMPLING_TEMPERATURE
     decoding = "greedy" if not temperature else f"T={temperature:g}"
     return f"{config.get('strategy')} · {config.get('model')} · {config.get('dataset')} · {decoding}"
 
@@ -114,7 +125,8 @@ def summarize(folder: str | Path) -> RunSummary:
         if sampled and records:
             estimate = sum(pass_at_k(len(r["candidates"]), sum(c["correct"] for c in r["candidates"]), k)
                            for r in records if len(r["candidates"]) >= k) / len(records)
-        points.append(Point(_label(config.get("strategy", "?"), k, ns, sampled, config.get("scale_option")), k, len(rows),
+        points.append(Point(_label(config.get("strategy", "?"), k, ns, sampled, config.get("scale_option"),
+                                   config.get("temperature") or 0.0), k, len(rows),
                             sum(bool(r["correct"]) for r in rows), sum(bool(r["simple"]) for r in rows),
                             sum(r["tokens"] for r in rows) / len(rows) if rows else 0.0, estimate))
     disagreements: dict[tuple, Disagreement] = {}
@@ -128,12 +140,30 @@ def summarize(folder: str | Path) -> RunSummary:
     return RunSummary(folder, run_name(config), config, len(records), points,
                       sum(r.get("seconds", 0.0) for r in records),
                       sum(r.get("completion_tokens", 0) for r in records),
-                      sum(r.get("prompt_tokens", 0) for r in records), list(disagreements.values()))
+                      sum(r.get("prompt_tokens", 0) for r in records), list(disagreements.values()),
+                      frozenset(r["id"] for r in records))
+
+
+def distinct_names(summaries: list[RunSummary]) -> None:
+    """Runs whose names are alike (same strategy, model, dataset, decoding) are told apart by their folders."""
+    alike = {s.name for s in summaries if sum(t.name == s.name for t in summaries) > 1}
+    for s in summaries:
+        if s.name in alike:
+            s.name = f"{s.name} · {s.folder.name}"
+
+
+def problem_set_note(summaries: list[RunSummary]) -> str | None:
+    """A warning when the runs compared do not cover the same problems."""
+    if len({s.ids for s in summaries}) <= 1:
+        return None
+    return ("the runs cover different problems (" + ", ".join(str(s.problems) for s in summaries) +
+            "): their accuracies are not measured on the same set; compare runs of the same dataset and --limit")
 
 
 def budget_table(summaries: list[RunSummary]) -> tuple[list[float], list[list[float | None]]]:
     """Budgets (the token costs of every point) and, per run, its best accuracy within each."""
-    budgets = sorted({round(p.avg_tokens, 1) for s in summaries for p in s.points if p.problems})
+    # Exact costs (rounded only when shown): a rounded-down budget would leave out the point it came from.
+    budgets = sorted({p.avg_tokens for s in summaries for p in s.points if p.problems})
     rows = [[best_within_budget([(p.avg_tokens, p.accuracy) for p in s.points if p.problems], b) for b in budgets]
             for s in summaries]
     return budgets, rows
@@ -183,13 +213,16 @@ def rich_tables(summaries: list[RunSummary]):
             equal.add_column(s.name, justify="right")
         for i, b in enumerate(budgets):
             equal.add_row(f"{b:.1f}", *[_pct(row[i]) for row in best])
+        note = problem_set_note(summaries)
+        if note:
+            equal.caption = f"Note: {note}"
         tables.append(equal)
     return tables
 
 
 def markdown(summaries: list[RunSummary], plot_name: str | None = PLOT) -> str:
     def table(headers: list[str], rows: list[list[str]]) -> list[str]:
-        esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+        esc = [[" ".join(c.split("\n")).replace("|", "\\|") for c in r] for r in rows]  # a cell is one line
         return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers), *("| " + " | ".join(r) + " |" for r in esc)]
 
     lines = ["# thinktime eval report", ""]
@@ -208,6 +241,9 @@ def markdown(summaries: list[RunSummary], plot_name: str | None = PLOT) -> str:
         budgets, best = budget_table(summaries)
         lines += ["## At equal token budgets", "", "Best accuracy each run reaches spending at most this many "
                   "completion tokens per problem on average.", ""]
+        note = problem_set_note(summaries)
+        if note:
+            lines += [f"**Note:** {note}.", ""]
         lines += table(["avg tokens ≤", *[s.name for s in summaries]],
                        [[f"{b:.1f}", *[_pct(row[i]) for row in best]] for i, b in enumerate(budgets)]) + [""]
     if plot_name:
@@ -249,6 +285,7 @@ def plot(summaries: list[RunSummary], path: str | Path) -> Path:
         xs_all += xs
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 8:
         ax.set_xscale("log")
+    ax.margins(x=0.15)  # room for the labels of the outermost points
     ax.set_xlabel("average completion tokens per problem")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -269,6 +306,7 @@ def write_report(folders: list[str | Path], output: str | Path | None = None) ->
     if not folders:
         raise BadInputError("no run given", hint="thinktime report runs/<run-folder> [more runs...]")
     summaries = [summarize(f) for f in folders]
+    distinct_names(summaries)
     if output is None:
         output = Path(folders[0]) if len(folders) == 1 else Path(folders[0]).parent / "report"
     output = Path(output)

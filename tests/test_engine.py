@@ -211,3 +211,14 @@ def test_running_out_of_memory_is_a_clear_error_and_the_engine_serves_on(engine,
             list(engine.stream(Prompt.of(QUESTION), params))
     [completions] = engine.generate([Prompt.of(QUESTION)], params)
     assert len(completions) == 3 and all(c.completion_tokens >= 1 for c in completions)
+
+
+def test_only_floating_point_dtypes_are_accepted():
+    from thinktime.engines.hf import pick_dtype
+
+    for bad in ("int8", "Tensor", "cuda", "bf17"):
+        with pytest.raises(BadInputError, match="unknown dtype"):
+            pick_dtype(bad, "cpu", 1)
+    import torch
+
+    assert pick_dtype("BF16", "cpu", 1) is torch.bfloat16 and pick_dtype("float32", "cpu", 1) is torch.float32

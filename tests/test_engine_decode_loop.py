@@ -88,6 +88,57 @@ def test_a_seed_per_prompt_draws_what_each_prompt_alone_would(fp32_engine):
     assert [[c.token_ids for c in row] for row in last_two] == [[c.token_ids for c in row] for row in together[1:]]
 
 
+def test_chinese_and_emoji_stop_strings_stop_the_row(engine):
+    # A Chinese character or an emoji can take a token per byte: the stop window counts bytes.
+    from thinktime.engines.fast import Rows
+
+    for text, stop in (("我们算一下，所以答案是42。", "所以答案是"), ("ok 🦜🦜🦜 then", "🦜🦜🦜")):
+        ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+        rows = Rows(1, set(), 0, (stop,), engine.tokenizer, None)
+        for token in ids:
+            if rows.all_done:
+                break
+            rows.push([token])
+        assert rows.all_done and stop in engine.tokenizer.decode(rows.ids[0]), (text, len(ids), rows.window)
+        assert len(rows.ids[0]) < len(ids)  # it stopped there, not at the end
+
+
+def test_generates_stop_strings_ignore_the_prompt(engine):
+    # generate()'s fallback: a prompt ending in "\n" and a first token "\n" do not make "\n\n"
+    import torch
+
+    from thinktime.engines.hf import _StopStrings
+
+    prompt = engine.tokenizer("Step one.\n", add_special_tokens=False).input_ids
+    newline = engine.tokenizer("\n", add_special_tokens=False).input_ids
+    criterion = _StopStrings(("\n\n",), engine.tokenizer, len(prompt))
+    assert not criterion(torch.tensor([prompt + newline]), None).item()
+    assert criterion(torch.tensor([prompt + newline + newline]), None).item()
+
+
+def test_chunks_of_one_call_draw_afresh(engine):
+    # more prompts than fit one batch: each chunk must not repeat the first chunk's draws
+    before = engine.max_batch_rows
+    engine.max_batch_rows = 2
+    try:
+        rows = engine.generate([Prompt.of([{"role": "user", "content": QUESTIONS[1]}])] * 3,
+                               SamplingParams(max_new_tokens=8, n=2, temperature=1.0, seed=3))
+    finally:
+        engine.max_batch_rows = before
+    assert len({tuple(tuple(c.token_ids) for c in row) for row in rows}) == 3
+
+
+def test_a_cancel_before_the_call_prefills_nothing(engine):
+    import threading
+
+    cancel = threading.Event()
+    cancel.set()
+    with batch_sizes(engine) as seen:
+        [[completion]] = engine.generate([Prompt.of([{"role": "user", "content": QUESTIONS[0]}])],
+                                         SamplingParams(max_new_tokens=8), cancel)
+    assert seen == [] and completion.finish_reason == "cancelled" and completion.completion_tokens == 0
+
+
 def test_stream_joins_to_the_generated_text(engine):
     prompt, params = Prompt.of([{"role": "user", "content": QUESTIONS[2]}]), SamplingParams(max_new_tokens=32)
     [[whole]] = engine.generate([prompt], params)

@@ -128,6 +128,19 @@ def test_seeded_sampling_is_reproducible(llama):
     assert decoder.generate(batch, max_new_tokens=10, greedy=False, temperature=1.0) == a  # seed=None follows torch
 
 
+def test_a_seeded_sample_is_a_prefix_of_the_same_sample_with_more_room(llama):
+    # A row's draws depend on its own steps only: not on max_new_tokens, nor on the other rows' prompts.
+    _, decoder = llama
+    batch = prompts(3, 40)
+    run = lambda new, rows=batch: decoder.generate(rows, n=2, max_new_tokens=new, greedy=False,  # noqa: E731
+                                                   temperature=0.9, seed=7)
+    short, long = run(8), run(24)
+    assert all(b[:len(a)] == a[:len(b)] for a, b in zip(short, long)) and short != [r[:8] for r in run(24, batch[::-1])]
+    alone = decoder.generate(batch[1:2], n=2, max_new_tokens=8, greedy=False, temperature=0.9, seed=[7])
+    together = decoder.generate(batch, n=2, max_new_tokens=8, greedy=False, temperature=0.9, seed=[1, 7, 3])
+    assert together[2:4] == alone  # a seed per prompt: its rows are what it draws alone
+
+
 def test_sampling_follows_the_tempered_top_p_distribution():
     """The inverse CDF over a grid of uniforms reproduces transformers' temperature + top-p probabilities."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
@@ -260,6 +273,21 @@ def test_engine_stream_stop_strings_and_seeds(plain_engine, fast_engine):
     first = fast_engine.generate([Prompt.of(QUESTION)], sampled)[0]
     assert [c.token_ids for c in first] == [c.token_ids for c in fast_engine.generate([Prompt.of(QUESTION)],
                                                                                        sampled)[0]]
+
+
+def test_engine_seeded_samples_equal_the_decoding_loops(fast_engine):
+    # the fast path and the CPU decoding loop read the same uniforms: the same seeded samples (fp32)
+    loop_engine = TransformersEngine("smollm2-135m", dtype="fp32")
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.8, n=3, seed=4)
+    assert [c.token_ids for c in fast_engine.generate([Prompt.of(QUESTION)], sampled)[0]] == \
+        [c.token_ids for c in loop_engine.generate([Prompt.of(QUESTION)], sampled)[0]]
+
+
+def test_the_fast_path_builds_no_generate_cache(fast_engine, monkeypatch):
+    built = []
+    monkeypatch.setattr(fast_engine.prefix_cache, "batch_for", lambda *a, **k: built.append(a) or None)
+    fast_engine.generate([Prompt.of(QUESTION, prefix="Let me see.")], SamplingParams(max_new_tokens=4, n=4))
+    assert built == []  # generate()'s padded cache, repeated n times, would only be thrown away
 
 
 def test_engine_continuations_use_the_prefix_cache(plain_engine, fast_engine):

@@ -18,22 +18,9 @@ import threading
 import torch
 
 from thinktime.engines import lean_step
-from thinktime.engines.fast import Rows, sample
+from thinktime.engines.fast import Rows, draw_uniforms, sample
 
 TOP_P_CANDIDATES = 256  # top-p looks for its kept tokens among these first (fast.sample)
-
-
-def draw_uniforms(seed, rows: int, steps: int) -> torch.Tensor:
-    """[rows, steps] uniforms in (0, 1] for sampling. Drawn step by step ([step, row]), so that a row's draws
-    do not depend on `steps`: a seeded sample is a prefix of the same sample with more room (a budget or the
-    context may cut max_new_tokens). `seed`: one for the call, or a list of one per prompt (the rows are
-    the prompts' samples, n each, in order), which makes a prompt's draws those of its call alone."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, as generate does
-    seeds = [seed] if isinstance(seed, int) else list(seed)
-    per_prompt = rows // len(seeds)
-    return torch.cat([(1.0 - torch.rand(steps, per_prompt, generator=torch.Generator().manual_seed(int(s)))).T
-                      for s in seeds])
 
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cache, cache_kwarg: str,

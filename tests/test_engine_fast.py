@@ -141,6 +141,22 @@ def test_a_seeded_sample_is_a_prefix_of_the_same_sample_with_more_room(llama):
     assert together[2:4] == alone  # a seed per prompt: its rows are what it draws alone
 
 
+def test_a_compile_failure_in_the_first_step_falls_back_to_eager_kernels(llama):
+    # torch.compile compiles lazily: its first run can fail outside graph capture (graphs off, or the prefill's
+    # step). That must turn compile off and finish the call on eager kernels, not fail the user's call.
+    model, reference = llama
+    decoder = FastDecoder(model)
+    want = reference.generate(prompts(1, 30), n=2, max_new_tokens=8, greedy=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: simulated compile failure")
+
+    decoder.use_compile, decoder._fns = True, {**decoder._eager, "pre": broken}
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        got = decoder.generate(prompts(1, 30), n=2, max_new_tokens=8, greedy=True)
+    assert got == want and not decoder.use_compile and "simulated" in decoder.compile_error
+
+
 def test_sampling_follows_the_tempered_top_p_distribution():
     """The inverse CDF over a grid of uniforms reproduces transformers' temperature + top-p probabilities."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper

@@ -385,7 +385,14 @@ class FastDecoder:
             for name in ("recompile_limit", "cache_size_limit"):  # a few batch sizes and layers' variants
                 if isinstance(getattr(torch._dynamo.config, name, None), int):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
-            self._fns = {name: torch.compile(fn, fullgraph=True, dynamic=True if name == "softmax" else None)
+            # emulate_precision_casts: fused kernels round where the eager ops would (bf16 after each op),
+            # so compiled steps keep eager's numerics instead of drifting from generate's greedy tokens.
+            import torch._inductor.config as inductor_config
+
+            options = {"emulate_precision_casts": True} if self.cuda and \
+                hasattr(inductor_config, "emulate_precision_casts") else None
+            self._fns = {name: torch.compile(fn, fullgraph=True, dynamic=True if name == "softmax" else None,
+                                             options=options)
                          for name, fn in self._eager.items()}
         except Exception as exc:  # an old torch or no compiler: eager kernels, still in graphs
             self._compile_failed(exc)
@@ -458,21 +465,45 @@ class FastDecoder:
         self.tok[:rows].copy_(nxt)
         self.pos[:rows].add_(1)
 
+    def _run_step(self, rows: int, window: int, mode: str) -> None:
+        """One step without a graph. The first run of compiled kernels compiles them: a failure there turns
+        compile off and the step runs again on eager kernels, as a failed capture does."""
+        try:
+            self._step(rows, window, mode)
+        except torch.OutOfMemoryError:
+            raise FastPathUnavailable("out of GPU memory for a step") from None
+        except Exception as exc:
+            if not self.use_compile:
+                raise
+            self._compile_failed(exc)
+            self._step(rows, window, mode)
+
     def _runner(self, rows: int, window: int, mode: str):
         """A callable that runs one step: a replayed CUDA graph where possible, else the eager step."""
         if not self.use_graphs or mode in self.failed_modes:
-            return lambda: self._step(rows, window, mode)
+            return lambda: self._run_step(rows, window, mode)
         key = (rows, window, mode)
         graph = self.graphs.get(key)
         if graph is None:
             started = time.perf_counter()
             try:
                 graph = self._capture(rows, window, mode)
+            except torch.OutOfMemoryError:  # not the step's fault: this call goes to generate, later ones retry
+                self.graphs.clear()
+                raise FastPathUnavailable("out of GPU memory while capturing a step") from None
             except Exception as exc:
                 if not self.use_compile:
                     raise
-                self._compile_failed(exc)  # compiled kernels would not run or capture: try eager ones
-                graph = self._capture(rows, window, mode)
+                # Blame compile only if eager kernels then capture; otherwise compile stays on for other steps.
+                fns, error = self._fns, self.compile_error
+                self._fns = dict(self._eager)
+                try:
+                    graph = self._capture(rows, window, mode)
+                except Exception:
+                    self._fns = fns
+                    raise exc from None
+                self._fns = fns
+                self._compile_failed(exc)
             self.graphs[key] = graph
             self.stats["capture_s"] += time.perf_counter() - started
             self.stats["captures"] += 1
@@ -523,10 +554,10 @@ class FastDecoder:
         if stop_strings and tokenizer is None:
             raise ValueError("stop strings need the tokenizer")
         width = _bucket(rows)
-        self._ensure_cache(width, min(_round_up(need), self.max_positions))
         mode = "greedy" if greedy else ("top_p" if top_p < 1.0 else "sample")
-        if self.use_graphs and mode in self.failed_modes:
+        if self.use_graphs and mode in self.failed_modes:  # before growing a cache this call would not use
             raise FastPathUnavailable(f"the {mode} step did not capture as a CUDA graph ({self.failed_modes[mode]})")
+        self._ensure_cache(width, min(_round_up(need), self.max_positions))
         if not greedy:
             self.temperature.fill_(float(temperature))
             self.top_p.fill_(float(top_p))
@@ -614,7 +645,7 @@ class FastDecoder:
         if reuse:
             self.tok[:rows] = torch.tensor([ids[-1] for ids in prompts for _ in range(n)], device=dev)
             self.pos[:rows] = torch.tensor([x - 1 for x in lengths], device=dev)
-            self._step(width, min(_round_up(max(lengths)), self.len_cap), mode)
+            self._run_step(width, min(_round_up(max(lengths)), self.len_cap), mode)
             return self.tok[:rows].clone()
         self.tok[:rows] = first
         self.pos[:rows] = torch.tensor(lengths, device=dev)
@@ -649,7 +680,7 @@ class FastDecoder:
                 for window in range(BLOCK, self.len_cap + 1, BLOCK):
                     self._runner(width, window, mode)
                     if not self.use_graphs:
-                        self._step(width, window, mode)
+                        self._run_step(width, window, mode)
                         break
             if self.cuda:
                 torch.cuda.synchronize(self.device)

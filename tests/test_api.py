@@ -118,3 +118,29 @@ def test_memory_check_refuses_with_numbers():
         models.check_fits("huge-model", 10**15, "cpu")
     assert "GB" in info.value.message and "free" in info.value.message
     assert "smaller model" in info.value.hint
+
+
+def test_a_seeded_batch_answers_each_question_as_alone(fp32_engine):
+    # solve_many batches cot questions into one call; with a seed, each draws what it would alone
+    # (fp32: batching does not move the logits)
+    thinker = Thinker(engine=fp32_engine, max_new_tokens=16, temperature=0.9, seed=5)
+    questions = ["What is 12*7?", "Name a prime number.", "What is 5 to the power of 3?"]
+    together = [r.text for r in thinker.solve_many(questions)]
+    assert together == [thinker.solve(q).text for q in questions]
+    assert [r.text for r in thinker.solve_many(questions[::-1])] == together[::-1]
+
+
+def test_solve_each_yields_multi_chain_results_one_by_one(thinker):
+    import types
+
+    results = thinker.solve_each(["What is 1+1?", "What is 2+2?"], strategy="self-consistency",
+                                 options={"n": 2}, max_new_tokens=8)
+    assert isinstance(results, types.GeneratorType)
+    first = next(results)
+    assert first.question == "What is 1+1?" and first.strategy == "self-consistency"
+    assert next(results).question == "What is 2+2?"
+
+
+def test_a_question_longer_than_the_window_is_bad_input_for_budget_forcing_too(thinker):
+    with pytest.raises(BadInputError, match="takes at most"):
+        thinker.solve("1+" * 6000 + "1=?", strategy="budget", max_new_tokens=8)

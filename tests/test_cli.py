@@ -91,7 +91,7 @@ def test_a_question_file_that_is_not_utf8_is_named(tmp_path):
 
 def test_bad_jsonl_line_names_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "ok"}\n{not json\n', encoding="utf-8")
+    bad.write_text('{"question": "ok"}\n{"question": "cut off\n', encoding="utf-8")
     proc = run("solve", "--file", str(bad))
     assert proc.returncode == 2
     assert "line 2 is not valid JSON" in proc.stderr
@@ -140,3 +140,44 @@ def test_vote_table_shows_answers_with_brackets():
     console.print(vote_table([{"answer": "[a, b]", "votes": 2}, {"answer": "[red]", "votes": 1}], samples=3, n=3))
     text = console.export_text()
     assert "[a, b]" in text and "[red]" in text
+
+
+def test_questions_with_a_bom_or_a_leading_brace_are_read_as_written(tmp_path):
+    from thinktime.cli import read_questions
+
+    text = tmp_path / "q.txt"
+    text.write_text("\ufeff{1,2,3} has how many elements?\nWhat is 2+2?\n", encoding="utf-8")
+    assert read_questions([], text) == ["{1,2,3} has how many elements?", "What is 2+2?"]
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text('\ufeff{"question": "What is 1+1?"}\n', encoding="utf-8")
+    assert read_questions([], jsonl) == ["What is 1+1?"]
+
+
+def test_text_options_stay_text_and_numbers_become_numbers():
+    from thinktime.cli import strategy_options
+
+    assert strategy_options("budget", None, None, ["wait=2", "min_tokens=30"]) == {"wait": "2", "min_tokens": 30}
+    assert strategy_options("beam", None, None, ["delimiter=1", "width=3"]) == {"delimiter": "1", "width": 3}
+
+
+def test_answers_and_progress_print_as_text():
+    # ":100:" is not an emoji code here, and best-of-n's progress (an index, not a branch) shows its scores
+    from rich.console import Console
+
+    from thinktime.cli import _print_answer, err, out
+    from thinktime.cli_views import StrategyView
+    from thinktime.types import Event, Result, Usage
+
+    result = Result("q", "1:100:1000", "boxed", "", "\\boxed{1:100:1000}", "\\boxed{1:100:1000}", "stop",
+                    Usage(1, 2), 0.1, "cot", "m")
+    with out.capture() as shown, err.capture():
+        _print_answer(result)
+    assert "1:100:1000" in shown.get()
+    console = Console(record=True, width=100, emoji=False, force_terminal=False)
+    view = StrategyView(console)
+    view.show(Event("progress", data={"votes": [{"answer": "4", "votes": 2}], "samples": 2, "n": 2}))
+    view.show(Event("progress", data={"scores": [0.1, 0.9], "best": 1}))
+    view.close()
+    console.print("after")
+    text = console.export_text()
+    assert "chain 2" in text and "\nafter" in text  # the live table's last line is ended off a terminal

@@ -11,6 +11,7 @@ import atexit
 import concurrent.futures as cf
 import multiprocessing
 import re
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Literal
@@ -167,7 +168,10 @@ def _worker_pool() -> cf.ProcessPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            # The worker ignores Ctrl-C: the terminal sends it to the whole process group, and the parent,
+            # which handles it, shuts the worker down; otherwise the worker prints its own traceback.
+            _pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
             atexit.register(_shutdown_pool)
         return _pool
 

@@ -128,8 +128,18 @@ class Thinker:
 
     def solve_many(self, questions: Sequence[str], **kwargs) -> list[Result]:
         """Many questions; single-chain questions go to the engine as one batch."""
+        return list(self.solve_each(questions, **kwargs))
+
+    def solve_each(self, questions: Sequence[str], **kwargs) -> Iterator[Result]:
+        """solve_many's results as they come: a question at a time for multi-chain strategies (so a caller can
+        show each, and keep what finished when stopped), all at once for a cot batch."""
         if (kwargs.get("strategy") or self.strategy) != "cot":
-            return [self.solve(q, **kwargs) for q in questions]
+            for question in questions:
+                yield self.solve(question, **kwargs)
+            return
+        yield from self._solve_batch(questions, **kwargs)
+
+    def _solve_batch(self, questions: Sequence[str], **kwargs) -> list[Result]:
         contexts = [self.context(q, **kwargs) for q in questions]
         if not contexts:
             return []
@@ -138,6 +148,8 @@ class Thinker:
         params = replace(params, max_new_tokens=min(c.budget.cap(params.max_new_tokens) for c in contexts))
         if params.max_new_tokens < 1:
             return [self.solve(q, **kwargs) for q in questions]  # no room: each says so on its own
+        if params.seed is not None:  # each question draws what it would alone with the seed, not by its place
+            params = replace(params, seed=None, seeds=(params.seed,) * len(contexts))
         completions = self.engine.generate([c.prompt for c in contexts], params)
         results = []
         for ctx, (completion,) in zip(contexts, completions):

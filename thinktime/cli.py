@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +20,9 @@ from thinktime.errors import EXIT_INTERRUPTED, BadInputError, ThinktimeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn thinking time into capability: deep-thinking answers, checked.")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# emoji=False: ":100:" in an answer ("1:100:1000") or a step stays text, not 💯
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 @contextmanager
@@ -119,13 +121,13 @@ def read_questions(questions: list[str], file: Optional[Path]) -> list[str]:
             raise BadInputError(f"question file {what}: {file}", hint="pass a text file (one question per "
                                 "line) or a JSONL file with a 'question' field")
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first question
         except UnicodeDecodeError as exc:
             raise BadInputError(f"question file {file} is not UTF-8 text (byte {exc.start})",
                                 hint="save it as UTF-8 text, one question per line, or JSONL") from None
         items = _parse_lines(text.splitlines(), str(file))
     elif not sys.stdin.isatty():
-        items = _parse_lines(sys.stdin.read().splitlines(), "standard input")
+        items = _parse_lines(sys.stdin.read().removeprefix("\ufeff").splitlines(), "standard input")
     else:
         raise BadInputError("no question given", hint='thinktime solve "What is 5^10?" (or --file, or stdin)')
     if not items:
@@ -142,12 +144,15 @@ def _parse_lines(lines: list[str], where: str) -> list[str]:
         line = line.strip()
         if not line:
             continue
-        if line.startswith("{"):
+        record = None
+        # A JSON object starts with a quoted key; "{1,2,3} has how many elements?" is a question.
+        if re.match(r'\{\s*"', line):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise BadInputError(f"{where} line {number} is not valid JSON: {exc.msg}",
                                     hint="use one JSON object per line, or plain text lines") from None
+        if isinstance(record, dict):
             text = next((record[k] for k in ("question", "problem", "prompt") if isinstance(record.get(k), str)),
                         None)
             if text is None:
@@ -183,8 +188,7 @@ def strategy_options(strategy: str, samples: Optional[int], scorer: Optional[str
         options["n"] = samples
     if scorer is not None:
         options["scorer"] = scorer
-    check_options(strategy, options)
-    return options
+    return check_options(strategy, options)
 
 
 @app.command()
@@ -219,7 +223,7 @@ def solve(
                                 **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
                                                  data_parallel_size, distributed_executor_backend, fast))
         if as_json:
-            for result in thinker.solve_many(items):
+            for result in thinker.solve_each(items):  # each printed as it finishes: Ctrl-C keeps those
                 print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
             return
         for i, question in enumerate(items):

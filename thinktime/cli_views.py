@@ -10,18 +10,18 @@ from rich.table import Table
 from rich.tree import Tree as RichTree
 
 from thinktime.errors import BadInputError
-from thinktime.strategies.options import parse_value
 from thinktime.types import Event, Result
 
 
 def parse_options(pairs: list[str]) -> dict:
-    """`--option key=value` pairs as a dict of typed values (`-o width=4 -o scorer=prm:/models/prm`)."""
+    """`--option key=value` pairs as a dict of the texts given (`-o width=4 -o wait=2`): each is read as its
+    option's type when checked (strategies.check_options), so a text option keeps "2" as text."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise BadInputError(f"bad strategy option {pair!r}", hint="write KEY=VALUE, e.g. -o width=4")
-        options[key.strip().replace("-", "_")] = parse_value(value.strip())
+        options[key.strip().replace("-", "_")] = value.strip()
     return options
 
 
@@ -64,7 +64,10 @@ class StrategyView:
                 self.live = Live(table, console=self.console, transient=False, auto_refresh=False)
                 self.live.start()
             self.live.update(table, refresh=True)
-        elif data.get("best"):
+        elif "scores" in data:  # best-of-n: every chain's score, and which won
+            scores = ", ".join("-" if s is None else f"{s:.3f}" for s in data["scores"])
+            self.console.print(f"[dim]scores: {escape(scores)}; best: chain {data.get('best', 0) + 1}[/]")
+        elif isinstance(data.get("best"), dict):  # beam and mcts: the leading branch
             best = data["best"]
             where = f"depth {data['depth']}" if "depth" in data else f"iteration {data.get('iteration')}"
             last = (best["steps"][-1] if best["steps"] else "").replace("\n", " ")
@@ -79,6 +82,8 @@ class StrategyView:
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()
+            if not self.console.is_terminal:  # Live ends its last line itself only on a terminal
+                self.console.line()
             self.live = None
 
 

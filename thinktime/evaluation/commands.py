@@ -16,17 +16,18 @@ from thinktime.errors import BadInputError
 DEFAULT_RUNS_DIR = Path("runs")
 
 
-def parse_options(items: list[str]) -> dict:
-    """`--option width=4 --option scorer=self` -> {"width": 4, "scorer": "self"}."""
-    from thinktime.strategies.options import parse_value
+def typed_options(strategy: str, items: list[str]) -> dict:
+    """`--option width=4 --option scorer=self` -> {"width": 4, "scorer": "self"}: each value as its option's
+    type (the run's config records them so); options of the n-list strategies are kept as given, to be refused."""
+    from thinktime.cli_views import parse_options
+    from thinktime.evaluation.runner import SAMPLED
+    from thinktime.strategies import check_options, get_strategy
 
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise BadInputError(f"bad --option {item!r}", hint="use --option key=value, e.g. --option width=4")
-        options[key.strip()] = parse_value(value)
-    return options
+    options = parse_options(items)
+    if not options or strategy in SAMPLED:
+        return options
+    get_strategy(strategy)  # an unknown name is said as such, not as options it lacks
+    return check_options(strategy, options)
 
 
 def default_folder(config: dict, digest: str) -> Path:
@@ -91,7 +92,8 @@ def eval_command(
         if batch_problems is not None and batch_problems < 1:
             raise BadInputError("--batch-problems must be at least 1")
         settings = Settings(strategy=strategy, ns=ns, seed=seed, batch_problems=batch_problems,
-                            options=parse_options(option), budget_tokens=budget_tokens, save_text=save_text,
+                            options=typed_options(strategy, option), budget_tokens=budget_tokens,
+                            save_text=save_text,
                             scale_option=scale_option)
         data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, data_seed=data_seed)
         if temperature is None:

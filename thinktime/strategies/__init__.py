@@ -28,11 +28,13 @@ def get_strategy(name: str) -> Callable[[Context], Result]:
                             hint=f"choose one of: {', '.join(STRATEGIES)}") from None
 
 
-def check_options(name: str, options: dict) -> None:
-    """Refuse unknown strategy options and bad values before any model call."""
+def check_options(name: str, options: dict) -> dict:
+    """Refuse unknown strategy options and bad values before any model call; returns the options given, each
+    as its option's type (command-line text "4" as 4 for an int option, and "2" stays "2" for a text one)."""
     from thinktime.strategies.options import read_options
 
-    read_options(name, STRATEGY_OPTIONS.get(name, {}), options)
+    values = read_options(name, STRATEGY_OPTIONS.get(name, {}), options)
+    return {k: values.get(k, v) for k, v in options.items()}
 
 
 __all__ = ["check_options", "SCALE_OPTION", "STRATEGIES", "STRATEGY_OPTIONS", "Budget", "Context", "get_strategy"]

@@ -55,7 +55,10 @@ def run(ctx: Context) -> Result:
         prompt = Prompt(ctx.prompt.messages, ctx.prompt.prefix + text)
         room = context_room(ctx, prompt)
         if room is not None and room < 1:
-            return None
+            if not pieces:  # the question alone fills the window: the engine says so, as for every strategy
+                room = None
+            else:
+                return None
         completion = stream_one(ctx, prompt, max_new if room is None else min(max_new, room), call=call,
                                 stop=stop_at)
         call += 1

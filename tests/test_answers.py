@@ -35,6 +35,9 @@ def test_unclosed_box_is_ignored_and_falls_back():
 
 @pytest.mark.parametrize("text, value, method", [
     ("We compute carefully. The answer is 17.", "17", "answer-is"),
+    ("So the answer is 12, which is even.", "12", "answer-is"),
+    ("The answer is 4, but in base 2 it is 100.", "4", "answer-is"),
+    ("The answer is 1, 2, 3.", "1, 2, 3", "answer-is"),  # a list is not a clause
     ("Final answer: $\\frac{3}{4}$\n", "\\frac{3}{4}", "answer-is"),
     ("所以答案是 24。", "24", "answer-is"),
     ("答案是：5", "5", "answer-is"),  # 是 and a colon together

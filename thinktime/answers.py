@@ -71,6 +71,9 @@ _ANSWER_IS = re.compile(
     re.IGNORECASE,
 )
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# "the answer is 12, which is even": the answer ends where a clause begins (a list "1, 2, 3" does not)
+_CLAUSE = re.compile(r",\s+(?:(?:but|which|so|and|because|since|as|that|while|although|though|or|then|where|if|"
+                     r"meaning|not)\b|i\.e\b|e\.g\b)", re.IGNORECASE)
 
 
 def extract_answer(text: str) -> Extraction:
@@ -83,6 +86,9 @@ def extract_answer(text: str) -> Extraction:
     if matches:
         m = matches[-1]
         value = (m.group("ans") or m.group("zh") or "").strip().rstrip(".")
+        clause = _CLAUSE.search(value)
+        if clause:
+            value = value[:clause.start()].strip()
         if value:
             return Extraction(value, "answer-is", m.start())
     numbers = list(_NUMBER.finditer(text))

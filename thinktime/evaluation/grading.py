@@ -16,7 +16,8 @@ from thinktime.answers import equivalent, normalize
 
 # Bump when a verdict could change: runs record it in their configuration. 2: units, vectors, and a chain cut
 # short votes its last-number guess in maj@k only when no chain gave a real answer (voting.vote_answers).
-GRADER_VERSION = 2
+# 3: "the answer is 12, which is even" extracts 12 (answers.extract_answer ends it where a clause begins).
+GRADER_VERSION = 3
 
 _UNIT_WORDS = (
     "cm", "mm", "km", "m", "kg", "g", "mg", "ml", "l", "s", "sec", "seconds", "minutes", "min", "hours", "h",

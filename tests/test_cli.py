@@ -57,6 +57,18 @@ def test_streaming_solve_prints_reasoning_then_the_answer_panel():
     assert "finish:" in proc.stderr and "completion tokens" in proc.stderr
 
 
+def test_a_multi_chain_strategy_shows_the_chosen_chain_and_its_scores():
+    # self-consistency and best-of-n stream votes / scores, not text: the chosen chain is printed once chosen
+    for strategy, extra in (("self-consistency", []), ("best-of-n", ["-o", "judge_tokens=8"])):
+        args = [*FAST, "-s", strategy, "-n", "2", "--seed", "1", *extra, "What is 6 times 7?"]
+        chosen = json.loads(run("solve", "--json", *args).stdout)["text"]
+        proc = run("solve", *args)
+        assert proc.returncode == 0, proc.stderr
+        assert chosen.strip() and chosen.strip()[:40] in proc.stdout and "Answer (" in proc.stdout
+        assert "the chosen chain" in proc.stderr
+        assert strategy != "best-of-n" or "scores:" in proc.stderr
+
+
 @pytest.mark.parametrize("args, stdin, code, message", [
     (["solve", "   "], None, 2, "question 1 is empty"),
     (["solve"], "", 2, "no question given"),

@@ -241,6 +241,11 @@ def solve(
                         view.show(event)
             finally:
                 view.close()
+            if view.index is None and result is not None and result.text:
+                # Multi-chain strategies stream votes or search progress, not text: the chosen chain is
+                # shown once chosen, so the reasoning behind the answer is always there to read.
+                err.rule("the chosen chain", style="dim")
+                sys.stdout.write(result.text)
             sys.stdout.write("\n")
             _print_answer(result)
             if show_tree:

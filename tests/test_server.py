@@ -194,6 +194,14 @@ def test_multi_chain_strategy_streams_candidates(client):
     (dict(stream_options={"include_usage": True}), 400, "stream_options"),  # without stream, as OpenAI
     (dict(n=2, extra_body={"thinktime": {"budget_tokens": 1}}), 400, "thinktime.budget_tokens"),
     (dict(n=2, stream=True, extra_body={"thinktime": {"budget_tokens": 1}}), 400, "thinktime.budget_tokens"),
+    # caps hold however a value is written, and token options are capped as max_tokens is
+    (dict(extra_body={"thinktime": {"strategy": "beam", "width": "99"}}), 400, "thinktime.width"),
+    (dict(extra_body={"thinktime": {"strategy": "beam", "width": 99.0}}), 400, "thinktime.width"),
+    (dict(extra_body={"thinktime": {"strategy": "beam", "step_tokens": 10**6}}), 400, "thinktime.step_tokens"),
+    (dict(model=f"{MODEL}:budget-9999"), 400, "model"),
+    (dict(frequency_penalty=1.5), 400, "frequency_penalty"),
+    (dict(extra_body={"top_k": 5}), 400, "top_k"),
+    (dict(extra_body={"reasoning_effort": "high"}), 400, "reasoning_effort"),
 ])
 def test_bad_requests_get_openai_errors(client, kwargs, status, param):
     request = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4) | kwargs
@@ -475,3 +483,54 @@ def test_out_of_memory_is_a_503_and_the_server_serves_on(server, server_thinker,
             events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
         assert any(json.loads(e[6:]).get("error", {}).get("code") == "out_of_memory" for e in events if e != "data: [DONE]")
     assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_defaults_of_unsupported_parameters_and_huge_seeds_are_accepted(client):
+    # clients send the "off" values of parameters this server lacks; a seed anywhere in uint64 works for every
+    # strategy (multi-call strategies derive seeds from it)
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "1+1?"}], max_tokens=4,
+                                           frequency_penalty=0, presence_penalty=0.0,
+                                           extra_body={"top_k": -1, "repetition_penalty": 1.0, "best_of": 1})
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    for model in (MODEL, f"{MODEL}:sc-2"):
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "1+1?"}],
+                                               max_tokens=4, seed=2**64 - 1, temperature=0.7,
+                                               extra_body={"thinktime": {"round": 1}} if ":" in model else None)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_cot_replies_carry_the_checked_answer(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16}
+    reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert reply["thinktime"]["strategy"] == "cot" and "answer" in reply["thinktime"]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=60) as streamed:
+        chunks = [json.loads(line[6:]) for line in streamed.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finals and "answer" in finals[-1]["thinktime"]
+
+
+def test_served_names_with_colons_take_strategy_suffixes(server_thinker):
+    app = create_app(server_thinker, ServerConfig(served_names=("smol:135m",), max_n=4))
+    with BackgroundServer(app) as named:
+        assert httpx.get(named.url + "/v1/models/smol:135m:self-consistency").status_code == 200
+        body = {"model": "smol:135m:sc-2", "messages": [{"role": "user", "content": "1+1?"}], "max_tokens": 4}
+        reply = httpx.post(named.url + "/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 200 and reply.json()["thinktime"]["strategy"] == "self-consistency"
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server_thinker):
+    app = create_app(server_thinker, ServerConfig(max_body_bytes=1000))
+    with BackgroundServer(app) as small:
+        declared = httpx.post(small.url + "/v1/chat/completions", content=b"x" * 5000,
+                              headers={"content-type": "application/json"}, timeout=30)
+        assert declared.status_code == 413
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(50):
+                yield b"x" * 100
+
+        streamed = httpx.post(small.url + "/v1/chat/completions", content=chunks(),
+                              headers={"content-type": "application/json"}, timeout=30)
+        assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "request_too_large"

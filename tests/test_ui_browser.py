@@ -121,3 +121,24 @@ def test_stop_finishes_the_panel_and_text_typed_meanwhile_is_kept(browser, long_
     page.locator("#clear").click()
     page.wait_for_function("!document.querySelector('#chat').innerText.includes('dragon')", timeout=30_000)
     page.close()
+
+
+def test_stop_also_stops_a_turn_waiting_in_the_queue_and_dollars_stay_text(browser, long_ui_url):
+    first, second = (browser.new_page(viewport={"width": 1280, "height": 900}) for _ in range(2))
+    for page in (first, second):
+        page.goto(long_ui_url, wait_until="load", timeout=60_000)
+        page.locator("#question textarea").wait_for(timeout=60_000)
+    first.locator("#question textarea").fill("I had $5 and got $10. Write a long story about a dragon.")
+    first.locator("#send").click()
+    first.get_by_text("Thinking…", exact=False).first.wait_for(timeout=60_000)
+    second.locator("#question textarea").fill("What is 9 times 9?")
+    second.locator("#send").click()  # the engine is busy with the first tab: this turn waits in the queue
+    time.sleep(1.0)
+    second.locator("#stop").click()
+    first.locator("#stop").click()
+    first.wait_for_function("document.querySelector('#chat').innerText.includes('Stopped after')", timeout=60_000)
+    assert "I had $5 and got $10." in first.locator("#chat").inner_text()  # money, not inline math
+    time.sleep(5.0)  # the queue has moved on: the stopped turn must not have run
+    assert "9 times 9" not in second.locator("#chat").inner_text()
+    for page in (first, second):
+        page.close()

@@ -55,6 +55,8 @@ class ServerConfig:
 # Strategy options that set how many chains run side by side in one engine call: capped by --max-n, as
 # the request's n is, so that one request cannot take the machine's memory (rows x positions of KV cache).
 PARALLEL_OPTIONS = ("n", "width", "expansions", "judges")
+# Strategy options that count tokens: each is capped by --max-tokens-limit, as the request's max_tokens is.
+TOKEN_OPTIONS = ("max_tokens", "min_tokens", "step_tokens", "check_tokens", "judge_tokens", "answer_tokens")
 
 
 def resolve_strategy(name: str) -> str | None:
@@ -67,7 +69,11 @@ def resolve_strategy(name: str) -> str | None:
 def parse_model(model: str, names: tuple[str, ...]) -> tuple[str, str | None, int | None]:
     """'base[:strategy[-N]]' -> (base, strategy, N); N sets the strategy's size (SCALE_OPTION: self-consistency's and
     best-of-n's n, beam's width, ...); raises a 404 for anything unknown."""
-    base, _, suffix = model.partition(":") if ":" in model and model.split(":", 1)[0] in names else (model, "", "")
+    if model in names:
+        base, suffix = model, ""
+    else:  # the longest served name before a colon: a served name may hold colons itself ("llama3:8b")
+        base = max((n for n in names if model.startswith(n + ":")), key=len, default=model)
+        suffix = model[len(base) + 1:] if base != model else ""
     if base not in names:
         raise APIError(404, f"The model '{model}' does not exist. This server serves: {', '.join(names)}",
                        type="invalid_request_error", param="model", code="model_not_found")
@@ -133,12 +139,17 @@ class ChatService:
             extra["n"] = options.n
         elif suffix_n is not None:
             extra[SCALE_OPTION[strategy]] = suffix_n
-        for name in PARALLEL_OPTIONS:
-            value = extra.get(name)
-            if isinstance(value, int) and not 1 <= value <= self.config.max_n:
-                where = "model" if suffix_n is not None and SCALE_OPTION.get(strategy) == name else f"thinktime.{name}"
-                raise APIError(400, f"{name} must be between 1 and {self.config.max_n} on this server (--max-n), got "
-                                    f"{value}", param=where, code="invalid_value")
+        # Read each option as its type first ("3" and 3.0 are 3), then cap: the caps hold however it was written.
+        extra = {**extra, **_check_options(strategy, extra)}
+        for names, cap, flag in ((PARALLEL_OPTIONS, self.config.max_n, "--max-n"),
+                                 (TOKEN_OPTIONS, self.max_tokens_limit, "--max-tokens-limit")):
+            for name in names:
+                value = extra.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= cap:
+                    where = "model" if suffix_n is not None and SCALE_OPTION.get(strategy) == name \
+                        else f"thinktime.{name}"
+                    raise APIError(400, f"{name} must be between 1 and {cap} on this server ({flag}), got {value}",
+                                   param=where, code="invalid_value")
 
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -252,7 +263,7 @@ class ChatService:
                                 "logprobs": None, "finish_reason": _finish(completion.finish_reason)})
             usage = {"prompt_tokens": result[0].prompt_tokens,
                      "completion_tokens": sum(c.completion_tokens for c in result)}
-            extension = {"strategy": "cot"}
+            extension = _cot_extension(result)
         else:
             reasoning, content = reply_split(result.text, result.finish_reason, self.think_tags)
             choices = [{"index": 0, "message": {"role": "assistant", "content": content,
@@ -265,15 +276,13 @@ class ChatService:
                 "system_fingerprint": None, "choices": choices, "usage": usage, "thinktime": extension}
 
 
-def _check_options(strategy: str, options: dict) -> None:
-    """Unknown or bad strategy options are a 400 now, not an error in the middle of a stream."""
-    from thinktime import strategies
+def _check_options(strategy: str, options: dict) -> dict:
+    """Unknown or bad strategy options are a 400 now, not an error in the middle of a stream; returns the
+    options given, each as its option's type."""
+    from thinktime.strategies import check_options
 
-    check = getattr(strategies, "check_options", None)
-    if check is None:
-        return
     try:
-        check(strategy, {k: v for k, v in options.items() if k != "strategy"})
+        return check_options(strategy, {k: v for k, v in options.items() if k != "strategy"})
     except ThinktimeError as exc:
         message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
         raise APIError(400, message, param="thinktime", code="invalid_value") from None
@@ -281,6 +290,16 @@ def _check_options(strategy: str, options: dict) -> None:
 
 def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
+
+
+def _cot_extension(completions) -> dict:
+    """cot's thinktime fields: the checked answer of each choice (the first choice's at the top, as one
+    chain's strategies report it)."""
+    from thinktime.strategies.base import to_candidate
+
+    candidates = [to_candidate(c) for c in completions]
+    return {"strategy": "cot", "answer": candidates[0].answer, "answer_method": candidates[0].answer_method,
+            "answers": [{"answer": c.answer, "answer_method": c.answer_method} for c in candidates]}
 
 
 def _extension(result) -> dict:
@@ -381,9 +400,17 @@ def create_app(thinker: Thinker, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(request: Request):
-        body = await request.body()
-        if len(body) > config.max_body_bytes:
-            raise APIError(413, f"the request body is over {config.max_body_bytes} bytes", code="request_too_large")
+        too_large = APIError(413, f"the request body is over {config.max_body_bytes} bytes", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise too_large  # refused before a byte of it is read
+        parts, size = [], 0
+        async for part in request.stream():  # counted as it comes: a chunked body has no length to check
+            size += len(part)
+            if size > config.max_body_bytes:
+                raise too_large
+            parts.append(part)
+        body = b"".join(parts)
         try:
             payload = json.loads(body)
         except (ValueError, RecursionError) as exc:
@@ -500,8 +527,8 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
                     error = job.future.exception()
                     if error is not None and not isinstance(error, asyncio.CancelledError):
                         body = (_engine_failure(error) if isinstance(error, ThinktimeError) else
-                                APIError(500, f"generation failed: {type(error).__name__}", type="server_error")
-                                ).body()
+                                APIError(500, f"generation failed: {type(error).__name__}: {error}",
+                                         type="server_error")).body()
                         yield f"data: {json.dumps(body)}\n\n"
                 break
             if isinstance(item, StreamDelta):  # cot: choice `index` of n
@@ -522,7 +549,7 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
                     usage["prompt_tokens"] = c.prompt_tokens
                     usage["completion_tokens"] += c.completion_tokens
                     finished.add(item.index)
-                    yield chunk([_delta(item.index, _finish(c.finish_reason))])
+                    yield chunk([_delta(item.index, _finish(c.finish_reason))], thinktime=_cot_extension([c]))
             elif isinstance(item, Event):  # another strategy: its chains as reasoning, then its answer
                 text = ""
                 if item.kind == "delta":

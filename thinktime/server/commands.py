@@ -54,7 +54,10 @@ def serve(
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it may use it")
         err.print(f"[green]serving[/] {', '.join(names)} on http://{host}:{port}/v1 (Ctrl-C to stop)")
-        uvicorn.run(create_app(thinker, config), host=host, port=port, log_level="warning")
+        # Ctrl-C: open streams get a few seconds to end, then are cut (their jobs withdrawn), so a full
+        # queue does not keep the server running for minutes.
+        uvicorn.run(create_app(thinker, config), host=host, port=port, log_level="warning",
+                    timeout_graceful_shutdown=5)
 
 
 @app.command()

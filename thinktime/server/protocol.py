@@ -34,7 +34,13 @@ def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
 UNSUPPORTED = {"logprobs": "log probabilities", "top_logprobs": "log probabilities", "tools": "tool calls",
                "tool_choice": "tool calls", "functions": "function calls", "function_call": "function calls",
                "response_format": "structured output (response_format)", "audio": "audio output",
-               "modalities": "output modalities", "prediction": "predicted outputs", "logit_bias": "logit_bias"}
+               "modalities": "output modalities", "prediction": "predicted outputs", "logit_bias": "logit_bias",
+               "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+               "repetition_penalty": "repetition_penalty", "top_k": "top_k", "min_p": "min_p",
+               "best_of": "best_of", "echo": "echo", "reasoning_effort": "reasoning_effort"}
+# What each of them may be set to and still mean "off" (then it is accepted: clients send the defaults).
+UNSUPPORTED_OFF = {"repetition_penalty": (1, 1.0), "top_k": (0, -1), "best_of": (1,),
+                   "response_format": ({"type": "text"},)}
 
 
 class TextPart(_Strict):
@@ -90,7 +96,7 @@ class ChatRequest(_Strict):
     def refuse_unsupported(self) -> None:
         for name, what in UNSUPPORTED.items():
             value = (self.model_extra or {}).get(name)
-            if value not in (None, False, [], {}) and not (name == "response_format" and value == {"type": "text"}):
+            if value not in (None, False, [], {}, 0) and value not in UNSUPPORTED_OFF.get(name, ()):
                 raise APIError(400, f"this server does not support {what}: remove '{name}' from the request",
                                param=name, code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:

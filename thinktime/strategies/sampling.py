@@ -17,7 +17,8 @@ def sampling_temperature(ctx: Context) -> float:
 
 def seed_for(ctx: Context, call: int) -> int | None:
     """A distinct, reproducible seed for each engine call of a run (None stays unseeded)."""
-    return None if ctx.params.seed is None else ctx.params.seed + 1009 * call
+    # within int64 (what torch's and vLLM's generators take), whatever seed the caller gave
+    return None if ctx.params.seed is None else (ctx.params.seed + 1009 * call) % 2**63
 
 
 def generate(ctx: Context, prompts: Sequence[Prompt], n: int, max_new_tokens: int, *, call: int = 0,

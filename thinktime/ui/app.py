@@ -26,8 +26,9 @@ from thinktime.server.streaming import CandidateView, ReasoningStream, reply_spl
 from thinktime.strategies import SCALE_OPTION, STRATEGIES  # noqa: E402
 
 LANGS = ("auto", "en", "zh")
+# No single "$" delimiter: "I had $5, then $10" is money, not math (models write inline math as \( \) or $$ too).
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
-         {"left": "\\(", "right": "\\)", "display": False}, {"left": "$", "right": "$", "display": False}]
+         {"left": "\\(", "right": "\\)", "display": False}]
 CSS = "#answer-box {min-height: 2em} footer {display: none !important}"
 # What the N slider sets: each strategy's size (SCALE_OPTION), except budget forcing's, which is thinking tokens.
 N_OPTION = {strategy: option for strategy, option in SCALE_OPTION.items() if strategy != "budget"}
@@ -115,20 +116,21 @@ class ChatSession:
         if answer is None:
             answer = {"role": "assistant", "content": ""}
             chat.append(answer)
-        answer["content"] = _answer_text(result, content)
+        answer["content"] = _answer_text(result, content, stopped)
         board = _board(result) or board
         history = history + [{"role": "user", "content": question},
                              {"role": "assistant", "content": content or result.text[-2000:]}]
         yield chat, history, board
 
 
-def _answer_text(result, content: str) -> str:
+def _answer_text(result, content: str, stopped: bool = False) -> str:
     lines = [content] if content else []
     if result.answer is not None:
         how = "checked: \\boxed{}" if result.answer_method == "boxed" else f"fallback: {result.answer_method}"
         lines.append(f"**Answer:** `{result.answer}` ({how})")
     elif not content:
-        lines.append("_(no answer: the chain was cut by the token limit)_" if result.finish_reason == "length"
+        lines.append("_(stopped before an answer)_" if stopped else
+                     "_(no answer: the chain was cut by the token limit)_" if result.finish_reason == "length"
                      else "_(the model gave no answer)_")
     return "\n\n".join(lines)
 
@@ -172,7 +174,13 @@ def build(thinker: Thinker) -> gr.Blocks:
     def respond(question, chat, history, strategy, n, budget, lang, max_new_tokens, temperature,
                 request: gr.Request):
         key = getattr(request, "session_hash", None) or "default"
-        cancel = cancels[key] = threading.Event()
+        cancel = cancels.get(key)  # reserved when the question was sent (see reserve)
+        if cancel is None or cancel.is_set():
+            if cancel is not None:  # Stop came while this turn waited in the queue: it does not run
+                del cancels[key]
+                yield chat, history, gr.update(), gr.update()
+                return
+            cancel = cancels[key] = threading.Event()
         cleared = False
         try:
             for chat_out, history_out, board in session.respond(question, chat or [], history or [], strategy, n,
@@ -184,6 +192,11 @@ def build(thinker: Thinker) -> gr.Blocks:
             cancel.set()
             if cancels.get(key) is cancel:
                 del cancels[key]  # one entry per running turn, not per browser session ever seen
+
+    def reserve(request: gr.Request):
+        """Runs at once when a question is sent, before its turn waits in the queue, so that Stop can also
+        stop a turn that has not started."""
+        cancels.setdefault(getattr(request, "session_hash", None) or "default", threading.Event())
 
     def stop(request: gr.Request):
         """Stops the engine; the turn then ends as usual, its panel titled "Stopped after ..."."""
@@ -224,6 +237,7 @@ def build(thinker: Thinker) -> gr.Blocks:
         outputs = [chatbot, history, board, question]
         # One event for Enter and Send: while a turn runs, another is not taken (trigger_mode "once"), so no turn
         # starts from a conversation that is still being written.
+        gr.on([question.submit, send.click], reserve, None, None, queue=False)
         turn = gr.on([question.submit, send.click], respond, inputs, outputs, trigger_mode="once")
         # Stop runs beside the turn (not queued behind it) and only stops the engine: the turn then finishes
         # its panel. Clear and the chat's own trash icon also cancel the turn, so it cannot write the old

@@ -186,10 +186,13 @@ def test_errors_say_what_to_do(server):
 
 
 def test_prefix_continuation_needs_a_server_that_supports_it(remote):
-    # thinktime's server answers user turns only: continuing a partial reply is refused, clearly.
-    with pytest.raises(EngineError) as refused:
+    # thinktime's server answers user turns only: continuing a partial reply is refused, clearly, and as the
+    # request's fault (exit 2; a thinktime server in front passes it on as a 400, not a 502)
+    from thinktime.errors import BadInputError
+
+    with pytest.raises(BadInputError) as refused:
         remote.generate([Prompt(QUESTION.messages, prefix="Let me")], SamplingParams(max_new_tokens=4))
-    assert "HTTP 400" in refused.value.message
+    assert "HTTP 400" in refused.value.message and refused.value.exit_code == 2
 
 
 def test_a_strategy_with_a_seed_answers_through_the_server(server):

@@ -199,6 +199,8 @@ def test_multi_chain_strategy_streams_candidates(client):
     (dict(extra_body={"thinktime": {"strategy": "beam", "width": 99.0}}), 400, "thinktime.width"),
     (dict(extra_body={"thinktime": {"strategy": "beam", "step_tokens": 10**6}}), 400, "thinktime.step_tokens"),
     (dict(model=f"{MODEL}:budget-9999"), 400, "model"),
+    (dict(model=f"{MODEL}:sc-0"), 400, "model"),  # a known strategy with a bad size: said so, not "unknown"
+    (dict(model=f"{MODEL}:sc-123456"), 400, "model"),
     (dict(frequency_penalty=1.5), 400, "frequency_penalty"),
     (dict(extra_body={"top_k": 5}), 400, "top_k"),
     (dict(extra_body={"reasoning_effort": "high"}), 400, "reasoning_effort"),

@@ -708,8 +708,12 @@ def _mentions_n(text: str) -> bool:
                                       "one completion choice", "only one choice"))
 
 
-def _http_error(url: str, status: int, text: str, model: str | None) -> EngineError:
+def _http_error(url: str, status: int, text: str, model: str | None) -> EngineError | BadInputError:
     message = _error_text(text)
+    if status in (400, 413, 422):  # the server found the request itself wrong: bad input, not a failing engine
+        return BadInputError(f"{url} refused the request (HTTP {status}): {message}",
+                             hint="the server's message says what it refused (a prompt over its context, "
+                                  "a setting or feature it lacks)")
     if status in (401, 403):
         return EngineError(f"{url} refused the API key (HTTP {status}): {message}",
                            hint="pass --api-key, or set THINKTIME_API_KEY / OPENAI_API_KEY")

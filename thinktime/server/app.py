@@ -82,8 +82,11 @@ def parse_model(model: str, names: tuple[str, ...]) -> tuple[str, str | None, in
     strategy = resolve_strategy(suffix)
     if strategy is not None:
         return base, strategy, None
-    match = re.fullmatch(r"(.+?)-(\d{1,4})", suffix)
-    if match and (strategy := resolve_strategy(match.group(1))) is not None and int(match.group(2)) >= 1:
+    match = re.fullmatch(r"(.+?)-(\d+)", suffix)
+    if match and resolve_strategy(match.group(1)) is not None and not 1 <= int(match.group(2)) <= 9999:
+        raise APIError(400, f"the size in '{model}' must be between 1 and 9999 (and within this server's --max-n)",
+                       param="model", code="invalid_value")
+    if match and (strategy := resolve_strategy(match.group(1))) is not None:
         if strategy not in SCALE_OPTION:
             raise APIError(404, f"The model '{model}' does not exist: strategy '{strategy}' takes no size after "
                                 f"the name (for several chains of {strategy}, send the request's n)",
@@ -426,7 +429,8 @@ def create_app(thinker: Thinker, config: ServerConfig | None = None) -> FastAPI:
             req = parse_request(payload)
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
-        base, strategy, ctx, prompt_tokens = service.prepare(req)
+        # Rendering and counting a long prompt takes a while: off the event loop, so other streams keep flowing.
+        base, strategy, ctx, prompt_tokens = await asyncio.to_thread(service.prepare, req)
         loop = asyncio.get_running_loop()
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         deadline = time.monotonic() + config.request_timeout

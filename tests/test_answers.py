@@ -38,6 +38,7 @@ def test_unclosed_box_is_ignored_and_falls_back():
     ("So the answer is 12, which is even.", "12", "answer-is"),
     ("The answer is 4, but in base 2 it is 100.", "4", "answer-is"),
     ("The answer is 1, 2, 3.", "1, 2, 3", "answer-is"),  # a list is not a clause
+    ("So, the answer is indeed 12.", "12", "answer-is"),  # a filler word is not part of the answer
     ("Final answer: $\\frac{3}{4}$\n", "\\frac{3}{4}", "answer-is"),
     ("所以答案是 24。", "24", "answer-is"),
     ("答案是：5", "5", "answer-is"),  # 是 and a colon together

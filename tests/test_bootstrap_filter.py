@@ -37,6 +37,12 @@ def test_derived_answers_do_not_quote_the_hint(text):
     ("The answer = 85. Indeed 47 + 38 = 85.", "asserts it with '=' before deriving it"),
     ("So the final answer equals 85.", "nothing computed on the left"),
     ("Result: = 85", "an empty left side"),
+    ("The **final answer** = 85", "emphasis is not arithmetic"),
+    ("Step 2) The answer = 85", "a step label is not arithmetic"),
+    ("The answer (for all 2 of us) = 85", "a number, but no operation"),
+    ("经过进一步思考，结果等于85。", "一 inside a word is not a numeral"),
+    ("We are told that 47 + 38 = 85.", "told the answer"),
+    ("So 47 + 38 should equal 85, which it does.", "asserts what it should be"),
 ])
 def test_quoting_the_hint(text, why):
     assert quotes_hint(text, "85", Q), why

@@ -113,3 +113,19 @@ def test_bad_inputs(files, tmp_path):
         train("sft", "smollm2-135m", [files[0]], tmp_path / "x", TrainSettings(**{**TINY, "max_length": 8}))
     with pytest.raises(BadInputError, match="every training row's prompt is at least --max-length"):
         train("dpo", "smollm2-135m", [files[1]], tmp_path / "x", TrainSettings(**{**TINY, "max_length": 8}))
+
+
+def test_rows_whose_reply_is_cut_by_max_length_are_reported(engine):
+    # TRL keeps a row's start: a reply past --max-length loses its end, where the answer is. Said, not silent.
+    from datasets import Dataset
+
+    from thinktime.bootstrap.training import check_lengths
+
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "What is 2+2?"},
+                                            {"role": "assistant", "content": "Let me count. " * 40 + "\\boxed{4}"}]}])
+    said: list[str] = []
+    check_lengths("sft", rows, engine.tokenizer, 64, said.append)
+    assert any("lose the end of their reply" in line for line in said)
+    said.clear()
+    check_lengths("sft", rows, engine.tokenizer, 4096, said.append)
+    assert said == []

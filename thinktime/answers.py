@@ -72,6 +72,8 @@ _ANSWER_IS = re.compile(
 )
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 # "the answer is 12, which is even": the answer ends where a clause begins (a list "1, 2, 3" does not)
+_FILLER = re.compile(r"^(?:(?:indeed|clearly|simply|just|exactly|actually|therefore|thus|then|still|now|"
+                     r"obviously|definitely|certainly|correct(?:ly)?|probably)\b[\s,:]*)+", re.IGNORECASE)
 _CLAUSE = re.compile(r",\s+(?:(?:but|which|so|and|because|since|as|that|while|although|though|or|then|where|if|"
                      r"meaning|not)\b|i\.e\b|e\.g\b)", re.IGNORECASE)
 
@@ -89,6 +91,7 @@ def extract_answer(text: str) -> Extraction:
         clause = _CLAUSE.search(value)
         if clause:
             value = value[:clause.start()].strip()
+        value = _FILLER.sub("", value).strip()  # "the answer is indeed 12": 12
         if value:
             return Extraction(value, "answer-is", m.start())
     numbers = list(_NUMBER.finditer(text))

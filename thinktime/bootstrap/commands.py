@@ -118,6 +118,10 @@ def bootstrap_command(
                             ("--batch-size", batch_size), ("--hint-samples", hint_samples)):
             if value < 1:
                 raise BadInputError(f"{name} must be at least 1")
+        if max_pairs < 0:
+            raise BadInputError(f"--max-pairs must be 0 (no preference pairs) or more, got {max_pairs}")
+        if lang not in ("auto", "en", "zh"):  # checked before the run folder records its settings
+            raise BadInputError(f"unknown language {lang!r}", hint="use auto, en or zh")
         if compare_n and no_train:
             raise BadInputError("--compare-n scores the final model's samples with a reward model trained on the "
                                 "run's pairs, and --no-train trains nothing", hint="drop one of them")

@@ -14,8 +14,9 @@ exact: a rationale quotes the hint when
    writes the answer as such a result, quotes the hint. When the gold answer also appears in the
    question (60 - 30 = 30), its earlier mentions may be copied operands, so only the existence of
    a derivation is required. For a numeric answer, a result counts only when its left side (back to
-   the start of the clause: a line break, a sentence's end or a colon) holds a number or an operator:
-   "47 + 38 = 85" and "the sum of 47 and 38 equals 85" derive it; "the answer = 85" only asserts it.
+   the start of the clause: a line break, a sentence's end or a colon) holds an operation between two
+   operands: "47 + 38 = 85", "47 plus 38 equals 85" and "47加38等于85" derive it; "the answer = 85",
+   "**Answer** = 85" and "Step 2) the answer = 85" only assert it.
 
 Non-numeric gold answers (\\frac{3}{4}, x^2) are matched literally after the same "=" rule.
 """
@@ -29,7 +30,8 @@ HINTS = {
     "zh": "{question}\n（提示：正确答案是{answer}。请自己一步一步推导出来，不要提及这个提示。）",
 }
 
-_MENTIONS = re.compile(r"hint|提示|correct answer is|正确答案是|given answer", re.IGNORECASE)
+_MENTIONS = re.compile(r"hint|提示|correct answer is|正确答案是|given answer|(?:we are|I was|as) told|"
+                       r"need to show|should equal|expected answer", re.IGNORECASE)
 _RESULT_LEAD = r"(?:=|\bequals?\b|\bis equal to\b|等于)(?:\s|\$|\*\*|\\boxed\{|\\\(|\\\[)*"
 
 
@@ -54,7 +56,12 @@ def mentions_hint(rationale: str) -> bool:
 
 
 _CLAUSE_START = re.compile(r"\n|[。！？；:：]|[.!?;](?=\s)")
-_OPERAND = re.compile(r"\d|[+*/×÷^·]|\s[-−]\s|\\(?:times|cdot|div|frac|sqrt)|[一二三四五六七八九十百千万加减乘除]")
+# An operation between two operands: "47 + 38", "3 \\times 4", "(40 + 45)", "47 plus 38", "47加38", "\\frac{3}{4}".
+_NUMERAL = r"(?:\d|[零一二三四五六七八九十百千万]+(?=[加减乘除]))"
+_OPERATION = re.compile(
+    rf"(?:\d|[)}}])\s*(?:[-−+*/×÷^·]|\\(?:times|cdot|div)|plus|minus|times|divided by|multiplied by|over)\s*[\d(\\]"
+    rf"|{_NUMERAL}\s*(?:加上?|减去?|乘以?|除以?)\s*[\d零一二三四五六七八九十百千万]|\\(?:frac|sqrt|dfrac)\b"
+    rf"|\b(?:sum|product|difference|quotient|total) (?:of|between)\b.+\band\b", re.IGNORECASE)
 
 
 def _is_numeric(gold: str) -> bool:
@@ -68,7 +75,8 @@ def _computed(rationale: str, lead_start: int) -> bool:
     left = ""
     while starts and not left.strip():  # "47 + 38\n= 85": an empty clause reads on from the one before
         left = rationale[starts.pop():lead_start]
-    return _OPERAND.search(left) is not None
+    left = left.replace("**", "").replace("__", "")  # Markdown emphasis is not arithmetic
+    return _OPERATION.search(left) is not None
 
 
 def _derivations(rationale: str, gold: str) -> list[re.Match]:

@@ -271,7 +271,9 @@ def _reward_model_comparison(config: BootstrapConfig, base: str, records: list[d
     from thinktime.bootstrap.compare import compare_reward_model
 
     rm_dir = out / "reward-model"
-    files = [f for f in sorted(out.glob("round-*/pairs.jsonl")) if data.read_jsonl(f)]
+    # The rounds this run asked for (a folder extended further before holds more, which are not this run's)
+    files = [f for r in range(1, config.rounds + 1) if (f := out / f"round-{r}" / "pairs.jsonl").is_file()
+             and data.read_jsonl(f)]
     if not files:
         log("compare: no preference pairs in any round: no reward model to train")
         return {"skipped": "no preference pairs"}

@@ -118,7 +118,7 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
         kept[problem.id] = keep_correct(samples, problem.gold, settings.keep)
         stats.samples += len(samples)
         stats.correct_samples += sum(s.correct for s in samples)
-        stats.solved += any(s.correct for s in samples)
+        stats.solved += any(s.usable for s in samples)  # a finished chain with the right answer
         stats.kept += len(kept[problem.id])
         stats.kept_problems += bool(kept[problem.id])
         stats.trimmed += sum(t not in {s.text for s in samples} for t in kept[problem.id])

@@ -165,6 +165,18 @@ def check_lengths(method: str, rows, tokenizer, max_length: int, log=print) -> N
         log(f"{method}: {too_long} of {len(lengths)} rows have prompts of --max-length ({max_length}) tokens or "
             f"more and are left out; --max-length {max(lengths) + 512} would keep them")
 
+    def whole_length(row) -> int:  # the prompt and its (chosen) reply: what TRL cuts at max_length
+        messages = row[column] if column == "messages" else list(row[column]) + list(row.get("chosen") or [])
+        if isinstance(messages, str) or not messages:
+            return 0
+        return len(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"])
+
+    wholes = [whole_length(row) for row in rows]
+    cut = sum(length > max_length for length in wholes)
+    if cut:  # TRL keeps the start: the end of the reply, where the answer is, would not be trained on
+        log(f"{method}: warning: {cut} of {len(wholes)} rows are longer than --max-length ({max_length}) tokens and "
+            f"lose the end of their reply (the answer); --max-length {max(wholes)} keeps them whole")
+
 
 def train(method: str, model: str, data: Sequence[str | Path], output: str | Path,
           settings: TrainSettings | None = None, log=print) -> dict:
@@ -234,6 +246,9 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
                           peft_config=peft_config)
         _report_through(trainer, log, method)
         result = trainer.train()
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)  # a failed run leaves no scratch folder behind
+        raise
     finally:
         hf_logging.set_verbosity(level)
     trained = trainer.accelerator.unwrap_model(trainer.model)

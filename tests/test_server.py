@@ -501,6 +501,12 @@ def test_defaults_of_unsupported_parameters_and_huge_seeds_are_accepted(client):
         assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def test_budget_forcing_with_no_minimum_is_accepted(client):
+    reply = client.chat.completions.create(model=f"{MODEL}:budget", messages=[{"role": "user", "content": "1+1?"}],
+                                           max_tokens=8, extra_body={"thinktime": {"min_tokens": 0}})
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
 def test_cot_replies_carry_the_checked_answer(server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16}
     reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()

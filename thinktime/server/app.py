@@ -144,14 +144,15 @@ class ChatService:
             extra[SCALE_OPTION[strategy]] = suffix_n
         # Read each option as its type first ("3" and 3.0 are 3), then cap: the caps hold however it was written.
         extra = {**extra, **_check_options(strategy, extra)}
-        for names, cap, flag in ((PARALLEL_OPTIONS, self.config.max_n, "--max-n"),
-                                 (TOKEN_OPTIONS, self.max_tokens_limit, "--max-tokens-limit")):
+        # (lower bounds are the options' own: budget forcing's min_tokens may be 0)
+        for names, low, cap, flag in ((PARALLEL_OPTIONS, 1, self.config.max_n, "--max-n"),
+                                      (TOKEN_OPTIONS, 0, self.max_tokens_limit, "--max-tokens-limit")):
             for name in names:
                 value = extra.get(name)
-                if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= cap:
+                if isinstance(value, int) and not isinstance(value, bool) and not low <= value <= cap:
                     where = "model" if suffix_n is not None and SCALE_OPTION.get(strategy) == name \
                         else f"thinktime.{name}"
-                    raise APIError(400, f"{name} must be between 1 and {cap} on this server ({flag}), got {value}",
+                    raise APIError(400, f"{name} must be between {low} and {cap} on this server ({flag}), got {value}",
                                    param=where, code="invalid_value")
 
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -129,3 +129,23 @@ def test_rows_whose_reply_is_cut_by_max_length_are_reported(engine):
     said.clear()
     check_lengths("sft", rows, engine.tokenizer, 4096, said.append)
     assert said == []
+
+
+def test_preference_pairs_longer_than_max_length_are_reported_or_refused(engine):
+    # The reward model's trainer drops pairs past --max-length silently, and fails when none is left.
+    from datasets import Dataset
+
+    from thinktime.bootstrap.training import check_lengths
+    from thinktime.errors import BadInputError
+
+    prompt = [{"role": "user", "content": "What is 2+2?"}]
+    rows = Dataset.from_list([
+        {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Let me count. " * 40 + "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]},
+        {"prompt": prompt, "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]}])
+    said: list[str] = []
+    check_lengths("rm", rows, engine.tokenizer, 64, said.append)
+    assert any("1 of 2 pairs" in line for line in said)
+    with pytest.raises(BadInputError, match="every preference pair"):
+        check_lengths("rm", rows, engine.tokenizer, 8, said.append)

@@ -145,8 +145,11 @@ def check_lengths(method: str, rows, tokenizer, max_length: int, log=print) -> N
     """Rows whose prompt alone fills `max_length` keep no answer tokens after truncation: TRL drops them, and
     with none left it fails deep inside the data loader. Say so first, with the length that would fit."""
     column = "prompt" if "prompt" in rows.column_names else "messages"
-    if method == "rm" or column not in rows.column_names:
-        return  # a reward model scores the (cut) whole conversation: nothing is lost entirely
+    if method == "rm":
+        _check_pair_lengths(rows, tokenizer, max_length, log)
+        return
+    if column not in rows.column_names:
+        return
 
     def prompt_length(row) -> int:
         messages = row[column] if column == "prompt" else row[column][:-1]
@@ -176,6 +179,28 @@ def check_lengths(method: str, rows, tokenizer, max_length: int, log=print) -> N
     if cut:  # TRL keeps the start: the end of the reply, where the answer is, would not be trained on
         log(f"{method}: warning: {cut} of {len(wholes)} rows are longer than --max-length ({max_length}) tokens and "
             f"lose the end of their reply (the answer); --max-length {max(wholes)} keeps them whole")
+
+
+def _check_pair_lengths(rows, tokenizer, max_length: int, log=print) -> None:
+    """TRL's RewardTrainer drops a pair whose chosen or rejected conversation is longer than max_length, and
+    fails when none is left: say how many go, and refuse when all would."""
+    if not {"prompt", "chosen", "rejected"} <= set(rows.column_names):
+        return
+
+    def longest(row) -> int:
+        prompt = list(row["prompt"]) if not isinstance(row["prompt"], str) else []
+        return max(len(tokenizer.apply_chat_template(prompt + list(row[side]), tokenize=True)["input_ids"])
+                   for side in ("chosen", "rejected") if not isinstance(row[side], str))
+
+    lengths = [longest(row) for row in rows]
+    dropped = sum(length > max_length for length in lengths)
+    if dropped == len(lengths):
+        raise BadInputError(f"every preference pair is longer than --max-length ({max_length}) tokens (the shortest "
+                            f"{min(lengths)}), and the reward model's trainer drops such pairs",
+                            hint=f"raise --max-length, e.g. --max-length {max(lengths)}")
+    if dropped:
+        log(f"rm: warning: {dropped} of {len(lengths)} pairs are longer than --max-length ({max_length}) tokens "
+            f"and are left out; --max-length {max(lengths)} keeps them")
 
 
 def train(method: str, model: str, data: Sequence[str | Path], output: str | Path,

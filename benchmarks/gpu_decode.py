@@ -325,7 +325,6 @@ def main() -> int:
             if warm is not None:
                 diff = first_difference(reference[0], warm[0])
                 checks[f"{label}_first_difference"] = "none" if diff is None else diff
-        decoder = main_decoder
     # The main decoder's (the variants' are under "decoders")
     info["fast_stats"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in main_decoder.stats.items()}
     info["compile_error"], info["graph_error"] = main_decoder.compile_error, main_decoder.graph_error

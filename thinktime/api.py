@@ -27,7 +27,7 @@ class Thinker:
     >>> result.answer, result.usage.completion_tokens
     """
 
-    def __init__(self, model: str | None = None, *, engine: str | Engine = "transformers",
+    def __init__(self, model: str | None = None, *, engine: str | Engine = "auto",
                  device: str | None = None, dtype: str | None = None, lang: str = "auto",
                  system_prompt: str | None = None, think: bool = True, max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,

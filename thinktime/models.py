@@ -194,6 +194,42 @@ def resolve(name: str, *, source: str | None = None, download: bool = True) -> R
     raise unknown_model_error(name)
 
 
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file a model name stands for, where there is one: the embedded model, a .gguf path, or a
+    folder holding one GGUF (`thinktime convert` writes model.gguf beside the weights)."""
+    name = (name or "").strip()
+    spec = ALIASES.get(name.lower())
+    if spec is not None:
+        if spec.embedded:
+            return embedded_gguf()
+        folder = models_dir() / spec.alias
+    else:
+        folder = Path(name).expanduser()
+        if folder.suffix == ".gguf":
+            return folder if folder.is_file() else None
+    found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
+def resolve_gguf(name: str, *, source: str | None = None) -> tuple[Path, ModelSpec | None]:
+    """The GGUF file for llama.cpp, or an error that says how to get one."""
+    if not name or not name.strip():
+        raise BadInputError("empty model name", hint="pass --model with an alias, a .gguf file or a folder")
+    spec = ALIASES.get(name.strip().lower())
+    if spec is not None and spec.embedded and embedded_gguf() is None:
+        raise ModelNotFoundError(f"the embedded model {spec.alias} is not installed",
+                                 hint=f"install it with: {EMBEDDED_INSTALL}")
+    path = Path(name.strip()).expanduser()
+    if spec is None and path.suffix == ".gguf" and not path.is_file():
+        raise ModelNotFoundError(f"GGUF file not found: {path}", hint="check the path")
+    found = gguf_file(name)
+    if found is None:
+        raise ModelNotFoundError(
+            f"{name} has no GGUF file for llama.cpp",
+            hint=f"write one with: thinktime convert {name}, or use --engine transformers")
+    return found, spec
+
+
 def download_model(name: str, *, source: str | None = None, cache_dir: str | Path | None = None,
                    include_bin: bool = False) -> Path:
     """Download an alias or repo id (resumable; both hubs show a progress bar). Returns the folder."""

@@ -261,3 +261,31 @@ def test_every_strategy_runs_through_llamacpp(llama, strategy):
     assert result.strategy == strategy and result.candidates
     assert 0 < result.usage.completion_tokens <= 200
     assert result.details.get("stop_reason") or strategy == "cot"
+
+
+def test_a_transformers_folder_converts_to_gguf_and_auto_runs_it_on_llamacpp(tmp_path):
+    """`thinktime convert` with llama.cpp's own converter (from the installed llama-cpp-python's sdist), on the
+    embedded model's transformers copy, as bootstrap's trained folders would be."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from thinktime import models
+    from thinktime.cli import app
+    from thinktime.engines import create_engine, pick_engine
+
+    folder = tmp_path / "trained"
+    shutil.copytree(models.resolve("smollm2-135m").path, folder)
+    assert pick_engine(str(folder)) == "transformers"
+    result = CliRunner().invoke(app, ["convert", str(folder), "--outtype", "q8_0"])
+    assert result.exit_code == 0, result.output
+    assert (folder / "model.gguf").is_file() and pick_engine(str(folder)) == "llamacpp"
+    engine = create_engine("auto", str(folder))
+    try:
+        assert engine.name == "llamacpp"
+        (completion,), = engine.generate([OTHER], SamplingParams(max_new_tokens=8))
+        assert completion.completion_tokens >= 1
+    finally:
+        engine.close()
+    bad = CliRunner().invoke(app, ["convert", str(folder), "--outtype", "q3"])
+    assert bad.exit_code == 2 and "unknown GGUF type" in bad.output

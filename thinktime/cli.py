@@ -321,6 +321,19 @@ def download(
         out.print(f"[green]ready:[/] {path}")
 
 
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="A transformers model folder (one `thinktime train` wrote) or alias."),
+    outtype: str = typer.Option("q8_0", "--outtype", help="GGUF weights: q8_0 (default), f16, bf16 or f32."),
+) -> None:
+    """Write a model folder as model.gguf inside it, so that --engine auto runs it on llama.cpp."""
+    from thinktime.convert import convert as write_gguf
+
+    with friendly_errors(), err.status("converting with llama.cpp's converter…", spinner="dots"):
+        path = write_gguf(model, outtype)
+    out.print(f"[green]written:[/] {path}")
+
+
 @app.command("models")
 def list_models() -> None:
     """List the model aliases, where they come from, their size, and whether they are here."""

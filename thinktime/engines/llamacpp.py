@@ -27,6 +27,8 @@ INSTALL_HINT = "pip install 'thinktime[llamacpp]' (llama-cpp-python; it compiles
 
 class LlamaCppEngine(Engine):
     name = "llamacpp"
+    #: calls from several threads decode in one batch (the server runs its clients' jobs side by side)
+    continuous_batching = True
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  threads: int | None = None, max_batch_rows: int = 64, kv_cells: int | None = None,
@@ -50,6 +52,7 @@ class LlamaCppEngine(Engine):
         self.native = Native(path, cells=cells, sequences=max_batch_rows + cache_seqs + 1, threads=self.threads)
         self.context_length = min(self.native.n_ctx_train or cells, self.native.cells)
         self._render = self._chat_renderer(tokenizer, trust_remote_code)
+        self.max_batch_rows = max_batch_rows
         self.scheduler = Scheduler(self.native, max_rows=max_batch_rows, cache_seqs=cache_seqs,
                                    cache_cells=max(4096, self.native.cells // 4))
         self._tokenizer_lock = threading.Lock()

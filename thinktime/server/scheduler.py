@@ -9,6 +9,11 @@ strategies run alone, in their turn. A full queue refuses new work (the server a
 Retry-After); a job whose client has gone or whose deadline has passed is cancelled: skipped if it
 is still queued, stopped at the next token if it is running (a batch stops when all its clients are
 gone).
+
+An engine that batches continuously (`engine.continuous_batching`, the llama.cpp engine) takes calls
+from many threads and decodes them in one batch, rows joining and leaving between steps: there the
+queue feeds up to `max_batch` workers, one job each, streams and seeded requests included, and the
+engine's own first-come-first-served admission does the batching.
 """
 from __future__ import annotations
 
@@ -104,8 +109,11 @@ class Scheduler:
         self.stats = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "engine_calls": 0,
                       "batched_requests": 0, "largest_batch": 0}
         self._job_seconds = 2.0  # running mean of a job's time, for Retry-After
-        self._worker = threading.Thread(target=self._loop, name="thinktime-scheduler", daemon=True)
-        self._worker.start()
+        self.concurrent = bool(getattr(engine, "continuous_batching", False))
+        self._workers = [threading.Thread(target=self._loop, name=f"thinktime-scheduler-{i}", daemon=True)
+                         for i in range(self.max_batch if self.concurrent else 1)]
+        for worker in self._workers:
+            worker.start()
 
     # --- the client side (event loop) --------------------------------------------------------
 
@@ -134,7 +142,7 @@ class Scheduler:
 
     def retry_after(self) -> int:
         waiting = len(self._queue) + len(self.running)
-        return max(1, min(120, round(self._job_seconds * waiting)))
+        return max(1, min(120, round(self._job_seconds * waiting / len(self._workers))))
 
     @property
     def queued(self) -> int:
@@ -151,7 +159,9 @@ class Scheduler:
             job.cancel.set()
         for job in pending:
             job.resolve(error=RuntimeError("the server is shutting down"))
-        self._worker.join(timeout=30)
+        deadline = time.monotonic() + 30
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # --- the worker side ---------------------------------------------------------------------
 
@@ -163,7 +173,7 @@ class Scheduler:
                 return None
             head = self._queue.popleft()
             key = head.batch_key
-            if key is None:
+            if key is None or self.concurrent:  # the engine batches what runs at once itself
                 return [head]
         # Requests that arrive together (a burst of clients) land within a few milliseconds.
         if self.batch_wait and not self.running:
@@ -187,7 +197,8 @@ class Scheduler:
                     job.resolve(error=asyncio.CancelledError())
             if not live:
                 continue
-            self.running = live
+            with self._cond:
+                self.running = self.running + live
             started = time.monotonic()
             for job in live:
                 job.started = started
@@ -212,5 +223,6 @@ class Scheduler:
                         self.stats["served"] += 1
                     job.resolve(result)
             finally:
-                self.running = []
+                with self._cond:
+                    self.running = [job for job in self.running if job not in live]
                 self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - started)

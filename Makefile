@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 STAMP := $(VENV)/.installed-$(EXTRAS)
 QUESTION ?= 5的十次方等于多少?
 
-.PHONY: setup demo test clean vllm-setup test-vllm
+.PHONY: setup demo test clean vllm-setup test-vllm docs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -ra
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or anchor fails the build.
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,72 +1,168 @@
-"""The server's micro-batching against the same server taking requests one at a time, in one run.
+"""The server under concurrent clients, as shipped against the same server taking requests one at a time.
 
-    .venv/bin/python benchmarks/serve_batching.py [--clients 8] [--tokens 32] [--rounds 3]
+    .venv/bin/python benchmarks/serve_batching.py [--clients 1,8,64] [--tokens 24] [--fuzz 1000]
 
-Starts `thinktime serve`'s app twice on the loopback over one loaded engine (the embedded model):
-once as shipped (compatible non-streaming requests share one `generate` call) and once with
-`max_batch=1` (every request alone, in turn). Each round sends `--clients` concurrent greedy
-non-streaming requests through the official `openai` client and times until all are answered; the
-two servers alternate rounds so a shared machine's load drifts alike for both. Prints wall time,
-completion tokens per second, engine calls, and the ratio batched / one-at-a-time.
+Starts `thinktime serve`'s app twice on the loopback over one loaded engine (the embedded model on
+the default engine, llama.cpp where installed; `--engine transformers` for the other): once as
+shipped, once with `max_batch=1` (every request alone, in turn). For each number of clients, every
+client sends one request at once through the official `openai` client, half of them streaming,
+half of them seeded, all with the default thinking prompt. Per server and load: wall time, total
+completion tokens/s, time to first token p50/p95 (the first streamed text; the whole answer when not
+streaming), inter-token latency p50 (between streamed chunks), lost or crossed answers (each must
+come back, with its own question's prompt token count), and the ratio shipped / one at a time.
+`--fuzz N` sends N malformed requests during the largest load and counts any 5xx.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
+import random
+import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 
+def one_request(client, model: str, question: str, tokens: int, stream: bool, seed: int | None) -> dict:
+    kwargs = dict(model=model, max_tokens=tokens, messages=[{"role": "user", "content": question}],
+                  temperature=0.8 if seed is not None else 0.0, seed=seed)
+    started = time.perf_counter()
+    if not stream:
+        reply = client.chat.completions.create(**kwargs)
+        took = time.perf_counter() - started
+        return {"ttft": took, "gaps": [], "tokens": reply.usage.completion_tokens,
+                "prompt_tokens": reply.usage.prompt_tokens}
+    first, last, gaps, usage = None, None, [], None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        now = time.perf_counter()
+        if chunk.usage is not None:
+            usage = chunk.usage
+        text = "".join((getattr(c.delta, "reasoning_content", None) or "") + (c.delta.content or "")
+                       for c in chunk.choices)
+        if text:
+            if first is None:
+                first = now - started
+            elif last is not None:
+                gaps.append(now - last)
+            last = now
+    return {"ttft": first if first is not None else time.perf_counter() - started, "gaps": gaps,
+            "tokens": usage.completion_tokens, "prompt_tokens": usage.prompt_tokens}
+
+
+def run_load(server, thinker, clients: int, tokens: int) -> dict:
+    import openai
+
+    from thinktime.types import Prompt
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=3600)
+    questions = [f"Question {i}: what is {i + 11} plus {2 * i + 5}?" for i in range(clients)]
+    expected = [thinker.engine.count_tokens(thinker.engine.render(Prompt.of(thinker.messages(q)))) for q in questions]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(one_request, client, thinker.model_name, q, tokens, i % 2 == 0,
+                               1000 + i if i % 4 < 2 else None) for i, q in enumerate(questions)]
+        results = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except Exception as exc:  # counted as lost
+                results.append({"error": repr(exc)})
+    wall = time.perf_counter() - started
+    ok = [r for r in results if "error" not in r]
+    crossed = sum(1 for r, e in zip(results, expected) if "error" not in r and r["prompt_tokens"] != e)
+    ttfts = sorted(r["ttft"] for r in ok)
+    gaps = [g for r in ok for g in r["gaps"]]
+    return {"clients": clients, "wall_s": round(wall, 2),
+            "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+            "ttft_p50_s": round(statistics.median(ttfts), 3) if ttfts else None,
+            "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 3) if ttfts else None,
+            "itl_p50_ms": round(1000 * statistics.median(gaps), 1) if gaps else None,
+            "lost": len(results) - len(ok), "crossed": crossed}
+
+
+def fuzz(url: str, count: int, out: dict) -> None:
+    """Malformed and odd requests while the load runs: every answer must be below 500."""
+    import httpx
+
+    rng = random.Random(0)
+    bodies = [b"{", b"[]", b'{"model": 3}', b'{"messages": "x"}', json.dumps({"messages": [{"role": "user"}]}).encode(),
+              json.dumps({"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": -1}).encode(),
+              json.dumps({"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}],
+                          "n": 99}).encode(),
+              json.dumps({"model": "smollm2-135m", "messages": [{"role": "bogus", "content": 5}]}).encode()]
+    errors = 0
+    with httpx.Client(timeout=600) as http:
+        for _ in range(count):
+            body = rng.choice(bodies)
+            response = http.post(url + "/v1/chat/completions", content=body,
+                                 headers={"content-type": "application/json"})
+            errors += response.status_code >= 500
+    out["fuzzed"], out["fuzz_5xx"] = count, errors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", default="1,8,64")
+    parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--fuzz", type=int, default=0)
+    parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
 
-    import openai
-    import torch
+    from cpu_engines import cpu_name
 
     from thinktime import Thinker
     from thinktime.server.app import ServerConfig, create_app
     from thinktime.server.background import BackgroundServer
 
-    thinker = Thinker(args.model, max_new_tokens=args.tokens)
-    servers = {"batched": BackgroundServer(create_app(thinker, ServerConfig())).start(),
-               "one at a time": BackgroundServer(create_app(thinker, ServerConfig(max_batch=1))).start()}
-    questions = [f"Question {i}: what is {i + 11} plus {2 * i + 5}?" for i in range(args.clients)]
-    totals = {name: [0.0, 0] for name in servers}
+    thinker = Thinker(args.model, engine=args.engine, max_new_tokens=args.tokens)
+    servers = {"as shipped": BackgroundServer(create_app(thinker, ServerConfig(max_queue=256))).start(),
+               "one at a time": BackgroundServer(create_app(thinker, ServerConfig(max_queue=256,
+                                                                                   max_batch=1))).start()}
+    report = {"cpu": cpu_name(), "engine": thinker.engine.name, "model": thinker.model_name, "tokens": args.tokens,
+              "date": time.strftime("%Y-%m-%d"), "rows": []}
+    print(f"# {report['cpu']}, {report['engine']} engine, {report['model']}, {args.tokens} new tokens per request, "
+          f"{report['date']}", flush=True)
+    one_request(__import__("openai").OpenAI(base_url=servers["as shipped"].url + "/v1", api_key="-"),
+                thinker.model_name, "warm up", 4, False, None)  # the system prompt's KV is cached from here on
+    loads = [int(c) for c in args.clients.split(",")]
     try:
-        for _ in range(args.rounds):
+        for clients in loads:
             for name, server in servers.items():
-                client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=600)
-
-                def ask(question: str):
-                    return client.chat.completions.create(model=thinker.model_name, max_tokens=args.tokens,
-                                                          messages=[{"role": "user", "content": question}])
-
-                started = time.perf_counter()
-                with ThreadPoolExecutor(args.clients) as pool:
-                    replies = list(pool.map(ask, questions))
-                totals[name][0] += time.perf_counter() - started
-                totals[name][1] += sum(r.usage.completion_tokens for r in replies)
-        print(f"{args.clients} concurrent greedy requests x {args.tokens} tokens, {args.rounds} rounds, "
-              f"{args.model}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-              f"torch threads {torch.get_num_threads()}")
-        rates = {}
-        for name, server in servers.items():
-            seconds, tokens = totals[name]
-            stats = server.app.state.service.scheduler.stats
-            rates[name] = tokens / seconds
-            print(f"  {name:14s} {seconds / args.rounds:7.2f} s per round  {rates[name]:7.1f} tokens/s  "
-                  f"engine calls {stats['engine_calls']}  largest batch {stats['largest_batch']}")
-        print(f"  ratio batched / one at a time: {rates['batched'] / rates['one at a time']:.2f}x")
+                extra: dict = {}
+                fuzzer = None
+                if args.fuzz and clients == max(loads) and name == "as shipped":
+                    fuzzer = threading.Thread(target=fuzz, args=(server.url, args.fuzz, extra))
+                    fuzzer.start()
+                row = {"server": name, **run_load(server, thinker, clients, args.tokens)}
+                if fuzzer is not None:
+                    fuzzer.join()
+                    row.update(extra)
+                report["rows"].append(row)
+                print(json.dumps(row), flush=True)
     finally:
         for server in servers.values():
             server.stop()
+    print("\n| server | clients | tokens/s | TTFT p50 s | TTFT p95 s | ITL p50 ms | lost | crossed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in report["rows"]:
+        print(f"| {r['server']} | {r['clients']} | {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} | "
+              f"{r['itl_p50_ms']} | {r['lost']} | {r['crossed']} |")
+    for clients in loads:
+        by = {r["server"]: r for r in report["rows"] if r["clients"] == clients}
+        ratio = by["as shipped"]["tokens_per_s"] / by["one at a time"]["tokens_per_s"]
+        report.setdefault("ratios", {})[clients] = round(ratio, 2)
+        print(f"{clients} clients: as shipped / one at a time = {ratio:.2f}x tokens/s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()

@@ -93,3 +93,25 @@ def test_resume_reuses_everything(run):
     again = run_bootstrap(config, log=lambda m: None)
     assert [r["eval"] for r in again["rounds"]] == [r["eval"] for r in summary["rounds"]]
     assert (out / "round-1" / "model" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_trained_rounds_sample_on_llamacpp_when_written_as_gguf(tmp_path):
+    """--engine auto with --gguf: the embedded model and each trained model run on llama.cpp."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'thinktime[llamacpp]'")
+    from thinktime.bootstrap.loop import BootstrapConfig, run_bootstrap
+    from thinktime.bootstrap.rounds import RoundSettings
+    from thinktime.bootstrap.training import TrainSettings
+
+    out = tmp_path / "run"
+    config = BootstrapConfig(
+        model="smollm2-135m", dataset="arith:1", rounds=1, output=str(out), train_problems=3, eval_problems=2,
+        engine="auto", gguf="q8_0", sampling=RoundSettings(samples=2, max_new_tokens=32, keep=1, max_pairs=1, seed=0),
+        training=TrainSettings(max_steps=1, batch_size=2, max_length=640))
+    logs: list[str] = []
+    summary = run_bootstrap(config, log=logs.append)
+    assert (out / "round-1" / "model" / "model.gguf").is_file()
+    assert any("round 0:" in line and "llamacpp engine" in line for line in logs)
+    assert any("round 1:" in line and "llamacpp engine" in line for line in logs)
+    assert summary["rounds"][1]["eval"]["total"] == 2
+    with pytest.raises(Exception, match="unknown --gguf"):
+        run_bootstrap(BootstrapConfig(model="smollm2-135m", output=str(tmp_path / "other"), gguf="q3"), log=logs.append)

@@ -193,3 +193,18 @@ def test_answers_and_progress_print_as_text():
     console.print("after")
     text = console.export_text()
     assert "chain 2" in text and "\nafter" in text  # the live table's last line is ended off a terminal
+
+
+def test_strategies_lists_every_strategy_with_its_options():
+    from typer.testing import CliRunner
+
+    from thinktime.cli import app
+    from thinktime.strategies import STRATEGY_OPTIONS
+
+    result = CliRunner().invoke(app, ["strategies"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name, options in STRATEGY_OPTIONS.items():
+        assert name in result.output
+        for key in options:
+            assert key in result.output
+    assert "self-consistency" in CliRunner().invoke(app, ["solve", "--help"], env={"COLUMNS": "200"}).output

@@ -145,7 +145,7 @@ def test_prompt_longer_than_the_context_is_refused(engine):
 
 
 def test_vllm_gets_every_core_of_a_small_cpu_unless_told_otherwise():
-    """vLLM keeps one core per rank out of its compute threads; on 2 cores that halves its speed (README)."""
+    """vLLM keeps one core per rank out of its compute threads; on 2 cores that halves its speed (docs/performance.md)."""
     from thinktime.engines.vllm import cpu_thread_settings
 
     assert cpu_thread_settings(2, 1, 1, {}) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # hundreds of short parallel regions, each waking a sleeping thread. A short spin keeps both: one
 # SmolLM2 decoding step of 8 rows took 26 ms with it and 43-53 ms passive on 2 idle cores, and 71 ms
 # with it, 71 ms passive and 97 ms with the default with two busy processes on the same cores
-# (README "Performance"). It only takes effect if torch is not loaded yet, and the user's own
+# (docs/performance.md). It only takes effect if torch is not loaded yet, and the user's own
 # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 import os as _os  # noqa: E402
 import sys as _sys  # noqa: E402

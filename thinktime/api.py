@@ -13,7 +13,7 @@ from thinktime.strategies.base import make_result, to_candidate
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Event, Prompt, Result, SamplingParams
 
-# A deep-thinking chain needs room: 8192 new tokens on a GPU (the seed's 512 cuts chains short).
+# A deep-thinking chain needs room: 8192 new tokens on a GPU (the tutorial's 512 cuts chains short).
 # On a CPU the small embedded model rarely needs more than 1024, and each token costs real time.
 DEFAULT_MAX_NEW_TOKENS = {"cuda": 8192, "cpu": 1024}
 THINK_TAG_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."

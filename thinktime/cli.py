@@ -17,6 +17,7 @@ from rich.table import Table
 from thinktime import __version__
 from thinktime.cli_views import StrategyView, print_tree
 from thinktime.errors import EXIT_INTERRUPTED, BadInputError, ThinktimeError
+from thinktime.strategies import STRATEGIES, STRATEGY_OPTIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn thinking time into capability: deep-thinking answers, checked.")
@@ -201,12 +202,14 @@ def solve(
     dtype: Optional[str] = DtypeOpt, lang: str = LangOpt, system_prompt: Optional[Path] = SystemPromptOpt,
     no_think: bool = NoThinkOpt, max_new_tokens: Optional[int] = MaxTokensOpt,
     temperature: float = TemperatureOpt, top_p: float = TopPOpt, seed: Optional[int] = SeedOpt,
-    strategy: str = typer.Option("cot", "--strategy", "-s", help="Test-time compute strategy."),
+    strategy: str = typer.Option("cot", "--strategy", "-s", help="Test-time compute strategy: "
+                                 f"{', '.join(STRATEGIES)} (`thinktime strategies` lists each one's options)."),
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Cap on generated tokens per question."),
     samples: Optional[int] = typer.Option(None, "-n", "--samples", help="Chains to sample (self-consistency, best-of-n)."),
     scorer: Optional[str] = typer.Option(None, "--scorer", help="best-of-n, beam, mcts: self, prm:PATH or orm:PATH."),
     option: list[str] = typer.Option([], "--option", "-o", help="A strategy option KEY=VALUE, repeatable: "
-                                     "round=4, width=4, depth=8, min_tokens=512, ... (see the README)."),
+                                     "round=4, width=4, depth=8, min_tokens=512, ... (`thinktime strategies` "
+                                     "lists them with types and defaults)."),
     show_tree: bool = typer.Option(False, "--show-tree", help="beam, mcts: print the search tree."),
     trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
@@ -332,6 +335,22 @@ def convert(
     with friendly_errors(), err.status("converting with llama.cpp's converter…", spinner="dots"):
         path = write_gguf(model, outtype)
     out.print(f"[green]written:[/] {path}")
+
+
+@app.command("strategies")
+def list_strategies() -> None:
+    """Each strategy, what it does, and its options (-o KEY=VALUE) with types and defaults."""
+    for name, options in STRATEGY_OPTIONS.items():
+        doc = (sys.modules[STRATEGIES[name].__module__].__doc__ or "").strip().splitlines()
+        table = Table(title=doc[0] if doc else name, title_justify="left")
+        for column in ("option", "type", "default", "what it sets"):
+            table.add_column(column, overflow="fold")
+        for key, option in options.items():
+            kind = "|".join(option.choices) if option.choices else option.kind.__name__
+            table.add_row(key, kind, repr(option.default), option.help)
+        if not options:
+            table.add_row("(none)", "", "", "")
+        out.print(table)
 
 
 @app.command("models")

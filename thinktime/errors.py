@@ -46,6 +46,6 @@ class EngineError(ThinktimeError):
     exit_code = 6
 
 
-# Exit codes documented in the README; 130 is the shell's convention for Ctrl-C.
+# Exit codes documented in docs/troubleshooting.md; 130 is the shell's convention for Ctrl-C.
 EXIT_OK = 0
 EXIT_INTERRUPTED = 130

@@ -99,6 +99,8 @@ def bootstrap_command(
     compare_n: int = typer.Option(0, "--compare-n", help="> 0: after the last round, train an outcome reward model "
                                   "on all pairs and compare best-of-N with it against majority voting at N."),
     no_train: bool = typer.Option(False, "--no-train", help="Sample and write the data only (any engine)."),
+    gguf: Optional[str] = typer.Option(None, "--gguf", help="Write each trained model as a GGUF of this type "
+                                       "(q8_0, f16, bf16) so that --engine auto samples its round on llama.cpp."),
     seed: int = typer.Option(0, "--seed"), data_seed: int = typer.Option(0, "--data-seed", help="arith: which "
                                                                          "generated problems."),
     engine: str = EngineOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, lang: str = LangOpt,
@@ -135,7 +137,7 @@ def bootstrap_command(
             model=model, dataset=dataset, rounds=rounds, output=str(output), engine=engine,
             train_problems=train_problems, eval_problems=eval_problems, data_seed=data_seed, restart=restart,
             train_data=train_data,
-            lang=lang, device=device, dtype=dtype, train_model=not no_train, compare_n=compare_n,
+            lang=lang, device=device, dtype=dtype, train_model=not no_train, compare_n=compare_n, gguf=gguf,
             engine_options=engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
                                           data_parallel_size, distributed_executor_backend),
             sampling=RoundSettings(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, keep=keep,

@@ -58,6 +58,7 @@ class BootstrapConfig:
     compare_n: int = 0  # > 0: train an ORM on all pairs, compare best-of-N with it against maj@N
     reward_training: TrainSettings = field(default_factory=lambda: TrainSettings(epochs=2.0))
     engine_options: dict = field(default_factory=dict)
+    gguf: str | None = None  # write each trained model as a GGUF of this type, so --engine auto samples on llama.cpp
     sampling: RoundSettings = field(default_factory=RoundSettings)
     training: TrainSettings = field(default_factory=TrainSettings)
 
@@ -159,6 +160,11 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
         raise BadInputError(f"unknown --train-data {config.train_data!r}", hint="use round (STaR) or all")
     if config.rounds < 0:
         raise BadInputError("--rounds must be at least 0")
+    if config.gguf is not None:
+        from thinktime.convert import OUTTYPES
+
+        if config.gguf not in OUTTYPES:
+            raise BadInputError(f"unknown --gguf {config.gguf!r}", hint=f"use one of: {', '.join(OUTTYPES)}")
     if config.train_model:  # before hours of sampling, not when the first training starts
         config.training.check()
         config.reward_training.check()
@@ -185,6 +191,9 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
                 entry["train"] = {k: v for k, v in json.loads(info.read_text()).items() if k != "settings"}
         engine = create_engine(config.engine, current, device=config.device, dtype=config.dtype,
                                **config.engine_options)
+        log(f"round {r}: {current} on the {engine.name} engine" + (
+            " (pass --gguf q8_0 to sample trained rounds on llama.cpp)"
+            if r and config.engine == "auto" and engine.name == "transformers" and not config.gguf else ""))
         thinker = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
                           temperature=0.0, seed=config.sampling.seed)
         t = time.perf_counter()
@@ -241,6 +250,11 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
             start_from = base if config.restart == "base" else current
             shutil.rmtree(model_dir, ignore_errors=True)  # this run's own folder, left half-written by a crash
             train("sft", start_from, files, model_dir, config.training, log=log)
+        if config.gguf and not (model_dir / "model.gguf").is_file():
+            from thinktime.convert import convert
+
+            log(f"round {r + 1}: writing the model as a {config.gguf} GGUF for llama.cpp")
+            convert(model_dir, config.gguf)
         current = str(model_dir)
     _free(engine)
     if config.compare_n > 0 and config.train_model:

@@ -23,7 +23,7 @@ def create_engine(kind: str, model: str | None, **options) -> Engine:
     options = {k: v for k, v in options.items() if v is not None}
     kind = (kind or "auto").strip()
     if kind == "auto":
-        kind = pick_engine(model, options.get("device"))
+        kind = pick_engine(model, options.get("device"), options.get("dtype"))
     if kind.startswith("openai:"):
         kind, options["base_url"] = "openai", kind[len("openai:"):]
     if kind in ("transformers", "hf"):
@@ -48,13 +48,14 @@ def create_engine(kind: str, model: str | None, **options) -> Engine:
     return cls(model, **options)
 
 
-def pick_engine(model: str | None, device: str | None = None) -> str:
+def pick_engine(model: str | None, device: str | None = None, dtype: str | None = None) -> str:
     """What "auto" runs: a GGUF model on the CPU goes to llama.cpp, on its own quantised weights, where
-    llama-cpp-python is installed; anything else, or without it, to transformers (saying once how to get
-    the faster one)."""
+    llama-cpp-python is installed; anything else (a GPU, a dtype asked for, a folder without a GGUF), or
+    without it, to transformers (saying once how to get the faster one)."""
     from thinktime import models
 
-    if device not in (None, "", "auto", "cpu") or not model or models.gguf_file(model) is None:
+    if device not in (None, "", "auto", "cpu") or dtype not in (None, "", "auto") or not model \
+            or models.gguf_file(model) is None:
         return "transformers"
     if device in (None, "", "auto") and _cuda_visible():
         return "transformers"

@@ -71,8 +71,8 @@ class LlamaCppEngine(Engine):
         if not template:
             self.native.close()
             raise BadInputError(f"{self.path.name} has no chat template: it is not a chat model",
-                                hint="use an instruct/chat GGUF, or pass --tokenizer with a folder whose "
-                                     "tokenizer has the chat template")
+                                hint="use an instruct/chat GGUF, or give the engine a tokenizer that has a chat "
+                                     "template (Python: Thinker(engine='llamacpp', tokenizer=FOLDER))")
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         bos, eos = (self.native.token_text(t) if t >= 0 else "" for t in self.native.special_tokens())

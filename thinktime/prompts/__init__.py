@@ -17,7 +17,7 @@ def detect_language(text: str) -> str:
 
 
 def thinking_prompt(lang: str = "en", max_tokens: int = 8192) -> str:
-    """The official InternLM3 thinking system prompt (en) or the seed tutorial's Chinese one (zh)."""
+    """The official InternLM3 thinking system prompt (en) or the InternLM3 tutorial's Chinese one (zh)."""
     if lang not in LANGUAGES:
         from thinktime.errors import BadInputError
 

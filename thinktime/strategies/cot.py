@@ -1,4 +1,4 @@
-"""cot: one chain of thought, streamed as it is generated (the seed tutorial's strategy)."""
+"""cot: one chain of thought, streamed as it is generated (as the InternLM3 deep-thinking tutorial runs it)."""
 from __future__ import annotations
 
 from thinktime.strategies.base import Context, make_result, to_candidate

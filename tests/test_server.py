@@ -203,7 +203,7 @@ def test_multi_chain_strategy_streams_candidates(client):
     (dict(model=f"{MODEL}:sc-123456"), 400, "model"),
     (dict(frequency_penalty=1.5), 400, "frequency_penalty"),
     (dict(extra_body={"top_k": 5}), 400, "top_k"),
-    (dict(extra_body={"reasoning_effort": "high"}), 400, "reasoning_effort"),
+    (dict(extra_body={"reasoning_effort": "extreme"}), 400, "reasoning_effort"),
 ])
 def test_bad_requests_get_openai_errors(client, kwargs, status, param):
     request = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4) | kwargs
@@ -542,3 +542,30 @@ def test_an_oversized_body_is_refused_before_it_is_read(server_thinker):
         streamed = httpx.post(small.url + "/v1/chat/completions", content=chunks(),
                               headers={"content-type": "application/json"}, timeout=30)
         assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "request_too_large"
+
+
+def test_reasoning_effort_maps_to_budgets_and_usage_counts_reasoning_tokens(client, server_thinker, server):
+    """reasoning_effort: none drops the thinking prompt, low/high scale the default new tokens; usage says which
+    tokens were thinking; the reasoning is also under `reasoning`, as newer clients read it."""
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}])
+    plain = client.chat.completions.create(**ask, extra_body={"reasoning_effort": "none"})
+    thinking = client.chat.completions.create(**ask, extra_body={"reasoning_effort": "medium"})
+    plain_prompt = server_thinker.engine.count_tokens(server_thinker.engine.render(
+        Prompt.of([{"role": "user", "content": "What is 2 + 3?"}])))
+    assert plain.usage.prompt_tokens == plain_prompt < thinking.usage.prompt_tokens
+    low = client.chat.completions.create(**ask, extra_body={"reasoning_effort": "low"})
+    default = service(server).default_max_tokens
+    assert low.usage.completion_tokens <= max(1, round(default * 0.25))
+    for reply in (plain, thinking, low):
+        message = reply.choices[0].message
+        details = reply.usage.completion_tokens_details
+        assert 0 <= details.reasoning_tokens <= reply.usage.completion_tokens
+        assert message.model_extra["reasoning"] == message.reasoning_content
+        if message.reasoning_content and not message.content:
+            assert details.reasoning_tokens == reply.usage.completion_tokens
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"reasoning_effort": "low"}))
+    streamed = [c.choices[0].delta for c in chunks if c.choices]
+    thought = [d for d in streamed if getattr(d, "reasoning_content", None)]
+    assert thought and all(d.reasoning == d.reasoning_content for d in thought)
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens <= chunks[-1].usage.completion_tokens

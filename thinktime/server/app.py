@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from thinktime.api import Thinker
 from thinktime.errors import EngineError, InsufficientMemoryError, ThinktimeError
-from thinktime.server.protocol import APIError, ChatRequest, error_type, parse_request
+from thinktime.server.protocol import REASONING_EFFORT, APIError, ChatRequest, error_type, parse_request
 from thinktime.server.scheduler import Job, QueueFull, Scheduler
 from thinktime.server.streaming import CandidateView, ReasoningStream, reply_split
 from thinktime.strategies import SCALE_OPTION, STRATEGIES, get_strategy
@@ -125,6 +125,11 @@ class ChatService:
                 return len(self._tokenizer(text, add_special_tokens=False).input_ids)
             return self.engine.count_tokens(text)
 
+    def reasoning_tokens(self, usage: dict, contents: list[str]) -> int:
+        """Completion tokens that were thinking: all but the answers' own (every chain of a multi-chain strategy
+        but the chosen closing statement is reasoning)."""
+        return max(0, usage["completion_tokens"] - sum(self.count_tokens(c) for c in contents if c))
+
     def prepare(self, req: ChatRequest):
         base, strategy, suffix_n = parse_model(req.model, self.names)
         options = req.thinktime
@@ -157,8 +162,9 @@ class ChatService:
 
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        if max_tokens is None:
-            max_tokens = self.default_max_tokens
+        effort = REASONING_EFFORT.get(req.reasoning_effort or "medium")
+        if max_tokens is None:  # the effort scales the default; a client's own max_tokens wins
+            max_tokens = max(1, min(round(self.default_max_tokens * (effort or 1.0)), self.max_tokens_limit))
         elif not 1 <= max_tokens <= self.max_tokens_limit:
             raise APIError(400, f"{param} must be between 1 and {self.max_tokens_limit}, got {max_tokens}",
                            param=param, code="invalid_value")
@@ -173,12 +179,15 @@ class ChatService:
 
         question, history, system = self._conversation(req)
         thinker = self.thinker
-        if system is not None or (options and options.lang):
+        no_thinking = req.reasoning_effort in ("none", "minimal")
+        if system is not None or (options and options.lang) or no_thinking:
             thinker = copy.copy(thinker)
             if system is not None:
                 thinker.system_prompt = system
             if options and options.lang:
                 thinker.lang = options.lang
+            if no_thinking:  # plain chat: no deep-thinking system prompt
+                thinker.think = False
         try:
             ctx = thinker.context(
                 question, history=history, strategy=strategy,
@@ -259,23 +268,24 @@ class ChatService:
     def completion_body(self, rid: str, model: str, strategy: str, result: Any, prompt_tokens: int) -> dict:
         created = int(time.time())
         if isinstance(result, list):  # cot: n completions of one prompt
-            choices = []
+            choices, contents = [], []
             for i, completion in enumerate(result):
                 reasoning, content = reply_split(completion.text, completion.finish_reason, self.think_tags)
-                choices.append({"index": i, "message": {"role": "assistant", "content": content,
-                                                        "reasoning_content": reasoning, "refusal": None},
+                contents.append(content)
+                choices.append({"index": i, "message": _message(reasoning, content),
                                 "logprobs": None, "finish_reason": _finish(completion.finish_reason)})
             usage = {"prompt_tokens": result[0].prompt_tokens,
                      "completion_tokens": sum(c.completion_tokens for c in result)}
             extension = _cot_extension(result)
         else:
             reasoning, content = reply_split(result.text, result.finish_reason, self.think_tags)
-            choices = [{"index": 0, "message": {"role": "assistant", "content": content,
-                                                "reasoning_content": reasoning, "refusal": None},
+            contents = [content]
+            choices = [{"index": 0, "message": _message(reasoning, content),
                         "logprobs": None, "finish_reason": _finish(result.finish_reason)}]
             usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
             extension = _extension(result)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens(usage, contents)}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": None, "choices": choices, "usage": usage, "thinktime": extension}
 
@@ -334,7 +344,14 @@ def _chunk(rid: str, created: int, model: str, choices: list[dict], usage: Any =
 
 
 def _delta(index: int, finish: str | None = None, **fields) -> dict:
+    if "reasoning_content" in fields:  # the newer field name too, as clients read either
+        fields["reasoning"] = fields["reasoning_content"]
     return {"index": index, "delta": fields, "logprobs": None, "finish_reason": finish}
+
+
+def _message(reasoning: str, content: str) -> dict:
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning,
+            "refusal": None}
 
 
 def create_app(thinker: Thinker, config: ServerConfig | None = None) -> FastAPI:
@@ -506,6 +523,7 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
     splitters = [ReasoningStream(service.think_tags) for _ in range(n)]
     view = CandidateView()
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    contents: dict[int, str] = {}  # each choice's answer text, for usage's reasoning_tokens
     finished: set[int] = set()
     try:
         yield chunk([_delta(i, role="assistant", content="") for i in range(n)])
@@ -543,6 +561,7 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
                     if reasoning:
                         yield chunk([_delta(item.index, reasoning_content=reasoning)])
                     if content:
+                        contents[item.index] = contents.get(item.index, "") + content
                         yield chunk([_delta(item.index, content=content)])
                 if item.completion is not None:
                     c = item.completion
@@ -550,6 +569,7 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
                     if reasoning:
                         yield chunk([_delta(item.index, reasoning_content=reasoning)])
                     if content:
+                        contents[item.index] = contents.get(item.index, "") + content
                         yield chunk([_delta(item.index, content=content)])
                     usage["prompt_tokens"] = c.prompt_tokens
                     usage["completion_tokens"] += c.completion_tokens
@@ -569,6 +589,7 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
                     if text:
                         yield chunk([_delta(0, reasoning_content=text)])
                     _, content = reply_split(result.text, result.finish_reason, service.think_tags)
+                    contents = {0: content}
                     if content:
                         yield chunk([_delta(0, content=content)])
                     usage = {"prompt_tokens": result.usage.prompt_tokens,
@@ -580,6 +601,8 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
                     yield chunk([_delta(0, reasoning_content=text)])
         if include_usage and finished:
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            usage["completion_tokens_details"] = {"reasoning_tokens": await asyncio.to_thread(
+                service.reasoning_tokens, usage, list(contents.values()))}
             yield _chunk(rid, created, model, [], usage, True)
         yield "data: [DONE]\n\n"
     finally:  # the client went away (or we are done): stop the work

@@ -6,6 +6,9 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MAX_STOP = 4
+# reasoning_effort as OpenAI's clients send it, in thinktime's terms: no thinking prompt ("none", "minimal"),
+# or the thinking prompt with this share of the server's default new tokens (when max_tokens is not given).
+REASONING_EFFORT = {"none": None, "minimal": None, "low": 0.25, "medium": 1.0, "high": 2.0}
 
 
 class APIError(Exception):
@@ -89,6 +92,7 @@ class ChatRequest(_Strict):
     seed: Optional[int] = Field(None, ge=-(2**63), lt=2**64)
     stop: Optional[Union[str, list[str]]] = None
     user: Optional[str] = None
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
     thinktime: Optional[ThinktimeOptions] = None
 
     _nulls = field_validator("n", "stream", mode="before")(classmethod(_null_is_default))

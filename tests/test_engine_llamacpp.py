@@ -289,3 +289,19 @@ def test_a_transformers_folder_converts_to_gguf_and_auto_runs_it_on_llamacpp(tmp
         engine.close()
     bad = CliRunner().invoke(app, ["convert", str(folder), "--outtype", "q3"])
     assert bad.exit_code == 2 and "unknown GGUF type" in bad.output
+
+
+def test_log_probabilities_when_asked_and_only_then(llama):
+    import math
+
+    (plain,), = llama.generate([OTHER], SamplingParams(max_new_tokens=6))
+    assert plain.logprobs is None
+    (completion,), = llama.generate([OTHER], SamplingParams(max_new_tokens=6, logprobs=3))
+    assert len(completion.logprobs) == completion.completion_tokens
+    for entry in completion.logprobs:
+        assert entry.logprob <= 0 and len(entry.top) == 3
+        assert [lp for _, _, lp in entry.top] == sorted((lp for _, _, lp in entry.top), reverse=True)
+        assert entry.top[0][2] >= entry.logprob - 1e-9  # greedy: the chosen token is the most likely one
+        assert sum(math.exp(lp) for _, _, lp in entry.top) <= 1 + 1e-6
+    assert "".join(e.text for e in completion.logprobs if e.id in completion.token_ids) == completion.text
+    from thinktime.engines.hf import TransformersEngine  # noqa: F401  (the engines that have none refuse)

@@ -189,7 +189,8 @@ def test_multi_chain_strategy_streams_candidates(client):
     (dict(model=f"{MODEL}:cot-5"), 404, "model"),  # cot has no size: the request's n is its chains
     (dict(extra_body={"thinktime": {"n": 2}}), 400, "thinktime.n"),
     (dict(extra_body={"thinktime": {"bogus": 1}}), 400, "thinktime"),  # cot's options are checked too: none
-    (dict(logprobs=True), 400, "logprobs"),  # not implemented: refused, not ignored
+    (dict(logprobs=True), 400, "logprobs"),  # the transformers engine has none: refused, not ignored
+    (dict(extra_body={"top_logprobs": 2}), 400, "top_logprobs"),  # without logprobs
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools"),
     (dict(stream_options={"include_usage": True}), 400, "stream_options"),  # without stream, as OpenAI
     (dict(n=2, extra_body={"thinktime": {"budget_tokens": 1}}), 400, "thinktime.budget_tokens"),

@@ -112,3 +112,19 @@ def test_a_client_that_leaves_mid_stream_frees_its_rows(served):
     while scheduler.live and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not scheduler.live  # the departed client's row left the batch
+
+
+def test_logprobs_over_http_for_cot_choices(served):
+    server, thinker, client = served
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                           max_tokens=5, logprobs=True, top_logprobs=2, n=2, temperature=0.8, seed=1)
+    for choice in reply.choices:
+        content = choice.logprobs.content
+        assert len(content) >= 1 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    streamed = [c for c in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                          max_tokens=4, logprobs=True, stream=True)
+                if c.choices and c.choices[0].logprobs is not None]
+    assert streamed and streamed[-1].choices[0].finish_reason is not None
+    with pytest.raises(openai.BadRequestError, match="cot"):
+        client.chat.completions.create(model=f"{MODEL}:sc-2", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, logprobs=True)

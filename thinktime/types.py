@@ -34,6 +34,9 @@ class SamplingParams:
     # One seed per prompt of a generate call, in place of `seed`: each prompt's samples are then what
     # that prompt alone with its seed would draw, whatever else is in the batch (an eval's problems).
     seeds: tuple[int, ...] | None = None
+    # None: no log-probabilities (nobody pays for them); k >= 0: each new token's log-probability under the
+    # model (before temperature and top-p) and its k most likely alternatives (Completion.logprobs).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +69,16 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability, and the `top` alternatives as (token id, text, log-probability)."""
+
+    id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
 class Completion:
     """One sampled continuation of a prompt, as an engine returns it."""
 
@@ -77,6 +90,8 @@ class Completion:
     # "stop" covers two ends: the model ended its turn (an end-of-turn token), or a stop string was met.
     # True / False say which; None where the engine cannot tell (a server that does not report it).
     ended_turn: bool | None = None
+    # One entry per generated token (the end-of-turn token included) when SamplingParams.logprobs asked for them.
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def usage(self) -> Usage:

@@ -5,6 +5,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
+from thinktime.errors import BadInputError
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
 
@@ -37,3 +38,10 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Release the model's memory."""
+
+
+def refuse_logprobs(engine: Engine, params: SamplingParams) -> None:
+    """Engines that do not return log-probabilities say so before generating anything."""
+    if params.logprobs is not None:
+        raise BadInputError(f"the {engine.name} engine does not return log-probabilities",
+                            hint="use --engine llamacpp (a GGUF model) for log-probabilities and confidence")

@@ -29,6 +29,8 @@ class LlamaCppEngine(Engine):
     name = "llamacpp"
     #: calls from several threads decode in one batch (the server runs its clients' jobs side by side)
     continuous_batching = True
+    #: SamplingParams.logprobs is answered (Completion.logprobs)
+    returns_logprobs = True
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  threads: int | None = None, max_batch_rows: int = 64, kv_cells: int | None = None,
@@ -130,7 +132,7 @@ class LlamaCppEngine(Engine):
                 seeds = [row_seed(base, p * params.n + k) for k in range(params.n)]
             requests.append(Request(tokens, params.n, min(params.max_new_tokens, self.context_length - len(tokens)),
                                     params.greedy, params.temperature, params.top_p, seeds, tuple(params.stop),
-                                    cancel))
+                                    params.logprobs, cancel))
         return requests
 
     def _wait(self, requests: list[Request]) -> list[list[Completion]]:

@@ -161,6 +161,24 @@ class Native:
     def logits(self, index: int) -> np.ndarray:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
 
+    def token_logprobs(self, index: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """The log-probability of `token` under the logits of batch output `index` (the model's own, before
+        temperature and top-p), and the `top` most likely tokens with theirs."""
+        logits = self.logits(index).astype(np.float64)
+        peak = logits.max()
+        normaliser = peak + np.log(np.exp(logits - peak).sum())
+        best = []
+        if top > 0:
+            ids = np.argpartition(-logits, top)[:top]
+            ids = ids[np.argsort(-logits[ids])]
+            best = [(int(i), float(logits[i] - normaliser)) for i in ids]
+        return float(logits[token] - normaliser), best
+
+    def token_string(self, token: int) -> str:
+        """A token as text for log-probability listings: its bytes, or its own name for a special token."""
+        piece = self.piece(token)
+        return piece.decode("utf-8", "replace") if piece else self.token_text(token)
+
     def sampler(self, *, greedy: bool, temperature: float, top_p: float, seed: int):
         """A sampler chain as transformers applies them: temperature, then top-p, then a seeded draw."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())

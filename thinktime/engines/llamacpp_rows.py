@@ -11,7 +11,7 @@ import codecs
 import threading
 from dataclasses import dataclass, field
 
-from thinktime.types import Completion, StreamDelta
+from thinktime.types import Completion, StreamDelta, TokenLogprob
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Request:
     top_p: float
     seeds: list[int]
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # alternatives per token, when log-probabilities are asked for
     cancel: threading.Event = field(default_factory=threading.Event)  # the caller's
     abort: threading.Event = field(default_factory=threading.Event)  # ours: the rest of a failed call
     emit: object = None  # called with StreamDelta as text arrives (streams), else None
@@ -63,6 +64,7 @@ class Row:
         self.pending: int | None = None  # the sampled token to feed at the next step
         self.finish: str | None = None
         self.ended_turn = False
+        self.logprobs: list[TokenLogprob] | None = [] if request.logprobs is not None else None
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._hold = max((len(s) for s in request.stop), default=1) - 1
 
@@ -71,12 +73,15 @@ class Row:
         """New tokens this row may still take (its share of the KV cells the scheduler keeps free)."""
         return self.request.max_new - len(self.ids)
 
-    def take(self, token: int) -> bool:
-        """Record a sampled token; True while the row goes on."""
+    def take(self, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Record a sampled token (and its log-probability, when asked for); True while the row goes on."""
         request = self.request
         if request.cancelled:
             self.finish = "cancelled"
-        elif self.is_end_of_turn(token):  # the model ended its turn: counted, not shown
+            return False
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+        if self.is_end_of_turn(token):  # the model ended its turn: counted, not shown
             self.finish, self.ended_turn = "stop", True
         else:
             self.ids.append(token)
@@ -117,7 +122,7 @@ class Row:
         text = self.text.rstrip("\ufffd") if self.finish in ("length", "cancelled") else self.text
         self.text = text
         completion = Completion(text, self.finish or "cancelled", len(self.request.tokens), used, list(self.ids),
-                                self.ended_turn)
+                                self.ended_turn, self.logprobs)
         if self.request.emit is not None:
             rest = text[self.sent:] if len(text) >= self.sent else ""
             self.request.emit(StreamDelta(self.index, rest, completion))

@@ -19,6 +19,7 @@ from thinktime.engines.kv_ledger import KVLedger
 from thinktime.engines.llamacpp_native import Native
 from thinktime.engines.llamacpp_rows import Request, Row
 from thinktime.errors import EngineError, ThinktimeError
+from thinktime.types import TokenLogprob
 
 # A prompt shared by several new requests (a batch's system prompt) is cached on its own first when at
 # least this long: shorter ones cost less to prefill per row than to keep.
@@ -258,7 +259,14 @@ class Scheduler:
         for index, (_, _, _, rows) in enumerate(chunk):
             for row in rows or ():
                 if row.finish is None:
-                    row.take(self.native.sample(row.sampler, index))
+                    token = self.native.sample(row.sampler, index)
+                    row.take(token, None if row.request.logprobs is None else self._logprob(index, token, row))
+
+    def _logprob(self, index: int, token: int, row: Row) -> TokenLogprob:
+        native = self.native
+        logprob, top = native.token_logprobs(index, token, row.request.logprobs)
+        return TokenLogprob(token, native.token_string(token), logprob,
+                            [(i, native.token_string(i), lp) for i, lp in top])
 
     def _retire(self) -> None:
         """Finished rows leave the batch; what they hold stays as a cache entry."""

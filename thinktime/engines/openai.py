@@ -44,7 +44,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures import wait as futures_wait
 
 from thinktime import models
-from thinktime.engines.base import Engine
+from thinktime.engines.base import Engine, refuse_logprobs
 from thinktime.engines.chat import render_chat
 from thinktime.errors import BadInputError, EngineError
 from thinktime.reasoning import THINK_CLOSE, THINK_OPEN
@@ -180,6 +180,7 @@ class OpenAIEngine(Engine):
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
+        refuse_logprobs(self, params)
         if not prompts:
             return []
         cancel = cancel or threading.Event()
@@ -198,6 +199,7 @@ class OpenAIEngine(Engine):
 
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
+        refuse_logprobs(self, params)
         cancel = cancel or threading.Event()
 
         def work(emit) -> None:

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 from thinktime import models
-from thinktime.engines.base import Engine
+from thinktime.engines.base import Engine, refuse_logprobs
 from thinktime.engines.chat import render_chat, stop_token_ids
 from thinktime.errors import BadInputError, EngineError, ThinktimeError
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
@@ -256,6 +256,7 @@ class VLLMEngine(Engine):
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
+        refuse_logprobs(self, params)
         if not prompts:
             return []
         if self._replicas:
@@ -269,6 +270,7 @@ class VLLMEngine(Engine):
 
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
+        refuse_logprobs(self, params)
         if self._replicas:  # one prompt goes to one replica; it streams whole samples
             yield from super().stream(prompt, params, cancel)
             return

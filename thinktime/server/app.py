@@ -176,6 +176,16 @@ class ChatService:
                                 f"'{strategy}' draws its own samples: set thinktime.n (or a model suffix "
                                 f"like ':{strategy}-8') instead", param="n", code="invalid_value")
         stop = req.stop_strings()
+        logprobs = None
+        if req.logprobs:
+            if strategy != "cot":
+                raise APIError(400, f"logprobs are returned for the cot strategy's chains, not for '{strategy}'",
+                               param="logprobs", code="invalid_value")
+            if not getattr(self.engine, "returns_logprobs", False):
+                raise APIError(400, f"the {self.engine.name} engine does not return log-probabilities; serve a GGUF "
+                                    "model on the llamacpp engine for them", param="logprobs",
+                               code="unsupported_parameter")
+            logprobs = req.top_logprobs or 0
 
         question, history, system = self._conversation(req)
         thinker = self.thinker
@@ -194,7 +204,7 @@ class ChatService:
                 budget_tokens=options.budget_tokens if options else None,
                 options=extra,
                 max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                stop=stop or None)
+                stop=stop or None, logprobs=logprobs)
         except ThinktimeError as exc:
             raise APIError(400, exc.message, param="messages", code="invalid_value") from None
         rendered = self.engine.render(ctx.prompt)
@@ -273,7 +283,7 @@ class ChatService:
                 reasoning, content = reply_split(completion.text, completion.finish_reason, self.think_tags)
                 contents.append(content)
                 choices.append({"index": i, "message": _message(reasoning, content),
-                                "logprobs": None, "finish_reason": _finish(completion.finish_reason)})
+                                "logprobs": _logprobs(completion), "finish_reason": _finish(completion.finish_reason)})
             usage = {"prompt_tokens": result[0].prompt_tokens,
                      "completion_tokens": sum(c.completion_tokens for c in result)}
             extension = _cot_extension(result)
@@ -347,6 +357,18 @@ def _delta(index: int, finish: str | None = None, **fields) -> dict:
     if "reasoning_content" in fields:  # the newer field name too, as clients read either
         fields["reasoning"] = fields["reasoning_content"]
     return {"index": index, "delta": fields, "logprobs": None, "finish_reason": finish}
+
+
+def _logprobs(completion) -> dict | None:
+    """A completion's token log-probabilities in OpenAI's shape (streams send them with the choice's last chunk)."""
+    if completion.logprobs is None:
+        return None
+
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
+                        for t in completion.logprobs], "refusal": None}
 
 
 def _message(reasoning: str, content: str) -> dict:
@@ -574,7 +596,8 @@ async def _stream(service: ChatService, job: Job, events: asyncio.Queue, rid: st
                     usage["prompt_tokens"] = c.prompt_tokens
                     usage["completion_tokens"] += c.completion_tokens
                     finished.add(item.index)
-                    yield chunk([_delta(item.index, _finish(c.finish_reason))], thinktime=_cot_extension([c]))
+                    yield chunk([{**_delta(item.index, _finish(c.finish_reason)), "logprobs": _logprobs(c)}],
+                                thinktime=_cot_extension([c]))
             elif isinstance(item, Event):  # another strategy: its chains as reasoning, then its answer
                 text = ""
                 if item.kind == "delta":

@@ -34,7 +34,7 @@ def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
 
 
 # Parameters of OpenAI's chat API this server does not implement: refused when set, never silently ignored.
-UNSUPPORTED = {"logprobs": "log probabilities", "top_logprobs": "log probabilities", "tools": "tool calls",
+UNSUPPORTED = {"tools": "tool calls",
                "tool_choice": "tool calls", "functions": "function calls", "function_call": "function calls",
                "response_format": "structured output (response_format)", "audio": "audio output",
                "modalities": "output modalities", "prediction": "predicted outputs", "logit_bias": "logit_bias",
@@ -93,6 +93,8 @@ class ChatRequest(_Strict):
     stop: Optional[Union[str, list[str]]] = None
     user: Optional[str] = None
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     thinktime: Optional[ThinktimeOptions] = None
 
     _nulls = field_validator("n", "stream", mode="before")(classmethod(_null_is_default))
@@ -103,6 +105,8 @@ class ChatRequest(_Strict):
             if value not in (None, False, [], {}, 0) and value not in UNSUPPORTED_OFF.get(name, ()):
                 raise APIError(400, f"this server does not support {what}: remove '{name}' from the request",
                                param=name, code="unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
                            code="invalid_value")

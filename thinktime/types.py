@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "low_confidence"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class SamplingParams:
     # None: no log-probabilities (nobody pays for them); k >= 0: each new token's log-probability under the
     # model (before temperature and top-p) and its k most likely alternatives (Completion.logprobs).
     logprobs: int | None = None
+    # (window, threshold): a row whose mean token confidence over its last `window` tokens falls below `threshold`
+    # ends there, finish_reason "low_confidence" (DeepConf's early stop; thinktime.confidence). Needs logprobs.
+    stop_below: tuple[int, float] | None = None
 
     @property
     def greedy(self) -> bool:

@@ -14,7 +14,8 @@ from thinktime.answers import equivalent, normalize
 def is_guess(candidate) -> bool:
     """A chain cut short (token limit, cancel) whose answer is only its last number: there, almost always an
     intermediate value. A box or "the answer is" in a cut chain is still an answer."""
-    return candidate.finish_reason in ("length", "cancelled") and candidate.answer_method == "last-number"
+    return candidate.finish_reason in ("length", "cancelled", "low_confidence") and \
+        candidate.answer_method == "last-number"
 
 
 def vote_answers(candidates: Sequence) -> list[str | None]:

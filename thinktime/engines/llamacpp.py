@@ -116,6 +116,8 @@ class LlamaCppEngine(Engine):
             from thinktime.errors import ThinktimeError
 
             raise ThinktimeError("this llama.cpp engine is closed", hint="create another engine")
+        if params.stop_below is not None and not params.logprobs:
+            raise BadInputError("stopping on low confidence reads the top log-probabilities: set logprobs >= 1")
         requests = []
         base = params.seed if params.seed is not None else random.getrandbits(63)
         for p, prompt in enumerate(prompts):
@@ -132,7 +134,7 @@ class LlamaCppEngine(Engine):
                 seeds = [row_seed(base, p * params.n + k) for k in range(params.n)]
             requests.append(Request(tokens, params.n, min(params.max_new_tokens, self.context_length - len(tokens)),
                                     params.greedy, params.temperature, params.top_p, seeds, tuple(params.stop),
-                                    params.logprobs, cancel))
+                                    params.logprobs, params.stop_below, cancel))
         return requests
 
     def _wait(self, requests: list[Request]) -> list[list[Completion]]:

@@ -11,6 +11,7 @@ import codecs
 import threading
 from dataclasses import dataclass, field
 
+from thinktime.confidence import RunningGroup
 from thinktime.types import Completion, StreamDelta, TokenLogprob
 
 
@@ -27,6 +28,7 @@ class Request:
     seeds: list[int]
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # alternatives per token, when log-probabilities are asked for
+    stop_below: tuple[int, float] | None = None  # (window, threshold): DeepConf's early stop
     cancel: threading.Event = field(default_factory=threading.Event)  # the caller's
     abort: threading.Event = field(default_factory=threading.Event)  # ours: the rest of a failed call
     emit: object = None  # called with StreamDelta as text arrives (streams), else None
@@ -65,6 +67,7 @@ class Row:
         self.finish: str | None = None
         self.ended_turn = False
         self.logprobs: list[TokenLogprob] | None = [] if request.logprobs is not None else None
+        self._group = RunningGroup(request.stop_below[0]) if request.stop_below else None
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._hold = max((len(s) for s in request.stop), default=1) - 1
 
@@ -79,8 +82,11 @@ class Row:
         if request.cancelled:
             self.finish = "cancelled"
             return False
+        unsure = False
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
+            mean = self._group.push(logprob.top) if self._group is not None else None
+            unsure = mean is not None and mean < request.stop_below[1]
         if self.is_end_of_turn(token):  # the model ended its turn: counted, not shown
             self.finish, self.ended_turn = "stop", True
         else:
@@ -91,6 +97,8 @@ class Row:
                 self.finish = "stop"
             elif len(self.ids) >= request.max_new:
                 self.finish = "length"
+        if self.finish is None and unsure:  # the chain's recent stretch is below the threshold: it ends here
+            self.finish = "low_confidence"
         if self.finish is None:
             self.pending = token
             self._stream(final=False)
@@ -119,7 +127,7 @@ class Row:
 
     def completion(self) -> Completion:
         used = len(self.ids) + (1 if self.ended_turn else 0)
-        text = self.text.rstrip("\ufffd") if self.finish in ("length", "cancelled") else self.text
+        text = self.text.rstrip("\ufffd") if self.finish in ("length", "cancelled", "low_confidence") else self.text
         self.text = text
         completion = Completion(text, self.finish or "cancelled", len(self.request.tokens), used, list(self.ids),
                                 self.ended_turn, self.logprobs)

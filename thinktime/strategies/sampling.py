@@ -22,10 +22,11 @@ def seed_for(ctx: Context, call: int) -> int | None:
 
 
 def generate(ctx: Context, prompts: Sequence[Prompt], n: int, max_new_tokens: int, *, call: int = 0,
-             temperature: float | None = None, stop: Sequence[str] = ()) -> list[list[Completion]] | None:
+             temperature: float | None = None, stop: Sequence[str] = (), **extra) -> list[list[Completion]] | None:
     """`n` completions per prompt in one engine call, or None when the budget or a cancel leaves no room.
 
-    Each sample gets an equal share of what is left of the budget, so the call can never overrun it.
+    Each sample gets an equal share of what is left of the budget, so the call can never overrun it. `extra`:
+    further SamplingParams fields (logprobs, stop_below).
     """
     if ctx.cancel.is_set() or not prompts:
         return None
@@ -34,7 +35,7 @@ def generate(ctx: Context, prompts: Sequence[Prompt], n: int, max_new_tokens: in
         return None
     temperature = ctx.params.temperature if temperature is None else temperature
     params = ctx.sampling(n=n, max_new_tokens=cap, temperature=temperature, stop=tuple(stop),
-                          seed=seed_for(ctx, call))
+                          seed=seed_for(ctx, call), **extra)
     out = ctx.engine.generate(list(prompts), params, ctx.cancel)
     # The prompt is processed once per prompt, however many samples it gets.
     ctx.budget.charge([c for row in out for c in row], sum(row[0].prompt_tokens for row in out if row))

@@ -9,11 +9,18 @@ between rounds sampling stops early (adaptive consistency) once the leading answ
 Tie rule (thinktime.voting): among answers with equal votes the one sampled first wins. The vote
 distribution is in `result.details["votes"]`; chains without an answer cast no vote, and chains cut short whose
 answer is only their last number vote only when no chain gave a real answer (voting.vote_answers).
+
+With log-probabilities (the llama.cpp engine), DeepConf's rules (thinktime.confidence): votes weighted by each
+chain's lowest group confidence (`weights=confidence`), only the most confident share of chains voting
+(`keep`), and, after a first round of warm-up chains, later chains stopped as soon as their group confidence
+falls below the level the warm-up's top `keep` reached (`early_stop`); stopped chains cast no vote.
 """
 from __future__ import annotations
 
 from math import comb
 
+from thinktime import confidence as conf
+from thinktime.errors import BadInputError
 from thinktime.strategies.base import Context, make_result, to_candidate
 from thinktime.strategies.options import Option, positive, probability, read_options
 from thinktime.strategies.sampling import generate, nothing_generated, sampling_temperature
@@ -27,7 +34,15 @@ OPTIONS = {
     "round": Option(None, "chains per engine call; below n, sampling stops once the vote is decided", int, positive),
     "confidence": Option(0.95, "stop early once P(leader is the majority) reaches this; 1 turns it off",
                          float, probability),
+    "weights": Option("count", "count: a vote per chain; confidence: votes weighted by the chain's lowest group "
+                      "confidence (DeepConf; needs log-probabilities)", str, choices=("count", "confidence")),
+    "keep": Option(1.0, "vote with this most confident share of the chains (DeepConf's filter; below 1 needs "
+                   "log-probabilities)", float, lambda v: 0.0 < v <= 1.0),
+    "early_stop": Option(False, "chains after the first round stop once their group confidence falls below what "
+                         "the first round's top `keep` reached (needs round < n and log-probabilities)", bool),
+    "window": Option(32, "tokens per group when measuring a stretch's confidence", int, positive),
 }
+TOP_LOGPROBS = 5  # the top-k a token's confidence is read from
 
 
 def leader_probability(leader: int, runner_up: int) -> float:
@@ -41,8 +56,8 @@ def stop_reason(groups: list[VoteGroup], remaining: int, confidence: float, gues
     gave a real answer yet) decide nothing: one real answer to come would void them all."""
     if not groups or guesses:
         return None
-    leader = int(groups[0].weight)
-    runner_up = int(groups[1].weight) if len(groups) > 1 else 0
+    leader = len(groups[0].members)  # chains, not weights: the Beta rule counts votes
+    runner_up = max((len(g.members) for g in groups[1:]), default=0)
     if leader > runner_up + remaining:
         return "decided: the leader cannot be overtaken"
     if confidence < 1.0 and leader_probability(leader, runner_up) >= confidence:
@@ -50,14 +65,50 @@ def stop_reason(groups: list[VoteGroup], remaining: int, confidence: float, gues
     return None
 
 
-def vote_table(groups: list[VoteGroup]) -> list[dict]:
-    return [{"answer": g.answer, "votes": int(g.weight), "members": list(g.members)} for g in groups]
+def vote_table(groups: list[VoteGroup], weighted: bool = False) -> list[dict]:
+    return [{"answer": g.answer, "votes": len(g.members), "members": list(g.members),
+             **({"weight": round(g.weight, 4)} if weighted else {})} for g in groups]
+
+
+def uses_confidence(opts: dict) -> bool:
+    return opts["weights"] == "confidence" or opts["keep"] < 1.0 or opts["early_stop"]
+
+
+def check_confidence(ctx: Context, opts: dict) -> None:
+    """A confidence rule needs log-probabilities: an engine without them is named before anything is generated."""
+    if opts["early_stop"] and min(opts["round"] or opts["n"], opts["n"]) >= opts["n"]:
+        raise BadInputError("early_stop learns its threshold from a first round of chains: set round below n",
+                            hint="e.g. -o round=4 with -n 16")
+    if uses_confidence(opts) and not getattr(ctx.engine, "returns_logprobs", False):
+        raise BadInputError(f"self-consistency's confidence rules (weights=confidence, keep < 1, early_stop) read "
+                            f"log-probabilities, which the {ctx.engine.name} engine does not return",
+                            hint="use --engine llamacpp (a GGUF model), or drop those options")
+
+
+def confident_votes(candidates: list[Candidate], completions_confidence: list[float | None], opts: dict):
+    """The answers chains vote with and their weights: stopped chains cast none, only the top `keep` share by
+    confidence votes, weighted by confidence or one each."""
+    answers = vote_answers(candidates)
+    answers = [None if c.finish_reason == "low_confidence" else a for a, c in zip(answers, candidates)]
+    if not uses_confidence(opts):
+        return answers, None
+    scored = sorted((s for s, a in zip(completions_confidence, answers) if a is not None and s is not None),
+                    reverse=True)
+    if scored and opts["keep"] < 1.0:
+        cut = scored[max(1, round(opts["keep"] * len(scored))) - 1]
+        answers = [a if s is not None and s >= cut else None for a, s in zip(answers, completions_confidence)]
+    weights = [s or 0.0 for s in completions_confidence] if opts["weights"] == "confidence" else None
+    return answers, weights
 
 
 def run(ctx: Context) -> Result:
     opts = read_options(NAME, OPTIONS, ctx.options)
+    check_confidence(ctx, opts)
     n = opts["n"]
     size = min(opts["round"] or n, n)
+    scores: list[float | None] = []  # each chain's lowest group confidence, when log-probabilities are read
+    extra = {"logprobs": TOP_LOGPROBS} if uses_confidence(opts) else {}
+    stop_level = None
     candidates: list[Candidate] = []
     groups: list[VoteGroup] = []
     reason = "all chains sampled"
@@ -73,7 +124,9 @@ def run(ctx: Context) -> Result:
             break
         for i in range(first, first + k):
             ctx.emit(Event("candidate_started", i))
-        out = generate(ctx, [ctx.prompt], k, max_new, call=call, temperature=sampling_temperature(ctx))
+        stop = {"stop_below": (opts["window"], stop_level)} if stop_level is not None else {}
+        out = generate(ctx, [ctx.prompt], k, max_new, call=call, temperature=sampling_temperature(ctx), **extra,
+                       **stop)
         call += 1
         if out is None:
             reason = "cancelled" if ctx.cancel.is_set() else "budget exhausted"
@@ -81,22 +134,30 @@ def run(ctx: Context) -> Result:
         for i, completion in enumerate(out[0], first):
             candidate = to_candidate(completion)
             candidates.append(candidate)
+            scores.append(conf.lowest_group_confidence(completion.logprobs, opts["window"]))
+            candidate.score = scores[-1]
             ctx.emit(Event("candidate_finished", i, data={"answer": candidate.answer,
                                                           "tokens": completion.completion_tokens}))
-        answers = vote_answers(candidates)
-        groups = group_answers(answers)
-        ctx.emit(Event("progress", data={"votes": vote_table(groups), "samples": len(candidates), "n": n}))
+        if opts["early_stop"] and stop_level is None and (warm := [s for s in scores if s is not None]):
+            stop_level = conf.threshold(warm, opts["keep"])  # learnt from the first round: the warm-up
+        answers, weights = confident_votes(candidates, scores, opts)
+        groups = group_answers(answers, weights)
+        ctx.emit(Event("progress", data={"votes": vote_table(groups, weights is not None),
+                                         "samples": len(candidates), "n": n}))
         guesses = all(a is None or is_guess(c) for a, c in zip(answers, candidates))
         if len(candidates) < n and (why := stop_reason(groups, n - len(candidates), opts["confidence"], guesses)):
             reason = why
             break
     for group in groups:
         for member in group.members:
-            candidates[member].votes = int(group.weight)
+            candidates[member].votes = len(group.members)
     if groups:
         chosen = candidates[groups[0].members[0]]
     else:
         chosen = candidates[0] if candidates else nothing_generated()
-    details = {"votes": vote_table(groups), "samples": len(candidates), "n": n, "stop_reason": reason,
-               "stopped_early": reason.startswith(("decided", "confident")), "tie_rule": TIE_RULE}
+    details = {"votes": vote_table(groups, opts["weights"] == "confidence"), "samples": len(candidates), "n": n,
+               "stop_reason": reason, "stopped_early": reason.startswith(("decided", "confident")), "tie_rule": TIE_RULE}
+    if uses_confidence(opts):
+        details["confidence"] = {"chains": scores, "stop_level": stop_level, "window": opts["window"],
+                                 "stopped_chains": sum(c.finish_reason == "low_confidence" for c in candidates)}
     return make_result(ctx, chosen, NAME, candidates, ctx.budget.used, details)

@@ -1,0 +1,73 @@
+"""Confidence from log-probabilities (thinktime.confidence) and self-consistency's DeepConf rules, on the embedded
+model through the llama.cpp engine; engines without log-probabilities are refused before anything is generated."""
+from __future__ import annotations
+
+import pytest
+
+from thinktime.confidence import RunningGroup, lowest_group_confidence, threshold, token_confidence
+from thinktime.errors import BadInputError
+from thinktime.types import TokenLogprob
+
+QUESTION = "What is 3 + 4?"
+
+
+def entry(*logprobs: float) -> TokenLogprob:
+    return TokenLogprob(0, "x", logprobs[0], [(i, "x", lp) for i, lp in enumerate(logprobs)])
+
+
+def test_confidence_is_the_weakest_stretch_of_the_chain():
+    sure, unsure = entry(-0.01, -5.0, -6.0), entry(-1.0, -1.1, -1.2)
+    assert token_confidence(sure.top) > token_confidence(unsure.top)
+    chain = [sure] * 10 + [unsure] * 3 + [sure] * 10
+    assert lowest_group_confidence(chain, 3) == pytest.approx(token_confidence(unsure.top))
+    assert lowest_group_confidence(chain[:2], 3) == pytest.approx(token_confidence(sure.top))  # shorter than a window
+    assert lowest_group_confidence(None, 3) is None
+    group = RunningGroup(2)
+    assert group.push(sure.top) is None and group.push(unsure.top) == pytest.approx(
+        (token_confidence(sure.top) + token_confidence(unsure.top)) / 2)
+    assert threshold([1.0, 2.0, 3.0, 4.0, 5.0], keep=0.1) == pytest.approx(4.6)
+    assert threshold([1.0, 2.0, 3.0, 4.0, 5.0], keep=1.0) == 1.0
+
+
+@pytest.fixture(scope="module")
+def plain(llama_engine):
+    from thinktime import Thinker
+
+    return Thinker(engine=llama_engine, think=False, max_new_tokens=40)
+
+
+def test_confidence_weighted_vote_with_a_filter(plain):
+    result = plain.solve(QUESTION, strategy="self-consistency", seed=3,
+                         options={"n": 6, "weights": "confidence", "keep": 0.5, "confidence": 1.0})
+    confidence = result.details["confidence"]
+    assert len(confidence["chains"]) == 6 and all(c is not None and c > 0 for c in confidence["chains"])
+    voted = sum(v["votes"] for v in result.details["votes"])
+    assert voted <= 3  # only the more confident half votes
+    for vote in result.details["votes"]:
+        assert vote["weight"] == pytest.approx(sum(confidence["chains"][m] for m in vote["members"]), rel=1e-3)
+    assert [c.score for c in result.candidates] == confidence["chains"]
+
+
+def test_early_stop_learns_from_the_first_round_and_stops_later_chains(plain):
+    result = plain.solve(QUESTION, strategy="self-consistency", seed=5, max_new_tokens=60,
+                         options={"n": 8, "round": 4, "early_stop": True, "keep": 0.9, "window": 8,
+                                  "confidence": 1.0})
+    confidence = result.details["confidence"]
+    assert confidence["stop_level"] is not None
+    warm = sorted(confidence["chains"][:4])
+    assert warm[0] <= confidence["stop_level"] <= warm[-1]
+    stopped = [c for c in result.candidates[4:] if c.finish_reason == "low_confidence"]
+    assert confidence["stopped_chains"] == len(stopped)
+    assert all(c.finish_reason != "low_confidence" for c in result.candidates[:4])  # the warm-up runs in full
+    members = {m for v in result.details["votes"] for m in v["members"]}
+    assert not members & {i for i, c in enumerate(result.candidates) if c.finish_reason == "low_confidence"}
+
+
+def test_confidence_rules_need_an_engine_with_log_probabilities(engine):
+    from thinktime import Thinker
+
+    thinker = Thinker(engine=engine, think=False, max_new_tokens=8)
+    with pytest.raises(BadInputError, match="transformers engine"):
+        thinker.solve(QUESTION, strategy="self-consistency", options={"n": 2, "weights": "confidence"})
+    with pytest.raises(BadInputError, match="round below n"):
+        thinker.solve(QUESTION, strategy="self-consistency", options={"n": 2, "early_stop": True})

@@ -1,0 +1,255 @@
+"""Tokens where they pay: stopping rules for self-consistency against SC@16, on one set of sampled chains.
+
+    .venv/bin/python benchmarks/adaptive_thinking.py --dataset arith:1 --limit 100 --out runs/adaptive-arith1
+    .venv/bin/python benchmarks/adaptive_thinking.py --dataset gsm8k --limit 50 --out runs/adaptive-gsm8k
+
+Samples 16 chains per problem once on the llama.cpp engine (the embedded model, thinking prompt, T=0.7,
+seeded, top-5 log-probabilities per token; resumable: OUT/chains.jsonl), then replays each rule over
+those same chains: a rule that stops a chain early counts its tokens up to the stop, one that samples
+fewer chains counts those it drew. Rules: maj@k (k = 1..16); adaptive consistency (rounds of 4, the
+Beta rule at 0.95, as `-s self-consistency -o round=4`); DeepConf confidence-weighted voting over 16;
+DeepConf online (4 warm-up chains, later ones stopped below the threshold they set; keep 0.9 and 0.1),
+alone and with adaptive consistency; and per-question allocation (4 chains each, then rounds of 4 to
+the questions whose vote is least settled, until a third of SC@16's tokens is spent). Prints accuracy
+(95% Wilson interval) and tokens per problem for each, the ratio to SC@16's tokens, and whether the
+accuracy is within SC@16's interval; writes OUT/report.md and OUT/accuracy_vs_tokens.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+N, ROUND, WARM, WINDOW, TOP = 16, 4, 4, 32, 5
+
+
+def sample(args, out: Path) -> list[dict]:
+    """16 chains per problem with their token confidences, appended per problem (a rerun resumes)."""
+    from tqdm import tqdm
+
+    from thinktime import Thinker
+    from thinktime.confidence import token_confidence
+    from thinktime.evaluation.datasets import load_dataset
+    from thinktime.evaluation.grading import grade
+    from thinktime.strategies.base import to_candidate
+    from thinktime.types import Prompt, SamplingParams
+
+    path = out / "chains.jsonl"
+    done = {json.loads(line)["id"] for line in path.open()} if path.is_file() else set()
+    problems = [p for p in load_dataset(args.dataset, limit=args.limit).problems]
+    todo = [p for p in problems if p.id not in done]
+    thinker = Thinker(engine="llamacpp", max_new_tokens=args.max_new_tokens)
+    with path.open("a") as f, tqdm(total=len(problems), initial=len(problems) - len(todo), desc="sampling") as bar:
+        for start in range(0, len(todo), args.batch):
+            batch = todo[start:start + args.batch]
+            prompts = [Prompt.of(thinker.messages(p.question)) for p in batch]
+            seeds = tuple(args.seed + problems.index(p) for p in batch)
+            params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.7, n=N, seeds=seeds,
+                                    logprobs=TOP)
+            for problem, row in zip(batch, thinker.engine.generate(prompts, params)):
+                chains = []
+                for completion in row:
+                    candidate = to_candidate(completion)
+                    chains.append({"answer": candidate.answer, "method": candidate.answer_method,
+                                   "finish": completion.finish_reason, "tokens": completion.completion_tokens,
+                                   "correct": grade(candidate.answer, problem.gold).correct,
+                                   "conf": [round(token_confidence(t.top), 4) for t in completion.logprobs]})
+                f.write(json.dumps({"id": problem.id, "gold": problem.gold, "chains": chains}) + "\n")
+                f.flush()
+                bar.update(1)
+    thinker.engine.close()
+    records = {r["id"]: r for r in map(json.loads, path.open())}
+    return [records[p.id] for p in problems if p.id in records]
+
+
+# --- replaying the rules over stored chains ------------------------------------------------------------
+
+class Chain:
+    """A stored chain as the voting code sees a candidate."""
+
+    def __init__(self, d: dict, stop_at: int | None = None):
+        self.answer, self.answer_method, self.correct = d["answer"], d["method"], d["correct"]
+        self.finish_reason = "low_confidence" if stop_at is not None else d["finish"]
+        self.tokens = d["tokens"] if stop_at is None else stop_at
+        self.conf = d["conf"]
+
+
+def lowest(conf: list[float], window: int = WINDOW) -> float:
+    if not conf:
+        return 0.0
+    if len(conf) <= window:
+        return sum(conf) / len(conf)
+    total = sum(conf[:window])
+    best = total
+    for i in range(window, len(conf)):
+        total += conf[i] - conf[i - window]
+        best = min(best, total)
+    return best / window
+
+
+def first_drop(conf: list[float], level: float, window: int = WINDOW) -> int | None:
+    """Tokens generated when the running window mean first falls below `level` (as the engine stops), or None."""
+    total = 0.0
+    for i, value in enumerate(conf):
+        total += value - (conf[i - window] if i >= window else 0.0)
+        if i + 1 >= window and total / window < level:
+            return i + 1
+    return None
+
+
+def vote(chains: list[Chain], weighted: bool = False, keep: float = 1.0):
+    """The chosen chain's correctness under thinktime's own voting (math-equivalence groups, guesses, ties)."""
+    from thinktime.voting import group_answers, vote_answers
+
+    answers = [None if c.finish_reason == "low_confidence" else a for a, c in zip(vote_answers(chains), chains)]
+    scores = [lowest(c.conf) for c in chains]
+    if keep < 1.0:
+        ranked = sorted((s for s, a in zip(scores, answers) if a is not None), reverse=True)
+        if ranked:
+            cut = ranked[max(1, round(keep * len(ranked))) - 1]
+            answers = [a if s >= cut else None for a, s in zip(answers, scores)]
+    groups = group_answers(answers, scores if weighted else None)
+    chosen = chains[groups[0].members[0]] if groups else chains[0]
+    return chosen.correct, groups
+
+
+def settled(groups, remaining: int) -> bool:
+    from thinktime.strategies.self_consistency import stop_reason
+
+    return stop_reason(groups, remaining, 0.95) is not None
+
+
+def online(record: dict, keep: float, adaptive: bool) -> tuple[bool, int]:
+    """DeepConf online: warm-up chains in full set the threshold, later chains stop below it."""
+    from thinktime.confidence import threshold
+
+    chains = [Chain(d) for d in record["chains"][:WARM]]
+    level = threshold([lowest(c.conf) for c in chains], keep)
+    for start in range(WARM, N, ROUND):
+        if adaptive and settled(vote(chains, True, keep)[1], N - len(chains)):
+            break
+        for d in record["chains"][start:start + ROUND]:
+            chains.append(Chain(d, first_drop(d["conf"], level)))
+    return vote(chains, True, keep)[0], sum(c.tokens for c in chains)
+
+
+def adaptive(record: dict) -> tuple[bool, int]:
+    chains: list[Chain] = []
+    for start in range(0, N, ROUND):
+        chains += [Chain(d) for d in record["chains"][start:start + ROUND]]
+        correct, groups = vote(chains)
+        if len(chains) < N and settled(groups, N - len(chains)):
+            break
+    return vote(chains)[0], sum(c.tokens for c in chains)
+
+
+def allocate(records: list[dict], budget: float) -> tuple[int, float]:
+    """Per-question allocation: a first round of 4 chains each, then rounds of 4 to the least settled questions."""
+    drawn = {r["id"]: ROUND for r in records}
+    spent = sum(sum(d["tokens"] for d in r["chains"][:ROUND]) for r in records)
+
+    def margin(r):  # the leader's lead over the runner-up, in votes, after what was drawn: small means unsettled
+        groups = vote([Chain(d) for d in r["chains"][:drawn[r["id"]]]])[1]
+        counts = sorted((len(g.members) for g in groups), reverse=True) + [0, 0]
+        return counts[0] - counts[1]
+
+    while True:
+        open_ = [r for r in records if drawn[r["id"]] < N]
+        if not open_:
+            break
+        r = min(open_, key=lambda r: (margin(r), drawn[r["id"]]))
+        cost = sum(d["tokens"] for d in r["chains"][drawn[r["id"]]:drawn[r["id"]] + ROUND])
+        if spent + cost > budget:
+            break
+        drawn[r["id"]] += ROUND
+        spent += cost
+    correct = sum(vote([Chain(d) for d in r["chains"][:drawn[r["id"]]]])[0] for r in records)
+    return correct, spent / len(records)
+
+
+def replay(records: list[dict]) -> list[dict]:
+    rows = []
+
+    def add(name, results):
+        correct = sum(c for c, _ in results)
+        rows.append({"rule": name, "correct": correct, "tokens": sum(t for _, t in results) / len(results)})
+
+    for k in (1, 2, 4, 8, 16):
+        add(f"maj@{k}" if k > 1 else "one chain", [(vote([Chain(d) for d in r["chains"][:k]])[0],
+                                                   sum(d["tokens"] for d in r["chains"][:k])) for r in records])
+    add("adaptive consistency (round 4, 0.95)", [adaptive(r) for r in records])
+    add("DeepConf weighted vote @16", [(vote([Chain(d) for d in r["chains"]], True)[0],
+                                        sum(d["tokens"] for d in r["chains"])) for r in records])
+    for keep in (0.9, 0.1):
+        add(f"DeepConf online, keep {keep}", [online(r, keep, False) for r in records])
+        add(f"DeepConf online, keep {keep} + adaptive", [online(r, keep, True) for r in records])
+    sc16 = next(row["tokens"] for row in rows if row["rule"] == "maj@16")
+    correct, tokens = allocate(records, sc16 * len(records) / 3)
+    rows.append({"rule": "per-question allocation (1/3 of SC@16's tokens)", "correct": correct, "tokens": tokens})
+    return rows
+
+
+def report(rows: list[dict], total: int, out: Path, title: str) -> str:
+    from thinktime.evaluation.metrics import wilson
+
+    sc = next(r for r in rows if r["rule"] == "maj@16")
+    low, high = wilson(sc["correct"], total)
+    lines = [f"# {title}", "", "| rule | accuracy | 95% interval | tokens/problem | tokens vs SC@16 | "
+             "within SC@16's interval |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = wilson(r["correct"], total)
+        acc = r["correct"] / total
+        r.update(accuracy=acc, ratio=r["tokens"] / sc["tokens"], within=low <= acc <= high)
+        lines.append(f"| {r['rule']} | {100 * acc:.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {r['tokens']:.0f} | "
+                     f"{r['ratio']:.2f} | {'yes' if r['within'] else 'no'} |")
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhspan(100 * low, 100 * high, color="0.9", label="SC@16's 95% interval")
+    for r in rows:
+        marker = "o" if r["rule"].startswith(("maj", "one")) else "s"
+        ax.scatter(r["tokens"], 100 * r["accuracy"], marker=marker)
+        ax.annotate(r["rule"], (r["tokens"], 100 * r["accuracy"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_tokens.png", dpi=130)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="arith:1")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4, help="problems per engine call (x16 rows)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cpu_engines import cpu_name
+
+    started = time.perf_counter()
+    records = sample(args, args.out)
+    rows = replay(records)
+    title = (f"{args.dataset}, {len(records)} problems, SmolLM2-135M (llama.cpp, Q4_1), 16 chains at T=0.7, "
+             f"{cpu_name()}, {time.strftime('%Y-%m-%d')}")
+    print(report(rows, len(records), args.out, title))
+    print(f"({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -78,16 +78,9 @@ class Chain:
 
 
 def lowest(conf: list[float], window: int = WINDOW) -> float:
-    if not conf:
-        return 0.0
-    if len(conf) <= window:
-        return sum(conf) / len(conf)
-    total = sum(conf[:window])
-    best = total
-    for i in range(window, len(conf)):
-        total += conf[i] - conf[i - window]
-        best = min(best, total)
-    return best / window
+    from thinktime.confidence import lowest_mean
+
+    return lowest_mean(conf, window) if conf else 0.0
 
 
 def first_drop(conf: list[float], level: float, window: int = WINDOW) -> int | None:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from test_strategies_e2e import SMALL
 from thinktime.errors import BadInputError, ThinktimeError
 from thinktime.types import Prompt, SamplingParams
 
@@ -240,15 +241,7 @@ def test_auto_picks_llamacpp_for_a_gguf_and_transformers_otherwise(tmp_path):
     assert pick_engine(str(tmp_path)) == "transformers"  # a folder without a GGUF
 
 
-STRATEGY_OPTIONS = {
-    "cot": {},
-    "self-consistency": {"n": 3, "round": 2},
-    "best-of-n": {"n": 2, "judge_tokens": 12},
-    "reflect": {"rounds": 1, "check_tokens": 12},
-    "budget": {"min_tokens": 20, "max_tokens": 28, "answer_tokens": 8},
-    "beam": {"width": 2, "expansions": 2, "depth": 2, "step_tokens": 12, "judge_tokens": 8},
-    "mcts": {"iterations": 2, "expansions": 2, "depth": 2, "step_tokens": 12, "judge_tokens": 8},
-}
+STRATEGY_OPTIONS = {"cot": {}, **SMALL}  # the tiny sizes the transformers engine's end-to-end tests use
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGY_OPTIONS))

@@ -21,7 +21,11 @@ def lowest_group_confidence(logprobs, window: int) -> float | None:
     None for a chain without log-probabilities."""
     if not logprobs:
         return None
-    values = [token_confidence(entry.top) for entry in logprobs]
+    return lowest_mean([token_confidence(entry.top) for entry in logprobs], window)
+
+
+def lowest_mean(values: Sequence[float], window: int) -> float:
+    """The lowest mean of any `window` consecutive values (of all of them when there are fewer)."""
     if len(values) <= window:
         return sum(values) / len(values)
     total = sum(values[:window])

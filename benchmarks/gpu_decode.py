@@ -13,9 +13,11 @@ the same run measures:
 - thinktime's FastDecoder (thinktime/engines/fast.py, what TransformersEngine uses on CUDA) on the
   same model and prompt: batch 1 greedy, n=16 and n=64 sampled; the first call of each includes
   compiling and graph capture (reported as warm-up), the second is timed;
-- whether greedy outputs match token for token (where they part, generate's own top-2 logit gap at
-  that step, from its scores, tells a bf16 near-tie, a few rounding steps at the logits' scale, from
-  a bug).
+- whether greedy outputs match token for token (where they part, generate's own scores at that step
+  tell a bf16 near-tie, a few rounding steps at the logits' scale, from a bug: the rule of
+  thinktime/engines/fast_check.py, which the engine also applies on first use);
+- the engine's first-use check itself (16 greedy tokens both ways, compared by that rule): its
+  seconds, and their share of a batch-1 chain of 8,192 new tokens at the fast decoder's measured speed.
 
 It prints one table (tok/s, ms per step, % of the bandwidth floor, warm-up) and, with --out, writes
 it as Markdown and JSON after every row (a run cut short keeps what it measured). It finishes in
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import importlib.util
 import json
 import platform
@@ -44,28 +47,19 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
-# Two bf16 logits closer than this many bf16 rounding steps (at the top logit's scale) are a tie that rounding
-# may break either way: greedy outputs that part there are not a bug.
-NEAR_TIE_STEPS = 4
+SOLVE_TOKENS = 8192  # new tokens of a default chain on a GPU (thinktime/api.py)
 
 
-def bf16_step(x: float) -> float:
-    """The gap between adjacent bf16 numbers around x (8 significant bits)."""
-    import math
-
-    return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - 7)
-
-
-def load_fast():
-    """thinktime.engines.fast; by file path where thinktime's other dependencies are not installed."""
+def load(name: str):
+    """thinktime.engines.<name> (fast, fast_check); by file path where thinktime's other dependencies are not
+    installed."""
     try:
-        from thinktime.engines import fast
-
-        return fast
+        return importlib.import_module(f"thinktime.engines.{name}")
     except Exception:
-        spec = importlib.util.spec_from_file_location("thinktime_fast", ROOT / "thinktime" / "engines" / "fast.py")
+        path = ROOT / "thinktime" / "engines" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"thinktime_{name}", path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules["thinktime_fast"] = module
+        sys.modules[f"thinktime_{name}"] = module
         spec.loader.exec_module(module)
         return module
 
@@ -110,12 +104,12 @@ def copy_bandwidth(device) -> float:
     return 2 * n * 2 / seconds
 
 
-def run_generate(model, prompt, rows: int, new: int, greedy: bool, seed: int = 0, gaps: list | None = None):
-    """Generated rows and seconds; `gaps` (a list) receives row 0's (top-1, top-2) logits at every step, from
-    generate's own scores (what its greedy choice saw, not a separate forward's numbers)."""
+def run_generate(model, prompt, rows: int, new: int, greedy: bool, seed: int = 0, scores: list | None = None):
+    """Generated rows and seconds; `scores` (a list) receives row 0's scores ([vocab]) at every step, generate's
+    own (what its greedy choice saw, not a separate forward's numbers)."""
     ids = torch.tensor([prompt] * rows, device=model.device)
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=None)
-    if gaps is not None:
+    if scores is not None:
         kwargs.update(output_scores=True, return_dict_in_generate=True)
     if greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -128,8 +122,8 @@ def run_generate(model, prompt, rows: int, new: int, greedy: bool, seed: int = 0
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     sync(model.device)
     seconds = time.perf_counter() - started
-    if gaps is not None:
-        gaps.extend(tuple(float(v) for v in torch.topk(step[0].float(), 2).values) for step in out.scores)
+    if scores is not None:
+        scores.extend(step[0] for step in out.scores)
         out = out.sequences
     return out[:, len(prompt):].tolist(), seconds
 
@@ -143,13 +137,6 @@ def run_fast(decoder, prompt, n: int, new: int, greedy: bool, seed: int = 0):
     return rows, time.perf_counter() - started
 
 
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="a tiny random model on the CPU: correctness only")
@@ -161,7 +148,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=300.0,
                         help="seconds after which the remaining configurations are skipped (to end within 6 min)")
     args = parser.parse_args()
-    fast = load_fast()
+    fast, fast_check = load("fast"), load("fast_check")
 
     if not args.cpu and not torch.cuda.is_available():
         print("no CUDA GPU visible: run with --cpu for the correctness check", file=sys.stderr)
@@ -222,6 +209,7 @@ def main() -> int:
 
     checks: dict = {}
     budget = args.budget
+    by_run = lambda engine, label: next(r for r in rows_out if (r["engine"], r["run"]) == (engine, label))  # noqa: E731
     decoders: dict = {}  # per run label: the state of the decoder that ran it (compile, graphs, errors)
 
     def table() -> str:
@@ -265,8 +253,8 @@ def main() -> int:
     # Plain generate, then the fast decoder, per configuration (the most telling figures first).
     try:
         run_generate(model, prompt[:32], 1, 4, True)  # CUDA context, cuBLAS handles: not counted
-        top2: list = []
-        reference, seconds = run_generate(model, prompt, 1, new, True, gaps=top2)
+        scores: list = []
+        reference, seconds = run_generate(model, prompt, 1, new, True, scores=scores)
     except Exception as exc:  # without the reference nothing else can be compared: say why and stop
         checks["generate_error"] = f"{type(exc).__name__}: {exc}"[:300]
         print(f"  generate FAILED {checks['generate_error']}", flush=True)
@@ -282,19 +270,33 @@ def main() -> int:
     warm = fast_run("batch 1 greedy", 1, True, 0, extra_warmup=setup_s)
     info.update(fast_compile=decoder.use_compile, fast_graphs=decoder.use_graphs)  # after its first calls
     if warm is not None:
-        diff = first_difference(reference[0], warm[0])
-        checks["greedy_equals_generate"] = diff is None
-        if diff is not None:
-            best, second = top2[diff]
-            steps = (best - second) / bf16_step(best)
-            near = steps <= NEAR_TIE_STEPS
-            checks["first_difference"] = {"at": diff, "generate_top2_gap": round(best - second, 5),
-                                          "bf16_steps": round(steps, 2), "near_tie": near}
-            print(f"  greedy outputs part at token {diff} of {new}; generate's top-2 logit gap there is "
-                  f"{best - second:.4f} = {steps:.1f} bf16 steps at {best:.2f} "
-                  f"({'a near-tie under bf16 rounding' if near else 'NOT a near-tie: a bug'})", flush=True)
+        parted = fast_check.parting(reference[0], warm[0], scores)
+        checks["greedy_equals_generate"] = parted is None
+        if parted is not None:
+            checks["first_difference"] = {"at": parted.at, "generate": parted.expected, "thinktime": parted.got,
+                                          "generate_gap": round(parted.gap, 5),
+                                          "bf16_steps": round(parted.steps, 2), "near_tie": parted.near_tie}
+            print(f"  greedy outputs part at token {parted.at} of {new}; generate's scores there put its token "
+                  f"{parted.gap:.4f} = {parted.steps:.1f} bf16 steps above thinktime's "
+                  f"({'a near-tie under bf16 rounding' if parted.near_tie else 'NOT a near-tie: a bug'})", flush=True)
         else:
             print(f"  greedy outputs identical to generate ({new} tokens)", flush=True)
+        # The engine's first-use check, as it runs on a first call: its cost against a default chain.
+        try:
+            started = time.perf_counter()
+            found = fast_check.compare_with_generate(model, decoder, prompt, fast_check.CHECK_TOKENS)
+            check_s = time.perf_counter() - started
+        except Exception as exc:
+            checks["first_use_check_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            checks["first_use_check"] = "passed" if found is None else \
+                f"{'near-tie' if found.near_tie else 'FAILED'} at {found.at}"
+            solve_s = SOLVE_TOKENS * by_run("thinktime", "batch 1 greedy")["ms_per_step"] / 1e3
+            info.update(first_use_check_s=round(check_s, 3),
+                        first_use_check_pct_of_solve=round(check_s / solve_s * 100, 2))
+            print(f"  first-use check ({fast_check.CHECK_TOKENS} tokens both ways): {checks['first_use_check']}, "
+                  f"{check_s:.2f} s = {info['first_use_check_pct_of_solve']}% of a {SOLVE_TOKENS}-token batch-1 "
+                  f"chain at this speed ({solve_s:.1f} s)", flush=True)
     save()
     for n in samples:
         label = f"n={n} sampled"
@@ -323,7 +325,7 @@ def main() -> int:
             decoder = fast.FastDecoder(model, **options)
             warm = fast_run(label, 1, True, 0, extra_warmup=time.perf_counter() - started)
             if warm is not None:
-                diff = first_difference(reference[0], warm[0])
+                diff = fast_check.first_difference(reference[0], warm[0])
                 checks[f"{label}_first_difference"] = "none" if diff is None else diff
     # The main decoder's (the variants' are under "decoders")
     info["fast_stats"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in main_decoder.stats.items()}
@@ -333,9 +335,11 @@ def main() -> int:
     ok = not any(k.endswith("_error") for k in checks) and all(v for k, v in checks.items()
                                                                  if k.endswith(("_shape_ok", "_repeatable")))
     if args.cpu:
-        ok = ok and checks.get("greedy_equals_generate") and checks.get("mixed_lengths_equal_generate")
+        ok = ok and checks.get("greedy_equals_generate") and checks.get("mixed_lengths_equal_generate") and \
+            checks.get("first_use_check") == "passed"
     elif not checks.get("greedy_equals_generate"):
         ok = ok and checks.get("first_difference", {}).get("near_tie", False)
+    ok = ok and not str(checks.get("first_use_check", "")).startswith("FAILED")
     print("OK" if ok else "FAILED", flush=True)
     return 0 if ok else 1
 

@@ -755,7 +755,11 @@ def warn_once(message: str) -> None:
 
 def run_for_engine(engine, enc, params, max_new: int, cancel, streamer=None, reuse: bool = False):
     """TransformersEngine's fast path: new-token rows shaped like `generate`'s, or None to use `generate`
-    (the reason is warned once; a permanent failure turns the fast path off for the engine)."""
+    (the reason is warned once; a permanent failure turns the fast path off for the engine). The engine's first
+    fast-path call first checks the decoder against `generate` (engines/fast_check.py): a parting beyond a
+    near-tie turns the fast path off for the engine, and that call goes to `generate` too."""
+    from thinktime.engines import fast_check  # not at the top: the benchmark loads this file alone
+
     decoder = engine.fast
     blocker = generation_config_blocker(getattr(engine.model, "generation_config", None))
     if blocker:
@@ -763,6 +767,9 @@ def run_for_engine(engine, enc, params, max_new: int, cancel, streamer=None, reu
         return None
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
     try:
+        if getattr(engine, "fast_check", None) is None and not fast_check.first_use(engine, decoder, prompts[0],
+                                                                                      max_new):
+            return None
         return decoder.generate(
             prompts, n=params.n, max_new_tokens=max_new, greedy=params.greedy, temperature=params.temperature,
             top_p=params.top_p, seed=list(params.seeds) if params.seeds else params.seed, stop_ids=engine.stop_ids,

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from thinktime.cli import (ApiKeyOpt, BaseUrlOpt, DataParallelOpt, DeviceOpt, DtypeOpt, EngineOpt, ExecutorOpt,
+from thinktime.cli_common import (ApiKeyOpt, BaseUrlOpt, DataParallelOpt, DeviceOpt, DtypeOpt, EngineOpt, ExecutorOpt,
                            LangOpt, ModelOpt, PipelineParallelOpt, TensorParallelOpt, app, engine_options, err,
                            friendly_errors, out)
 from thinktime.errors import BadInputError

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from thinktime.cli import (ApiKeyOpt, BaseUrlOpt, DataParallelOpt, DeviceOpt, DtypeOpt, EngineOpt, ExecutorOpt, LangOpt,
+from thinktime.cli_common import (ApiKeyOpt, BaseUrlOpt, DataParallelOpt, DeviceOpt, DtypeOpt, EngineOpt, ExecutorOpt, LangOpt,
                            MaxTokensOpt, ModelOpt, NoThinkOpt, PipelineParallelOpt, SourceOpt, SystemPromptOpt,
-                           TensorParallelOpt, TopPOpt, TrustOpt, _make_thinker, app, engine_options, err,
+                           TensorParallelOpt, TopPOpt, TrustOpt, make_thinker, app, engine_options, err,
                            friendly_errors, out)
 from thinktime.errors import BadInputError
 
@@ -101,7 +101,7 @@ def eval_command(
             # and those that sample several chains (best-of-n, beam, mcts) choose their temperature themselves.
             temperature = DEFAULT_SAMPLING_TEMPERATURE if settings.sampled and settings.max_n > 1 else 0.0
         check_settings(settings, temperature)
-        thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
+        thinker = make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
                                 temperature, top_p, seed, trust_remote_code, source,
                                 **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
                                                  data_parallel_size, distributed_executor_backend))

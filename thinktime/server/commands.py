@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from thinktime.cli import (DeviceOpt, DtypeOpt, EngineOpt, LangOpt, MaxTokensOpt, ModelOpt, NoThinkOpt, SeedOpt,
-                           SourceOpt, SystemPromptOpt, TemperatureOpt, TopPOpt, TrustOpt, _make_thinker, app, err,
+from thinktime.cli_common import (DeviceOpt, DtypeOpt, EngineOpt, LangOpt, MaxTokensOpt, ModelOpt, NoThinkOpt, SeedOpt,
+                           SourceOpt, SystemPromptOpt, TemperatureOpt, TopPOpt, TrustOpt, make_thinker, app, err,
                            friendly_errors)
 from thinktime.errors import BadInputError
 
@@ -46,7 +46,7 @@ def serve(
 
         from thinktime.server.app import ServerConfig, create_app
 
-        thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
+        thinker = make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
                                 temperature, top_p, seed, trust_remote_code, source, strategy=strategy)
         names = tuple(served_model_name or ()) or tuple(dict.fromkeys([thinker.model_name] + ([model] if model else [])))
         config = ServerConfig(api_key=api_key, served_names=names, max_queue=max_queue, max_batch=max_batch,
@@ -73,7 +73,7 @@ def ui(
     with friendly_errors():
         from thinktime.ui.app import launch
 
-        thinker = _make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
+        thinker = make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
                                 temperature, top_p, seed, trust_remote_code, source)
         err.print(f"[green]web chat[/] on http://{host}:{port} (Ctrl-C to stop)")
         launch(thinker, host=host, port=port)

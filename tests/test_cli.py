@@ -208,3 +208,20 @@ def test_strategies_lists_every_strategy_with_its_options():
         for key in options:
             assert key in result.output
     assert "self-consistency" in CliRunner().invoke(app, ["solve", "--help"], env={"COLUMNS": "200"}).output
+
+
+def test_allocate_tokens_spends_one_budget_over_the_questions(tmp_path):
+    from typer.testing import CliRunner
+
+    from thinktime.cli import app
+
+    questions = tmp_path / "q.txt"
+    questions.write_text("What is 1 + 1?\nWhat is 2 + 5?\n")
+    result = CliRunner().invoke(app, ["solve", "--file", str(questions), "--allocate-tokens", "200", "-n", "4",
+                                      "--no-think", "--max-new-tokens", "16", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and sum(r["usage"]["completion_tokens"] for r in rows) <= 200
+    assert all(r["strategy"] == "self-consistency" and 1 <= r["details"]["samples"] <= 4 for r in rows)
+    bad = CliRunner().invoke(app, ["solve", "x", "--allocate-tokens", "100", "-s", "beam"])
+    assert bad.exit_code == 2

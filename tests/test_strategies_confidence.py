@@ -71,3 +71,21 @@ def test_confidence_rules_need_an_engine_with_log_probabilities(engine):
         thinker.solve(QUESTION, strategy="self-consistency", options={"n": 2, "weights": "confidence"})
     with pytest.raises(BadInputError, match="round below n"):
         thinker.solve(QUESTION, strategy="self-consistency", options={"n": 2, "early_stop": True})
+
+
+def test_one_budget_for_many_questions_goes_where_votes_are_unsettled(plain):
+    questions = ["What is 3 + 4?", "What is 10 + 20?", "Name a colour."]
+    results = plain.solve_allocated(questions, total_tokens=600, first=2, step=2, most=6, seed=1,
+                                    max_new_tokens=24)
+    assert [r.question for r in results] == questions
+    spent = sum(r.usage.completion_tokens for r in results)
+    assert 0 < spent <= 600 and all(r.details["allocation"]["spent"] == spent for r in results)
+    samples = [r.details["samples"] for r in results]
+    assert all(2 <= s <= 6 and s % 2 == 0 for s in samples)
+    for r in results:  # every chain drawn is counted, and every vote is one of them
+        assert len(r.candidates) == r.details["samples"]
+        assert sum(v["votes"] for v in r.details["votes"]) <= r.details["samples"]
+    tight = plain.solve_allocated(questions, total_tokens=60, first=2, step=2, most=6, seed=1, max_new_tokens=24)
+    assert sum(r.usage.completion_tokens for r in tight) <= 60  # a budget too small for a second round
+    with pytest.raises(BadInputError):
+        plain.solve_allocated(questions, total_tokens=0)

@@ -137,6 +137,16 @@ class Thinker:
             return
         yield from self._solve_batch(questions, **kwargs)
 
+    def solve_allocated(self, questions: Sequence[str], total_tokens: int, *, first: int = 4, step: int = 4,
+                        most: int = 16, **kwargs) -> list[Result]:
+        """Self-consistency over many questions under one budget of `total_tokens` generated tokens: `first` chains
+        each, then rounds of `step` to the questions whose vote is least settled, up to `most` (allocation.py)."""
+        from thinktime.allocation import solve_allocated
+
+        _check_count("total_tokens", total_tokens)
+        contexts = [self.context(q, strategy="self-consistency", **kwargs) for q in questions]
+        return solve_allocated(contexts, total_tokens, first=first, step=step, most=most)
+
     def _solve_batch(self, questions: Sequence[str], **kwargs) -> list[Result]:
         contexts = [self.context(q, **kwargs) for q in questions]
         if not contexts:

@@ -120,6 +120,10 @@ def solve(
                                      "round=4, width=4, depth=8, min_tokens=512, ... (`thinktime strategies` "
                                      "lists them with types and defaults)."),
     show_tree: bool = typer.Option(False, "--show-tree", help="beam, mcts: print the search tree."),
+    allocate_tokens: Optional[int] = typer.Option(None, "--allocate-tokens", help="Self-consistency over all the "
+                                                  "questions under this one budget of generated tokens: 4 chains "
+                                                  "each, then rounds of 4 where votes are least settled, up to -n "
+                                                  "(16). Prints JSON."),
     trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
     tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
@@ -129,6 +133,17 @@ def solve(
     """Think about questions: stream the reasoning live, then print the checked final answer."""
     with friendly_errors():
         items = read_questions(questions or [], file)
+        if allocate_tokens is not None:
+            if strategy not in ("cot", "self-consistency"):
+                raise BadInputError("--allocate-tokens spends one budget on self-consistency over the questions",
+                                    hint="drop --strategy, or use -s self-consistency")
+            thinker = make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
+                                   temperature, top_p, seed, trust_remote_code, source,
+                                   **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
+                                                    data_parallel_size, distributed_executor_backend, fast))
+            for result in thinker.solve_allocated(items, allocate_tokens, most=samples or 16):
+                print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+            return
         options = strategy_options(strategy, samples, scorer, option)
         thinker = make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
                                 temperature, top_p, seed, trust_remote_code, source, strategy=strategy,

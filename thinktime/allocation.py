@@ -1,0 +1,97 @@
+"""One token budget for many questions, spent where it can change an answer (compute-optimal scaling, Snell et
+al. 2024: easy questions settle with a few samples, hard ones need many).
+
+Every question first gets a cheap round of chains, all questions in one engine call. Then, round after
+round, the questions whose vote is least settled (the smallest lead of the leading answer over the
+runner-up, in votes; fewer chains first on a tie) get another round, batched in one call, while the
+budget lasts and until a question has `most` chains or its leader can no longer be overtaken. Each
+question's answer is its self-consistency vote (thinktime.voting) over the chains it got.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from thinktime.errors import BadInputError
+from thinktime.strategies.base import Context, make_result, to_candidate
+from thinktime.strategies.sampling import sampling_temperature
+from thinktime.strategies.self_consistency import TIE_RULE, vote_table
+from thinktime.types import Candidate, Result, Usage
+from thinktime.voting import group_answers, vote_answers
+
+
+@dataclass
+class Question:
+    ctx: Context
+    candidates: list[Candidate] = field(default_factory=list)
+    rounds: int = 0
+
+    def lead(self) -> int:
+        """Votes between the leading answer and the runner-up (0 while nothing has an answer)."""
+        counts = sorted((len(g.members) for g in group_answers(vote_answers(self.candidates))), reverse=True)
+        return (counts[0] - (counts[1] if len(counts) > 1 else 0)) if counts else 0
+
+    def settled(self, most: int) -> bool:
+        return len(self.candidates) >= most or self.lead() > most - len(self.candidates)
+
+
+def solve_allocated(contexts: Sequence[Context], total_tokens: int, *, first: int = 4, step: int = 4,
+                    most: int = 16) -> list[Result]:
+    """Self-consistency for every question under one budget of `total_tokens` generated tokens in all."""
+    if total_tokens < 1 or not 1 <= first <= most or step < 1:
+        raise BadInputError("allocation needs a positive token budget and 1 <= first <= most, step >= 1",
+                            hint="e.g. total_tokens=20000, first=4, step=4, most=16")
+    questions = [Question(ctx) for ctx in contexts]
+    spent = 0
+    chosen = list(questions)
+    size = first
+    while chosen:
+        per_chain = _chain_tokens(questions, contexts[0].params.max_new_tokens)
+        room = (total_tokens - spent) // max(1, per_chain * size)
+        chosen = chosen[:room]
+        if not chosen:
+            break
+        spent += _draw(chosen, size, total_tokens - spent)
+        size = step
+        open_ = [q for q in questions if not q.settled(most)]
+        chosen = sorted(open_, key=lambda q: (q.lead(), len(q.candidates)))
+    return [_result(q, spent, total_tokens) for q in questions]
+
+
+def _chain_tokens(questions: list[Question], cap: int) -> int:
+    """Tokens a chain is expected to take: the mean so far, the token cap before any chain ran."""
+    lengths = [c.usage.completion_tokens for q in questions for c in q.candidates]
+    return max(1, round(sum(lengths) / len(lengths))) if lengths else cap
+
+
+def _draw(chosen: list[Question], size: int, left: int) -> int:
+    """One round of `size` chains for each chosen question, in one engine call; the tokens it took."""
+    ctx = chosen[0].ctx
+    cap = max(1, min(ctx.params.max_new_tokens, left // (size * len(chosen))))
+    seeds = None if ctx.params.seed is None else tuple(
+        (q.ctx.params.seed + 7919 * q.rounds) % 2**63 for q in chosen)  # each question's rounds draw afresh
+    params = replace(ctx.params, n=size, max_new_tokens=cap, temperature=sampling_temperature(ctx), seed=None,
+                     seeds=seeds)
+    out = ctx.engine.generate([q.ctx.prompt for q in chosen], params, ctx.cancel)
+    taken = 0
+    for question, row in zip(chosen, out):
+        question.ctx.budget.charge(row, row[0].prompt_tokens if row else 0)
+        question.candidates += [to_candidate(c) for c in row]
+        question.rounds += 1
+        taken += sum(c.completion_tokens for c in row)
+    return taken
+
+
+def _result(question: Question, spent: int, total: int) -> Result:
+    ctx, candidates = question.ctx, question.candidates
+    groups = group_answers(vote_answers(candidates))
+    for group in groups:
+        for member in group.members:
+            candidates[member].votes = len(group.members)
+    if groups:
+        chosen = candidates[groups[0].members[0]]
+    else:
+        chosen = candidates[0] if candidates else Candidate("", None, None, "length", Usage())
+    details = {"votes": vote_table(groups), "samples": len(candidates), "rounds": question.rounds,
+               "tie_rule": TIE_RULE, "allocation": {"spent": spent, "total_tokens": total}}
+    return make_result(ctx, chosen, "self-consistency", candidates, ctx.budget.used, details)

@@ -89,3 +89,16 @@ def test_one_budget_for_many_questions_goes_where_votes_are_unsettled(plain):
     assert sum(r.usage.completion_tokens for r in tight) <= 60  # a budget too small for a second round
     with pytest.raises(BadInputError):
         plain.solve_allocated(questions, total_tokens=0)
+
+
+def test_probing_stops_chains_whose_answers_agree(plain):
+    result = plain.solve(QUESTION, strategy="self-consistency", seed=2, max_new_tokens=64,
+                         options={"n": 3, "probe": 8, "probe_agree": 2, "confidence": 1.0})
+    assert len(result.candidates) == 3
+    assert result.usage.completion_tokens >= sum(c.usage.completion_tokens for c in result.candidates)
+    for candidate in result.candidates:
+        assert candidate.usage.completion_tokens <= 64 + 24  # its tokens and its last probe's
+        if "So the final answer is \\boxed{" in candidate.text:  # stopped by its probes: the probe closes it
+            assert candidate.finish_reason == "stop" and candidate.answer is not None
+    with pytest.raises(BadInputError, match="one of them"):
+        plain.solve(QUESTION, strategy="self-consistency", options={"n": 2, "probe": 8, "weights": "confidence"})

@@ -14,6 +14,8 @@ With log-probabilities (the llama.cpp engine), DeepConf's rules (thinktime.confi
 chain's lowest group confidence (`weights=confidence`), only the most confident share of chains voting
 (`keep`), and, after a first round of warm-up chains, later chains stopped as soon as their group confidence
 falls below the level the warm-up's top `keep` reached (`early_stop`); stopped chains cast no vote.
+With `probe` (any engine), each chain is asked for its answer every `probe` tokens and stops once
+`probe_agree` probes in a row agree (Dynasor-CoT; strategies/probing.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from thinktime import confidence as conf
 from thinktime.errors import BadInputError
 from thinktime.strategies.base import Context, make_result, to_candidate
 from thinktime.strategies.options import Option, positive, probability, read_options
+from thinktime.strategies.probing import probed_chains
 from thinktime.strategies.sampling import generate, nothing_generated, sampling_temperature
 from thinktime.types import Candidate, Event, Result
 from thinktime.voting import VoteGroup, group_answers, is_guess, vote_answers
@@ -41,6 +44,9 @@ OPTIONS = {
     "early_stop": Option(False, "chains after the first round stop once their group confidence falls below what "
                          "the first round's top `keep` reached (needs round < n and log-probabilities)", bool),
     "window": Option(32, "tokens per group when measuring a stretch's confidence", int, positive),
+    "probe": Option(0, "ask each chain for its answer every this many tokens, and stop it once its answers agree "
+                    "(0: off)", int, lambda v: v >= 0),
+    "probe_agree": Option(2, "probes in a row that must give the same answer to stop a chain", int, positive),
 }
 TOP_LOGPROBS = 5  # the top-k a token's confidence is read from
 
@@ -76,6 +82,9 @@ def uses_confidence(opts: dict) -> bool:
 
 def check_confidence(ctx: Context, opts: dict) -> None:
     """A confidence rule needs log-probabilities: an engine without them is named before anything is generated."""
+    if opts["probe"] and uses_confidence(opts):
+        raise BadInputError("probe stops chains by their answers, the confidence rules by their log-probabilities: "
+                            "use one of them")
     if opts["early_stop"] and min(opts["round"] or opts["n"], opts["n"]) >= opts["n"]:
         raise BadInputError("early_stop learns its threshold from a first round of chains: set round below n",
                             hint="e.g. -o round=4 with -n 16")
@@ -125,9 +134,14 @@ def run(ctx: Context) -> Result:
         for i in range(first, first + k):
             ctx.emit(Event("candidate_started", i))
         stop = {"stop_below": (opts["window"], stop_level)} if stop_level is not None else {}
-        out = generate(ctx, [ctx.prompt], k, max_new, call=call, temperature=sampling_temperature(ctx), **extra,
-                       **stop)
-        call += 1
+        if opts["probe"]:
+            chains, calls = probed_chains(ctx, k, max_new, every=opts["probe"], agree=opts["probe_agree"], call=call,
+                                          temperature=sampling_temperature(ctx))
+            out, call = (None if chains is None else [chains]), call + calls
+        else:
+            out = generate(ctx, [ctx.prompt], k, max_new, call=call, temperature=sampling_temperature(ctx), **extra,
+                           **stop)
+            call += 1
         if out is None:
             reason = "cancelled" if ctx.cancel.is_set() else "budget exhausted"
             break

@@ -298,3 +298,59 @@ def test_log_probabilities_when_asked_and_only_then(llama):
         assert sum(math.exp(lp) for _, _, lp in entry.top) <= 1 + 1e-6
     assert "".join(e.text for e in completion.logprobs if e.id in completion.token_ids) == completion.text
     from thinktime.engines.hf import TransformersEngine  # noqa: F401  (the engines that have none refuse)
+
+
+def test_settings_it_cannot_serve_are_refused_before_queueing_and_it_serves_on(llama):
+    for params in (SamplingParams(n=0), SamplingParams(max_new_tokens=0), SamplingParams(seeds=(1, 2)),
+                   SamplingParams(logprobs=10**6), SamplingParams(logprobs=2, stop_below=(0, 1.0)),
+                   SamplingParams(stop_below=(8, 1.0))):
+        with pytest.raises(BadInputError):
+            llama.generate([OTHER], params)
+    (completion,), = llama.generate([OTHER], SamplingParams(max_new_tokens=2))
+    assert completion.completion_tokens >= 1
+
+
+def test_a_failing_row_fails_its_own_call_only(llama, monkeypatch):
+    real = llama.native.token_logprobs
+
+    def flaky(index, token, top):  # a fault injected into one request's rows: the scheduler must contain it
+        if top == 7:
+            raise RuntimeError("injected fault")
+        return real(index, token, top)
+
+    monkeypatch.setattr(llama.native, "token_logprobs", flaky)
+    results, errors = {}, {}
+
+    def run(key, params):
+        try:
+            results[key] = llama.generate([OTHER], params)
+        except RuntimeError as exc:
+            errors[key] = exc
+
+    threads = [threading.Thread(target=run, args=("bad", SamplingParams(max_new_tokens=16, logprobs=7))),
+               threading.Thread(target=run, args=("good", SamplingParams(max_new_tokens=16, logprobs=1)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "injected" in str(errors["bad"]) and "good" in results and "good" not in errors
+
+
+def test_small_kv_caches_admit_what_fits_and_closed_engines_say_so(embedded_gguf_path):
+    from thinktime.engines.llamacpp import LlamaCppEngine
+
+    small = LlamaCppEngine(str(embedded_gguf_path), kv_cells=256)
+    try:
+        assert small.context_length < small.native.cells
+        long = Prompt.of([{"role": "user", "content": "count: " + " ".join(str(i) for i in range(70))}])
+        (first,), = small.generate([long], SamplingParams(max_new_tokens=4))  # leaves a long cache entry
+        medium = Prompt.of([{"role": "user", "content": "words: " + "apple " * 50}])
+        (second,), = small.generate([medium], SamplingParams(max_new_tokens=8))
+        assert first.completion_tokens >= 1 and second.completion_tokens >= 1
+        room = small.context_length - second.prompt_tokens
+        (clamped,), = small.generate([medium], SamplingParams(max_new_tokens=10 * room))
+        assert clamped.completion_tokens <= room
+    finally:
+        small.close()
+    with pytest.raises(ThinktimeError, match="closed"):
+        small.count_tokens("hello")

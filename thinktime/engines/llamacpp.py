@@ -11,17 +11,19 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 
 from thinktime import models
 from thinktime.engines.base import Engine
 from thinktime.engines.llamacpp_native import Native, default_threads
 from thinktime.engines.llamacpp_rows import Request
-from thinktime.engines.llamacpp_scheduler import Scheduler
-from thinktime.errors import BadInputError
+from thinktime.engines.llamacpp_scheduler import RESERVED_CELLS, Scheduler
+from thinktime.errors import BadInputError, ThinktimeError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 INSTALL_HINT = "pip install 'thinktime[llamacpp]' (llama-cpp-python; it compiles llama.cpp, about 9 minutes)"
 
 
@@ -52,12 +54,14 @@ class LlamaCppEngine(Engine):
         cache_seqs = 16
         cells = kv_cells or 32768
         self.native = Native(path, cells=cells, sequences=max_batch_rows + cache_seqs + 1, threads=self.threads)
-        self.context_length = min(self.native.n_ctx_train or cells, self.native.cells)
+        # a prompt and its new tokens must fit the cells the scheduler admits a row into
+        self.context_length = min(self.native.n_ctx_train or cells, self.native.cells - RESERVED_CELLS)
         self._render = self._chat_renderer(tokenizer, trust_remote_code)
         self.max_batch_rows = max_batch_rows
         self.scheduler = Scheduler(self.native, max_rows=max_batch_rows, cache_seqs=cache_seqs,
                                    cache_cells=max(4096, self.native.cells // 4))
-        self._tokenizer_lock = threading.Lock()
+        # an engine dropped without close() still stops its worker and frees the model and the KV cache
+        weakref.finalize(self, self.scheduler.close)
 
     def _chat_renderer(self, tokenizer: str | None, trust_remote_code: bool):
         """The chat template of the model's tokenizer where one is given, else the GGUF's own, rendered in a
@@ -87,7 +91,7 @@ class LlamaCppEngine(Engine):
         return self._render(prompt)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.native.tokenize(text))
+        return len(self._tokenize(text))
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
@@ -110,18 +114,19 @@ class LlamaCppEngine(Engine):
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _tokenize(self, text: str) -> list[int]:
+        tokens = self.native.tokenize(text)
+        if tokens is None:
+            raise ThinktimeError("this llama.cpp engine is closed", hint="create another engine")
+        return tokens
+
     def _requests(self, prompts: Sequence[Prompt], params: SamplingParams,
                   cancel: threading.Event) -> list[Request]:
-        if self.native.ctx is None:
-            from thinktime.errors import ThinktimeError
-
-            raise ThinktimeError("this llama.cpp engine is closed", hint="create another engine")
-        if params.stop_below is not None and not params.logprobs:
-            raise BadInputError("stopping on low confidence reads the top log-probabilities: set logprobs >= 1")
+        check_params(params, len(prompts))
         requests = []
         base = params.seed if params.seed is not None else random.getrandbits(63)
         for p, prompt in enumerate(prompts):
-            tokens = self.native.tokenize(self.render(prompt))
+            tokens = self._tokenize(self.render(prompt))
             if len(tokens) >= self.context_length:
                 raise BadInputError(
                     f"the prompt is {len(tokens)} tokens but {self.model_name} takes at most {self.context_length}",
@@ -141,14 +146,33 @@ class LlamaCppEngine(Engine):
         if not requests:
             return []
         self.scheduler.submit(requests)
-        for request in requests:
-            request.done.wait()
-        for request in requests:
-            if request.error is not None:
-                for other in requests:  # the rest of the call is for nobody now
-                    other.abort.set()
-                raise request.error
+        try:
+            while not all(request.done.wait(0.05) for request in requests):
+                failed = next((r for r in requests if r.error is not None), None)
+                if failed is not None:  # the first error ends the call now, not after the rest has decoded
+                    raise failed.error
+            failed = next((r for r in requests if r.error is not None), None)
+            if failed is not None:
+                raise failed.error
+        except BaseException:  # an error, or the caller interrupted (Ctrl-C): the rest is for nobody now
+            for request in requests:
+                request.abort.set()
+            raise
         return [list(request.results) for request in requests]
+
+
+def check_params(params: SamplingParams, prompts: int) -> None:
+    """What the scheduler cannot serve is refused before anything is queued."""
+    if params.n < 1 or params.max_new_tokens < 1:
+        raise BadInputError(f"n and max_new_tokens must be at least 1, got n={params.n}, "
+                            f"max_new_tokens={params.max_new_tokens}")
+    if params.seeds is not None and len(params.seeds) != prompts:
+        raise BadInputError(f"{len(params.seeds)} seeds for {prompts} prompts", hint="one seed per prompt")
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+        raise BadInputError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} alternatives per token, got {params.logprobs}")
+    if params.stop_below is not None and (not params.logprobs or params.stop_below[0] < 1):
+        raise BadInputError("stopping on low confidence reads the top log-probabilities over a window of at least "
+                            "one token: set logprobs >= 1 and a window >= 1")
 
 
 def row_seed(seed: int, row: int) -> int:

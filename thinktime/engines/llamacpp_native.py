@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,7 @@ class Native:
                        for name in ("token", "pos", "n_seq_id", "logits")}
         self._seq_slots = [self._batch.seq_id[i] for i in range(batch_tokens)]
         self._pieces: dict[int, bytes] = {}
+        self._open = threading.Lock()  # tokenizing from callers' threads never meets a model being freed
 
     # --- model facts ------------------------------------------------------------------------------
 
@@ -103,15 +105,16 @@ class Native:
 
     # --- text <-> tokens --------------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of `text`; special tokens written in it (a rendered chat template's) are parsed, none added."""
+    def tokenize(self, text: str) -> list[int] | None:
+        """Tokens of `text`; special tokens written in it (a rendered chat template's) are parsed, none added.
+        None once the model is closed."""
         data = text.encode("utf-8")
         room = len(data) + 8
         buf = (llama_cpp.llama_token * room)()
-        count = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, room, False, True)
-        if count < 0:
-            buf = (llama_cpp.llama_token * -count)()
-            count = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, -count, False, True)
+        with self._open:
+            if self.model is None:
+                return None
+            count = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, room, False, True)
         return list(buf[:count])
 
     def piece(self, token: int) -> bytes:
@@ -199,10 +202,11 @@ class Native:
         llama_cpp.llama_sampler_free(sampler)
 
     def close(self) -> None:
-        if self.ctx:
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            llama_cpp.llama_model_free(self.model)
-            self.model = None
+        with self._open:
+            if self.ctx:
+                llama_cpp.llama_batch_free(self._batch)
+                llama_cpp.llama_free(self.ctx)
+                self.ctx = None
+            if self.model:
+                llama_cpp.llama_model_free(self.model)
+                self.model = None

@@ -127,9 +127,12 @@ class Row:
 
     def completion(self) -> Completion:
         used = len(self.ids) + (1 if self.ended_turn else 0)
-        text = self.text.rstrip("\ufffd") if self.finish in ("length", "cancelled", "low_confidence") else self.text
+        text = self.text
+        if self.finish in ("length", "cancelled", "low_confidence"):  # a cut character is not text (unless shown)
+            text = text[:max(len(text.rstrip("\ufffd")), self.sent)]
         self.text = text
-        completion = Completion(text, self.finish or "cancelled", len(self.request.tokens), used, list(self.ids),
+        prompt_tokens = len(self.request.tokens) if self.seq is not None else 0  # a row that never started: none
+        completion = Completion(text, self.finish or "cancelled", prompt_tokens, used, list(self.ids),
                                 self.ended_turn, self.logprobs)
         if self.request.emit is not None:
             rest = text[self.sent:] if len(text) >= self.sent else ""

@@ -24,6 +24,7 @@ from thinktime.types import TokenLogprob
 # A prompt shared by several new requests (a batch's system prompt) is cached on its own first when at
 # least this long: shorter ones cost less to prefill per row than to keep.
 MIN_SHARED = 32
+RESERVED_CELLS = 8  # kept free: llama.cpp rounds its buffers, and a ubatch must never find the cache full
 
 
 class Scheduler:
@@ -95,7 +96,7 @@ class Scheduler:
 
     def _free_cells(self) -> int:
         reserved = sum(row.remaining for row in self.live) + self._claimed
-        return self.native.cells - 8 - self.ledger.cells() - reserved
+        return self.native.cells - RESERVED_CELLS - self.ledger.cells() - reserved
 
     def _admit(self) -> list[tuple[Request, list[Row], int]]:
         """Rows to start this step, first come, first served: (request, its new rows, tokens already held)."""
@@ -109,6 +110,10 @@ class Scheduler:
             source, held = self._best_source(request.tokens)
             try:
                 rows = self._rows_that_fit(request, rows, len(request.tokens) - held, source)
+                if rows <= 0 and not self.live and source in self.cached:  # the cache entry itself is in the way
+                    self._evict_seq(source)
+                    source, held = None, 0
+                    rows = self._rows_that_fit(request, 1, len(request.tokens), None)
             except EngineError as exc:  # this request can never fit: it fails, the others go on
                 self.queue.popleft()
                 request.fail(exc)
@@ -132,8 +137,8 @@ class Scheduler:
         """Rows of cancelled requests that never started end here, as cancelled."""
         for request in [r for r in self.queue if r.cancelled]:
             self.queue.remove(request)
-            for index in range(request.admitted, request.n):
-                row = Row(request, index, -1, None, self.native.piece, self.native.is_end_of_turn)
+            for index in range(request.admitted, request.n):  # never started: no prompt was processed for them
+                row = Row(request, index, None, None, self.native.piece, self.native.is_end_of_turn)
                 row.cancel()
                 request.finish_row(index, row.completion())
 
@@ -143,7 +148,7 @@ class Scheduler:
             pass
         while rows > 0 and self._free_cells() < need(rows):
             rows -= 1
-        if rows == 0 and not self.live:
+        if rows == 0 and not self.live and source is None:
             raise EngineError(f"a prompt of {len(request.tokens)} tokens with {request.max_new} new tokens does "
                               f"not fit in the {self.native.cells} KV cells of this engine",
                               hint="raise --kv-cells, or ask for fewer new tokens")
@@ -259,8 +264,13 @@ class Scheduler:
         for index, (_, _, _, rows) in enumerate(chunk):
             for row in rows or ():
                 if row.finish is None:
-                    token = self.native.sample(row.sampler, index)
-                    row.take(token, None if row.request.logprobs is None else self._logprob(index, token, row))
+                    try:
+                        token = self.native.sample(row.sampler, index)
+                        row.take(token, None if row.request.logprobs is None else self._logprob(index, token, row))
+                    except Exception as exc:  # this row's request fails; its neighbours decode on
+                        row.request.fail(exc)
+                        row.request.abort.set()
+                        row.cancel()
 
     def _logprob(self, index: int, token: int, row: Row) -> TokenLogprob:
         native = self.native
@@ -293,12 +303,14 @@ class Scheduler:
         candidates = [seq for seq in self.cached if seq != keep]
         if not candidates:
             return False
-        seq = min(candidates, key=self.cached.get)
+        self._evict_seq(min(candidates, key=self.cached.get))
+        return True
+
+    def _evict_seq(self, seq: int) -> None:
         del self.cached[seq]
         self.native.truncate_sequence(seq, 0)
         self.ledger.truncate(seq, 0)
         self.free_seqs.append(seq)
-        return True
 
 
 def _common_length(a: list[int], b: list[int], limit: int) -> int:

@@ -188,12 +188,18 @@ class Scheduler:
                     rows += job.params.n
             return group
 
+    def _count(self, **changes: int) -> None:
+        """Add to the stats (several workers update them at once where the engine batches continuously)."""
+        with self._cond:
+            for key, value in changes.items():
+                self.stats[key] += value
+
     def _loop(self) -> None:
         while (group := self._take()) is not None:
             live = [job for job in group if not job.cancel.is_set()]
             for job in group:
                 if job.cancel.is_set():
-                    self.stats["cancelled"] += 1
+                    self._count(cancelled=1)
                     job.resolve(error=asyncio.CancelledError())
             if not live:
                 continue
@@ -206,23 +212,21 @@ class Scheduler:
                 if live[0].run is not None:
                     results = [live[0].run(live[0].cancel)]
                 else:
-                    self.stats["engine_calls"] += 1
-                    self.stats["batched_requests"] += len(live)
-                    self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
+                    with self._cond:
+                        self.stats["engine_calls"] += 1
+                        self.stats["batched_requests"] += len(live)
+                        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
                     results = self.engine.generate([job.prompt for job in live], live[0].params,
                                                    _AllCancelled(live))
             except BaseException as exc:  # reported to each client; the worker keeps serving
-                self.stats["failed"] += len(live)
+                self._count(failed=len(live))
                 for job in live:
                     job.resolve(error=exc)
             else:
                 for job, result in zip(live, results):
-                    if job.withdrawn:
-                        self.stats["cancelled"] += 1
-                    else:
-                        self.stats["served"] += 1
+                    self._count(**{"cancelled" if job.withdrawn else "served": 1})
                     job.resolve(result)
             finally:
                 with self._cond:
                     self.running = [job for job in self.running if job not in live]
-                self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - started)
+                    self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.monotonic() - started)

@@ -1,6 +1,6 @@
 """The transformers engine: chat template, batched sampling with left padding, true token streaming.
 
-The seed tutorial's bugs are fixed here: the prompt goes through the model's chat template, only
+The InternLM3 tutorial's bugs are fixed here: the prompt goes through the model's chat template, only
 new tokens are decoded, generation stops at eos and <|im_end|>, and streaming is real (a streamer
 fed by `generate` step by step, not a method that does not exist).
 """
@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from thinktime import models
 from thinktime.engines import cpu_attention, decode_loop
-from thinktime.engines.base import Engine
+from thinktime.engines.base import Engine, refuse_logprobs
 from thinktime.engines.chat import render_chat, stop_token_ids
 from thinktime.engines.fast import env_flag, generation_config_blocker, stop_window
 from thinktime.engines.growing_cache import growing, new_growing_cache
@@ -221,6 +221,9 @@ class TransformersEngine(Engine):
         # The fast decoder (static KV cache, CUDA graphs; thinktime/engines/fast.py): the default on CUDA,
         # off with fast=False (--no-fast) or THINKTIME_FAST=0; calls it cannot serve go to generate().
         self.fast = None
+        # Its first call also decodes 16 greedy tokens with generate and compares (engines/fast_check.py): the
+        # outcome ("passed", "failed at position 7", "skipped (THINKTIME_FAST=verified)"); None until then.
+        self.fast_check: str | None = None
         if fast is None:
             fast = self.device.startswith("cuda") and env_flag("THINKTIME_FAST", True)
         if fast:
@@ -272,6 +275,7 @@ class TransformersEngine(Engine):
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
         self._check_open()
+        refuse_logprobs(self, params)
         if not prompts:
             return []
         per_call = max(1, self.max_batch_rows // max(1, params.n))
@@ -296,6 +300,7 @@ class TransformersEngine(Engine):
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
         self._check_open()
+        refuse_logprobs(self, params)
         cancel = cancel or threading.Event()
 
         def work(emit) -> None:

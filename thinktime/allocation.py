@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from thinktime.errors import BadInputError
 from thinktime.strategies.base import Context, make_result, to_candidate
 from thinktime.strategies.sampling import sampling_temperature
-from thinktime.strategies.self_consistency import TIE_RULE, vote_table
-from thinktime.types import Candidate, Result, Usage
+from thinktime.strategies.self_consistency import TIE_RULE, choose, vote_table
+from thinktime.types import Candidate, Result
 from thinktime.voting import group_answers, vote_answers
 
 
@@ -85,13 +85,7 @@ def _draw(chosen: list[Question], size: int, left: int) -> int:
 def _result(question: Question, spent: int, total: int) -> Result:
     ctx, candidates = question.ctx, question.candidates
     groups = group_answers(vote_answers(candidates))
-    for group in groups:
-        for member in group.members:
-            candidates[member].votes = len(group.members)
-    if groups:
-        chosen = candidates[groups[0].members[0]]
-    else:
-        chosen = candidates[0] if candidates else Candidate("", None, None, "length", Usage())
+    chosen = choose(candidates, groups)
     details = {"votes": vote_table(groups), "samples": len(candidates), "rounds": question.rounds,
                "tie_rule": TIE_RULE, "allocation": {"spent": spent, "total_tokens": total}}
     return make_result(ctx, chosen, "self-consistency", candidates, ctx.budget.used, details)

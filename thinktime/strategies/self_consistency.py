@@ -76,6 +76,16 @@ def vote_table(groups: list[VoteGroup], weighted: bool = False) -> list[dict]:
              **({"weight": round(g.weight, 4)} if weighted else {})} for g in groups]
 
 
+def choose(candidates: list[Candidate], groups: list[VoteGroup]) -> Candidate:
+    """Each candidate learns its answer's votes; the leading answer's first chain is chosen."""
+    for group in groups:
+        for member in group.members:
+            candidates[member].votes = len(group.members)
+    if groups:
+        return candidates[groups[0].members[0]]
+    return candidates[0] if candidates else nothing_generated()
+
+
 def uses_confidence(opts: dict) -> bool:
     return opts["weights"] == "confidence" or opts["keep"] < 1.0 or opts["early_stop"]
 
@@ -162,13 +172,7 @@ def run(ctx: Context) -> Result:
         if len(candidates) < n and (why := stop_reason(groups, n - len(candidates), opts["confidence"], guesses)):
             reason = why
             break
-    for group in groups:
-        for member in group.members:
-            candidates[member].votes = len(group.members)
-    if groups:
-        chosen = candidates[groups[0].members[0]]
-    else:
-        chosen = candidates[0] if candidates else nothing_generated()
+    chosen = choose(candidates, groups)
     details = {"votes": vote_table(groups, opts["weights"] == "confidence"), "samples": len(candidates), "n": n,
                "stop_reason": reason, "stopped_early": reason.startswith(("decided", "confident")), "tie_rule": TIE_RULE}
     if uses_confidence(opts):

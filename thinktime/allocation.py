@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from thinktime.errors import BadInputError
-from thinktime.strategies.base import Context, make_result, to_candidate
-from thinktime.strategies.sampling import sampling_temperature
+from thinktime.run_context import Context
+from thinktime.sampling import sampling_temperature
+from thinktime.strategies.base import make_result, to_candidate
 from thinktime.strategies.self_consistency import TIE_RULE, choose, vote_table
 from thinktime.types import Candidate, Result
 from thinktime.voting import group_answers, vote_answers

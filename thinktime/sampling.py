@@ -1,9 +1,9 @@
-"""Engine calls as strategies make them: capped by the budget, charged to it, seeded, cancellable."""
+"""Engine calls as strategies and scorers make them: capped by the budget, charged to it, seeded, cancellable."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from thinktime.strategies.base import Context
+from thinktime.run_context import Context
 from thinktime.types import Candidate, Completion, Event, Prompt, Usage
 
 # Sampling N chains at temperature 0 would give N copies of one chain: multi-sample strategies

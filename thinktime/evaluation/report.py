@@ -79,12 +79,12 @@ def _label(strategy: str, k: int, ns: list[int], sampled: bool, scale: str | Non
     return f"{strategy} {scale}={k}" if scale else strategy
 
 
-# Strategies that sample several chains at this temperature when the run's is 0 (strategies/sampling.py).
+# Strategies that sample several chains at this temperature when the run's is 0 (thinktime/sampling.py).
 _SAMPLE_THEMSELVES = {"best-of-n", "beam", "mcts"}
 
 
 def run_name(config: dict) -> str:
-    from thinktime.strategies.sampling import DEFAULT_SAMPLING_TEMPERATURE
+    from thinktime.sampling import DEFAULT_SAMPLING_TEMPERATURE
 
     temperature = config.get("temperature", 0)
     if not temperature and config.get("strategy") in _SAMPLE_THEMSELVES:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from thinktime.errors import BadInputError
+from thinktime.run_context import Budget, Context
 from thinktime.strategies import beam, best_of_n, budget_forcing, cot, mcts, reflect, self_consistency
-from thinktime.strategies.base import Budget, Context
 from thinktime.types import Result
 
 STRATEGIES: dict[str, Callable[[Context], Result]] = {

@@ -9,10 +9,11 @@ returning its best-scored chain.
 """
 from __future__ import annotations
 
+from thinktime.run_context import Context
+from thinktime.sampling import generate, nothing_generated, sampling_temperature
 from thinktime.scorers import AGGREGATES, aggregate, make_scorer
-from thinktime.strategies.base import Context, make_result, to_candidate
+from thinktime.strategies.base import make_result, to_candidate
 from thinktime.strategies.options import Option, positive, read_options
-from thinktime.strategies.sampling import generate, nothing_generated, sampling_temperature
 from thinktime.strategies.steps import DEFAULT_DELIMITER, split_steps
 from thinktime.types import Event, Result
 from thinktime.voting import group_answers, vote_answers

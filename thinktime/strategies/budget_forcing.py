@@ -13,9 +13,10 @@ chain so far is reused instead of prefilled again.
 from __future__ import annotations
 
 from thinktime.reasoning import THINK_CLOSE
-from thinktime.strategies.base import Context, make_result, to_candidate
+from thinktime.run_context import Context
+from thinktime.sampling import context_room, nothing_generated, stream_one
+from thinktime.strategies.base import make_result, to_candidate
 from thinktime.strategies.options import Option, positive, read_options
-from thinktime.strategies.sampling import context_room, nothing_generated, stream_one
 from thinktime.types import Completion, Event, Prompt, Result
 
 NAME = "budget"

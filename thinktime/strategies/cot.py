@@ -1,7 +1,8 @@
 """cot: one chain of thought, streamed as it is generated (as the InternLM3 deep-thinking tutorial runs it)."""
 from __future__ import annotations
 
-from thinktime.strategies.base import Context, make_result, to_candidate
+from thinktime.run_context import Context
+from thinktime.strategies.base import make_result, to_candidate
 from thinktime.types import Event, Result
 
 NAME = "cot"

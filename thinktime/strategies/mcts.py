@@ -9,9 +9,10 @@ when none finished, the chain reached by following the most-visited children fro
 """
 from __future__ import annotations
 
-from thinktime.strategies.base import Context, make_result
+from thinktime.run_context import Context
+from thinktime.sampling import nothing_generated
+from thinktime.strategies.base import make_result
 from thinktime.strategies.options import Option, positive, read_options
-from thinktime.strategies.sampling import nothing_generated
 from thinktime.strategies.search import (SEARCH_OPTIONS, best_branch, chain_candidate, expand, score_nodes,
                                          search_scorer)
 from thinktime.strategies.steps import Node, Tree, uct

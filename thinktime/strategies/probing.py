@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from thinktime.answers import equivalent, extract_answer
-from thinktime.strategies.base import Context
-from thinktime.strategies.sampling import generate
+from thinktime.run_context import Context
+from thinktime.sampling import generate
 from thinktime.types import Completion, Prompt
 
 PROBES = {"en": "\n\nSo the final answer is \\boxed{", "zh": "\n\n所以最终答案是 \\boxed{"}

@@ -9,11 +9,12 @@ the last solution, when the engine's context window has no room for the next ste
 """
 from __future__ import annotations
 
-from thinktime.scorers.self_judge import parse_verdict
-from thinktime.strategies.base import Context, make_result, to_candidate
+from thinktime.run_context import Context
+from thinktime.sampling import context_room, generate, nothing_generated, stream_one
+from thinktime.strategies.base import make_result, to_candidate
 from thinktime.strategies.options import Option, positive, read_options
-from thinktime.strategies.sampling import context_room, generate, nothing_generated, stream_one
 from thinktime.types import Event, Prompt, Result
+from thinktime.verdicts import parse_verdict
 
 NAME = "reflect"
 OPTIONS = {

@@ -1,11 +1,11 @@
 """What beam and mcts share: their options, expanding a node by sampling next steps, scoring chains."""
 from __future__ import annotations
 
-from thinktime.scorers import AGGREGATES, Scorer, aggregate, make_scorer
-from thinktime.strategies.base import Context
-from thinktime.strategies.options import Option, positive
-from thinktime.strategies.sampling import generate, sampling_temperature
 from thinktime.answers import find_boxed
+from thinktime.run_context import Context
+from thinktime.sampling import generate, sampling_temperature
+from thinktime.scorers import AGGREGATES, Scorer, aggregate, make_scorer
+from thinktime.strategies.options import Option, positive
 from thinktime.strategies.steps import DEFAULT_DELIMITER, Node, Tree, continuation, ends_chain
 from thinktime.types import Candidate, Usage
 

@@ -23,10 +23,11 @@ from math import comb
 
 from thinktime import confidence as conf
 from thinktime.errors import BadInputError
-from thinktime.strategies.base import Context, make_result, to_candidate
+from thinktime.run_context import Context
+from thinktime.sampling import generate, nothing_generated, sampling_temperature
+from thinktime.strategies.base import make_result, to_candidate
 from thinktime.strategies.options import Option, positive, probability, read_options
 from thinktime.strategies.probing import probed_chains
-from thinktime.strategies.sampling import generate, nothing_generated, sampling_temperature
 from thinktime.types import Candidate, Event, Result
 from thinktime.voting import VoteGroup, group_answers, is_guess, vote_answers
 

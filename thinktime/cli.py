@@ -301,7 +301,8 @@ def list_models() -> None:
 # --- commands that live with their area -----------------------------------------------------------
 # Each module below adds its @app.command()s to cli_common.app when imported. Keep those modules light at import
 # time (heavy libraries are imported inside the command functions) so that `thinktime --help` stays fast.
-import thinktime.server.commands  # noqa: E402,F401  (serve, ui)
+import thinktime.server.commands  # noqa: E402,F401  (serve)
+import thinktime.ui.commands  # noqa: E402,F401  (ui)
 import thinktime.evaluation.commands  # noqa: E402,F401  (eval, report)
 import thinktime.bootstrap.commands  # noqa: E402,F401  (bootstrap, train)
 

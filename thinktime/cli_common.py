@@ -70,6 +70,8 @@ TopPOpt = typer.Option(1.0, "--top-p")
 SeedOpt = typer.Option(None, "--seed", help="Makes sampling reproducible.")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Run the model repo's own Python code (off by default).")
 SourceOpt = typer.Option(None, "--source", help="Where to download from when needed: hf or modelscope.")
+HostOpt = typer.Option("127.0.0.1", "--host", help="Address to bind; the loopback by default. 0.0.0.0 exposes "
+                       "the server to the network (set --api-key then).")
 # Engine options (--engine vllm | openai | openai:URL); None means the engine's default.
 BaseUrlOpt = typer.Option(None, "--base-url", help="--engine openai: the server's URL, e.g. http://127.0.0.1:8000/v1 "
                           "(or write --engine openai:URL).")

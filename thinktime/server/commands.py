@@ -1,5 +1,5 @@
-"""`thinktime serve` and `thinktime ui`. Light at import time: FastAPI, uvicorn and Gradio load
-inside the commands, so `thinktime --help` stays fast."""
+"""`thinktime serve`. Light at import time: FastAPI and uvicorn load inside the command, so `thinktime --help`
+stays fast."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +7,10 @@ from typing import Optional
 
 import typer
 
-from thinktime.cli_common import (DeviceOpt, DtypeOpt, EngineOpt, LangOpt, MaxTokensOpt, ModelOpt, NoThinkOpt, SeedOpt,
+from thinktime.cli_common import (DeviceOpt, DtypeOpt, EngineOpt, HostOpt, LangOpt, MaxTokensOpt, ModelOpt, NoThinkOpt, SeedOpt,
                            SourceOpt, SystemPromptOpt, TemperatureOpt, TopPOpt, TrustOpt, make_thinker, app, err,
                            friendly_errors)
 from thinktime.errors import BadInputError
-
-HostOpt = typer.Option("127.0.0.1", "--host", help="Address to bind; the loopback by default. 0.0.0.0 exposes "
-                       "the server to the network (set --api-key then).")
 
 
 @app.command()
@@ -58,22 +55,3 @@ def serve(
         # queue does not keep the server running for minutes.
         uvicorn.run(create_app(thinker, config), host=host, port=port, log_level="warning",
                     timeout_graceful_shutdown=5)
-
-
-@app.command()
-def ui(
-    model: Optional[str] = ModelOpt, engine: str = EngineOpt, device: Optional[str] = DeviceOpt,
-    dtype: Optional[str] = DtypeOpt, host: str = HostOpt,
-    port: int = typer.Option(7860, "--port", help="TCP port."),
-    lang: str = LangOpt, system_prompt: Optional[Path] = SystemPromptOpt, no_think: bool = NoThinkOpt,
-    max_new_tokens: Optional[int] = MaxTokensOpt, temperature: float = TemperatureOpt, top_p: float = TopPOpt,
-    seed: Optional[int] = SeedOpt, trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
-) -> None:
-    """A web chat that streams the thinking into a collapsible panel and the answer below it (offline)."""
-    with friendly_errors():
-        from thinktime.ui.app import launch
-
-        thinker = make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
-                                temperature, top_p, seed, trust_remote_code, source)
-        err.print(f"[green]web chat[/] on http://{host}:{port} (Ctrl-C to stop)")
-        launch(thinker, host=host, port=port)

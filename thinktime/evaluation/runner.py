@@ -21,11 +21,12 @@ from thinktime.errors import BadInputError
 from thinktime.evaluation.datasets import Dataset, Problem
 from thinktime.evaluation.grading import GRADER_VERSION, Verdict, grade
 from thinktime.evaluation.store import RunStore
-from thinktime.strategies import SCALE_OPTION  # what -n sets for each registry strategy
+from thinktime.sampling import DEFAULT_SAMPLING_TEMPERATURE
+from thinktime.strategies import SCALE_OPTION, STRATEGY_ALIASES
 
-SAMPLED = {"cot": "cot", "self-consistency": "self-consistency", "sc": "self-consistency",
-           "majority": "self-consistency"}
-DEFAULT_SAMPLING_TEMPERATURE = 0.7
+# The n-list path's strategies, by name or alias (sample once, vote every smaller n from the same chains).
+SAMPLED = {name: STRATEGY_ALIASES.get(name, name) for name in ("cot", "self-consistency", *STRATEGY_ALIASES)
+           if STRATEGY_ALIASES.get(name, name) in ("cot", "self-consistency")}
 
 
 @dataclass

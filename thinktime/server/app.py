@@ -30,13 +30,8 @@ from thinktime.errors import EngineError, InsufficientMemoryError, ThinktimeErro
 from thinktime.server.protocol import REASONING_EFFORT, APIError, ChatRequest, error_type, parse_request
 from thinktime.server.scheduler import Job, QueueFull, Scheduler
 from thinktime.server.streaming import CandidateView, ReasoningStream, reply_split
-from thinktime.strategies import SCALE_OPTION, STRATEGIES, get_strategy
+from thinktime.strategies import SCALE_OPTION, STRATEGIES, get_strategy, resolve_strategy
 from thinktime.types import Event, StreamDelta
-
-# Short names people type after the colon; each applies only when its target strategy exists.
-STRATEGY_ALIASES = {"sc": "self-consistency", "maj": "self-consistency", "bon": "best-of-n",
-                    "best-of": "best-of-n", "budget-forcing": "budget", "s1": "budget"}
-
 
 @dataclass
 class ServerConfig:
@@ -57,13 +52,6 @@ class ServerConfig:
 PARALLEL_OPTIONS = ("n", "width", "expansions", "judges")
 # Strategy options that count tokens: each is capped by --max-tokens-limit, as the request's max_tokens is.
 TOKEN_OPTIONS = ("max_tokens", "min_tokens", "step_tokens", "check_tokens", "judge_tokens", "answer_tokens")
-
-
-def resolve_strategy(name: str) -> str | None:
-    if name in STRATEGIES:
-        return name
-    target = STRATEGY_ALIASES.get(name)
-    return target if target in STRATEGIES else None
 
 
 def parse_model(model: str, names: tuple[str, ...]) -> tuple[str, str | None, int | None]:
@@ -182,8 +170,8 @@ class ChatService:
                 raise APIError(400, f"logprobs are returned for the cot strategy's chains, not for '{strategy}'",
                                param="logprobs", code="invalid_value")
             if not getattr(self.engine, "returns_logprobs", False):
-                raise APIError(400, f"the {self.engine.name} engine does not return log-probabilities; serve a GGUF "
-                                    "model on the llamacpp engine for them", param="logprobs",
+                raise APIError(400, f"the {self.engine.name} engine does not return log-probabilities; the "
+                                    "transformers and llamacpp engines do", param="logprobs",
                                code="unsupported_parameter")
             logprobs = req.top_logprobs or 0
 

@@ -20,6 +20,19 @@ SCALE_OPTION = {"self-consistency": "n", "best-of-n": "n", "reflect": "rounds", 
                 "beam": "width", "mcts": "iterations"}
 
 
+# Short names people type for a strategy (a served model's suffix, eval's -s); each applies only when its target exists.
+STRATEGY_ALIASES = {"sc": "self-consistency", "maj": "self-consistency", "majority": "self-consistency",
+                    "bon": "best-of-n", "best-of": "best-of-n", "budget-forcing": "budget", "s1": "budget"}
+
+
+def resolve_strategy(name: str) -> str | None:
+    """A strategy's name from its name or an alias; None when neither."""
+    if name in STRATEGIES:
+        return name
+    target = STRATEGY_ALIASES.get(name)
+    return target if target in STRATEGIES else None
+
+
 def get_strategy(name: str) -> Callable[[Context], Result]:
     try:
         return STRATEGIES[name]
@@ -37,4 +50,5 @@ def check_options(name: str, options: dict) -> dict:
     return {k: values.get(k, v) for k, v in options.items()}
 
 
-__all__ = ["check_options", "SCALE_OPTION", "STRATEGIES", "STRATEGY_OPTIONS", "Budget", "Context", "get_strategy"]
+__all__ = ["check_options", "SCALE_OPTION", "STRATEGIES", "STRATEGY_ALIASES", "STRATEGY_OPTIONS", "Budget", "Context",
+           "get_strategy", "resolve_strategy"]

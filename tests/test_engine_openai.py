@@ -12,7 +12,9 @@ import pytest
 
 from thinktime import Thinker
 from thinktime.engines import create_engine
-from thinktime.engines.openai import OpenAIEngine, _Choice, _share, normalise_base_url
+from thinktime.engines.openai import OpenAIEngine
+from thinktime.engines.openai_chunks import Choice, share
+from thinktime.engines.openai_http import normalise_base_url
 from thinktime.errors import EngineError
 from thinktime.reasoning import split_reasoning
 from thinktime.types import Prompt, SamplingParams
@@ -54,19 +56,19 @@ def test_base_url_forms():
 
 
 def test_usage_shared_among_samples_sums_exactly():
-    parts = _share(101, {0: 10, 1: 30, 2: 0})
+    parts = share(101, {0: 10, 1: 30, 2: 0})
     assert sum(parts.values()) == 101 and parts[1] > parts[0] > parts[2] >= 0
-    assert _share(7, {0: 0, 1: 0}) in ({0: 4, 1: 3}, {0: 3, 1: 4})
+    assert share(7, {0: 0, 1: 0}) in ({0: 4, 1: 3}, {0: 3, 1: 4})
 
 
 def test_separate_reasoning_folds_back_into_think_tags():
-    choice = _Choice()
+    choice = Choice()
     pieces = [choice.add_reasoning("12 + 30 "), choice.add_reasoning("is 42."), choice.add_content("\\boxed{42}"),
               choice.close("stop")]
     assert "".join(pieces) == choice.text == "<think>12 + 30 is 42.</think>\\boxed{42}"
     split = split_reasoning(choice.text)
     assert (split.reasoning, split.answer) == ("12 + 30 is 42.", "\\boxed{42}")
-    cut = _Choice()
+    cut = Choice()
     cut.add_reasoning("still thinking")
     assert cut.close("length") == "" and split_reasoning(cut.text).reasoning == "still thinking"
 
@@ -74,11 +76,11 @@ def test_separate_reasoning_folds_back_into_think_tags():
 def test_reasoning_sent_after_the_answer_began_stays_where_it_came():
     # Some servers interleave: the streamed pieces and the final text must still agree, and the
     # answer must not end up hidden inside a think block.
-    choice = _Choice()
+    choice = Choice()
     pieces = [choice.add_reasoning("think. "), choice.add_content("So "), choice.add_reasoning("(check) "),
               choice.add_content("\\boxed{4}"), choice.close("stop")]
     assert "".join(pieces) == choice.text == "<think>think. </think>So (check) \\boxed{4}"
-    late = _Choice()
+    late = Choice()
     pieces = [late.add_content("It is "), late.add_reasoning("hmm "), late.add_content("\\boxed{4}"),
               late.close("stop")]
     assert "".join(pieces) == late.text == "It is hmm \\boxed{4}"

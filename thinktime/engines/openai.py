@@ -30,24 +30,19 @@ What it does with a server:
 """
 from __future__ import annotations
 
-import contextlib
-import email.utils
-import json
 import logging
 import os
-import random
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
-from concurrent.futures import wait as futures_wait
+from concurrent.futures import ThreadPoolExecutor
 
 from thinktime import models
 from thinktime.engines.base import Engine, refuse_logprobs
 from thinktime.engines.chat import render_chat
+from thinktime.engines.openai_chunks import Choice, check_complete, ended_turn, read_chunk, share
+from thinktime.engines.openai_http import (EventStream, HttpClient, NotSupported, Retryable, aborted_on, as_chunk,
+                                          backoff, gather, normalise_base_url, result_within)
 from thinktime.errors import BadInputError, EngineError
-from thinktime.reasoning import THINK_CLOSE, THINK_OPEN
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
@@ -55,57 +50,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 CONTINUATIONS = ("auto", "completions", "continue_final_message", "prefix")
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class _NotSupported(Exception):
-    """The server rejected a feature (n > 1); the caller falls back."""
-
-
-class _Choice:
-    """One sample's pieces as they stream in. The text is exactly what was streamed, in order, so a
-    stream's reader and the final completion always agree."""
-
-    __slots__ = ("pieces", "finish_reason", "thinking_open", "thinking_closed", "has_content", "stop_reason")
-
-    def __init__(self):
-        self.pieces: list[str] = []
-        self.finish_reason: str | None = None
-        self.stop_reason: tuple | None = None  # (what ended it,) where the server says: vLLM, SGLang
-        self.thinking_open = False
-        self.thinking_closed = False
-        self.has_content = False
-
-    def _emit(self, text: str) -> str:
-        self.pieces.append(text)
-        return text
-
-    def add_reasoning(self, text: str) -> str:
-        if not self.thinking_open and not self.has_content:
-            self.thinking_open = True
-            return self._emit(THINK_OPEN + text)
-        # Inside the thinking; or reasoning that a server sent after the answer began, which stays where
-        # it came (a second think block would hide the answer before it).
-        return self._emit(text)
-
-    def add_content(self, text: str) -> str:
-        self.has_content = True
-        if self.thinking_open and not self.thinking_closed:
-            self.thinking_closed = True
-            return self._emit(THINK_CLOSE + text)
-        return self._emit(text)
-
-    def close(self, finish_reason: str) -> str:
-        """Finish the sample; returns text still owed to a stream (a closing think tag)."""
-        self.finish_reason = finish_reason
-        if self.thinking_open and not self.thinking_closed and finish_reason == "stop":
-            self.thinking_closed = True
-            return self._emit(THINK_CLOSE)
-        return ""
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
 
 
 class OpenAIEngine(Engine):
@@ -131,12 +75,12 @@ class OpenAIEngine(Engine):
         self.supports_n = supports_n
         self.continuation = continuation
         self.extra_body = dict(extra_body or {})
-        self._local = threading.local()
+        self._http = HttpClient(self.base_url, self.api_key, timeout)
         self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="thinktime-http")
         self._estimated_warned = False
         self._tokenize_ok: bool | None = None
 
-        served = self._served_models()
+        served = self._http.served_models()
         self.model_name, info = self._pick_model(model, served)
         self.context_length = next((info[k] for k in ("max_model_len", "context_length", "context_window")
                                     if isinstance(info.get(k), int)), None)
@@ -162,7 +106,7 @@ class OpenAIEngine(Engine):
             return len(self.tokenizer(text, add_special_tokens=False).input_ids)
         if self._tokenize_ok is not False:
             try:
-                body = self._post_json(self._root_url() + "/tokenize",
+                body = self._http.post_json(self._http.root_url() + "/tokenize",
                                        {"model": self.model_name, "prompt": text, "add_special_tokens": False})
                 count = int(body.get("count", len(body.get("tokens", []))))
                 if text and count < 1:  # e.g. llama.cpp, which reads `content`, not `prompt`: no count here
@@ -191,7 +135,7 @@ class OpenAIEngine(Engine):
         try:
             futures = {k: outer.submit(self._sample, p, params.for_prompt(k), siblings, None)
                        for k, p in enumerate(prompts)}
-            results = _gather(futures, cancel, siblings)
+            results = gather(futures, cancel, siblings)
         finally:
             outer.shutdown(wait=False)
         return [results.get(k) or [Completion("", "cancelled", 0, 0) for _ in range(params.n)]
@@ -222,9 +166,9 @@ class OpenAIEngine(Engine):
         done: dict[int, Completion] = {}
         if n == 1 or self.supports_n is not False:
             try:
-                done.update(_result(self._pool.submit(self._request, prompt, params, n, params.seed, 0, cancel,
+                done.update(result_within(self._pool.submit(self._request, prompt, params, n, params.seed, 0, cancel,
                                                       on_delta), cancel))
-            except _NotSupported:
+            except NotSupported:
                 self.supports_n = False
             if n > 1 and done and not cancel.is_set():  # remembered: later calls skip the probe
                 self.supports_n = len(done) >= n
@@ -234,7 +178,7 @@ class OpenAIEngine(Engine):
             futures = {i: self._pool.submit(self._request, prompt, params, 1,
                                             None if params.seed is None else params.seed + i, i, siblings, on_delta)
                        for i in missing}
-            for result in _gather(futures, cancel, siblings).values():
+            for result in gather(futures, cancel, siblings).values():
                 done.update(result)
         for i in range(n):  # cancelled before the request started
             done.setdefault(i, Completion("", "cancelled", 0, 0))
@@ -287,89 +231,48 @@ class OpenAIEngine(Engine):
 
         attempt = 0
         while True:
-            choices: dict[int, _Choice] = {}
+            choices: dict[int, Choice] = {}
             usage: dict = {}
             try:
-                response = self._open(path, body, cancel)
+                response = self._http.open(path, body, cancel, self.model_name)
                 if response is None:  # cancelled while waiting to retry
                     return {}
-                stream = _EventStream(response)
+                stream = EventStream(response)
                 try:
-                    with _aborted_on(cancel, response):
+                    with aborted_on(cancel, response):
                         if stream.is_json:  # a server that ignores stream: true answers with one JSON object
-                            chunks = [_as_chunk(stream.json_body())]
+                            chunks = [as_chunk(stream.json_body())]
                         else:
                             chunks = stream
                         for chunk in chunks:
                             if cancel.is_set():
                                 break
-                            usage = self._read_chunk(chunk, choices, emit) or usage
+                            usage = read_chunk(self.base_url, chunk, choices, emit) or usage
                 except (requests.RequestException, OSError, ValueError, AttributeError) as exc:
                     if cancel.is_set():
                         pass  # we cut the connection ourselves: reading a shut socket fails in any of these ways
                     elif isinstance(exc, requests.RequestException):  # the connection dropped mid-stream
-                        raise _Retryable(f"the stream broke off ({type(exc).__name__})") from None
+                        raise Retryable(f"the stream broke off ({type(exc).__name__})") from None
                     else:
                         raise
                 finally:
                     response.close()
                 if not cancel.is_set():
-                    self._check_complete(stream, choices, path)
+                    check_complete(self.base_url, stream, choices, path)
                 break
-            except _Retryable as exc:
+            except Retryable as exc:
                 attempt += 1
                 if emitted or attempt > self.max_retries or cancel.is_set():
                     raise EngineError(f"{self.base_url}{path} failed: {exc}",
                                       hint="check that the server is up and not overloaded") from None
                 log.info("%s%s: %s; retry %d of %d", self.base_url, path, exc, attempt, self.max_retries)
-                _sleep(exc.retry_after, attempt, cancel)
+                backoff(exc.retry_after, attempt, cancel)
         for choice in choices.values():  # the stream ended without a finish reason: we closed it
             if choice.finish_reason is None:
                 choice.finish_reason = "cancelled" if cancel.is_set() else "length"
         return self._completions(prompt, choices, usage, offset, bool(params.stop))
 
-    def _read_chunk(self, chunk, choices: dict[int, "_Choice"], emit) -> dict | None:
-        """One streamed chunk into the choices; returns its usage, if it carries one."""
-        if not isinstance(chunk, dict):
-            raise EngineError(f"{self.base_url} sent an event that is not a JSON object: {str(chunk)[:200]}")
-        if chunk.get("error") or chunk.get("object") == "error":  # OpenAI's form, and FastChat's / LMDeploy's
-            raise EngineError(f"{self.base_url} reported an error: {_error_text(chunk.get('error') or chunk)}")
-        try:
-            for item in chunk.get("choices") or ():
-                index = int(item.get("index") or 0)
-                choice = choices.setdefault(index, _Choice())
-                delta = item.get("delta") or item.get("message") or {}
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if reasoning:
-                    emit(index, choice.add_reasoning(reasoning))
-                text = delta.get("content") if ("delta" in item or "message" in item) else item.get("text")
-                if text:
-                    emit(index, choice.add_content(text))
-                if item.get("finish_reason") == "error":  # the server gave up on this sample
-                    raise _Retryable("the server ended a sample with finish_reason 'error'")
-                if item.get("finish_reason"):
-                    for key in ("stop_reason", "matched_stop"):  # vLLM's and SGLang's: the stop string, or
-                        if key in item:                          # None / a token id for an end-of-turn token
-                            choice.stop_reason = (item[key],)
-                    emit(index, choice.close(_finish(item["finish_reason"])))
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise EngineError(f"{self.base_url} sent a chunk this engine cannot read ({type(exc).__name__}): "
-                              f"{json.dumps(chunk)[:200]}") from None
-        usage = chunk.get("usage")
-        return usage if isinstance(usage, dict) and usage else None
-
-    def _check_complete(self, stream: "_EventStream", choices: dict[int, "_Choice"], path: str) -> None:
-        """After a stream that was not cancelled: a 200 that carried no completion, or a stream that stopped
-        before its end, is a failure, never an empty or cut answer passed off as finished."""
-        if not choices:
-            what = ("its body was not a chat completion" if stream.is_json else
-                    f"it sent no completion events ({stream.describe()})")
-            raise EngineError(f"{self.base_url}{path} answered 200, but {what}",
-                              hint="is this an OpenAI-compatible /v1 URL that streams (server-sent events)?")
-        if not stream.done and any(c.finish_reason is None for c in choices.values()):
-            raise _Retryable("the stream ended before [DONE], with a sample unfinished")
-
-    def _completions(self, prompt: Prompt, choices: dict[int, _Choice], usage: dict,
+    def _completions(self, prompt: Prompt, choices: dict[int, Choice], usage: dict,
                      offset: int, stop_strings: bool = False) -> dict[int, Completion]:
         texts = {i: c.text for i, c in choices.items()}
         prompt_tokens = usage.get("prompt_tokens")
@@ -379,99 +282,10 @@ class OpenAIEngine(Engine):
         if total is None:
             counts = {i: self.count_tokens(t) for i, t in texts.items()}
         else:
-            counts = _share(int(total), {i: len(t) for i, t in texts.items()})
+            counts = share(int(total), {i: len(t) for i, t in texts.items()})
         return {offset + i: Completion(texts[i], choices[i].finish_reason, int(prompt_tokens), counts[i],
-                                       ended_turn=_ended_turn(choices[i], stop_strings))
+                                       ended_turn=ended_turn(choices[i], stop_strings))
                 for i in sorted(choices)}
-
-    # --- HTTP ---------------------------------------------------------------------------------
-
-    def _session(self):
-        session = getattr(self._local, "session", None)
-        if session is None:
-            import requests
-
-            session = requests.Session()
-            if self.api_key:
-                session.headers["Authorization"] = f"Bearer {self.api_key}"
-            self._local.session = session
-        return session
-
-    def _root_url(self) -> str:
-        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
-
-    def _open(self, path: str, body: dict, cancel: threading.Event):
-        """POST a streaming request; returns the open response, raises _Retryable or EngineError."""
-        import requests
-
-        if cancel.is_set():
-            return None
-        try:
-            response = self._session().post(self.base_url + path, json=body, stream=True,
-                                            timeout=(10, self.timeout))
-        except requests.Timeout as exc:
-            raise _Retryable(f"no answer within the engine's timeout ({type(exc).__name__}; the openai engine's "
-                             f"timeout= is {self.timeout:g} s)") from None
-        except requests.ConnectionError as exc:
-            raise _Retryable(f"cannot reach the server ({type(exc).__name__})") from None
-        if response.status_code == 200:
-            return response
-        text = response.text
-        response.close()
-        if response.status_code in (400, 422, 500) and body.get("n", 1) > 1 and _mentions_n(text):
-            raise _NotSupported(text)  # llama.cpp refuses n with a 500 in some builds
-        if response.status_code == 429 and "insufficient_quota" in text:  # not transient: retrying cannot help
-            raise _http_error(self.base_url + path, response.status_code, text, self.model_name)
-        if response.status_code in _RETRY_STATUS:
-            raise _Retryable(f"HTTP {response.status_code}: {_error_text(text)}",
-                             retry_after=response.headers.get("Retry-After"))
-        raise _http_error(self.base_url + path, response.status_code, text, self.model_name)
-
-    def _post_json(self, url: str, body: dict) -> dict:
-        import requests
-
-        try:
-            response = self._session().post(url, json=body, timeout=(10, 60))
-        except requests.RequestException as exc:
-            raise EngineError(f"cannot reach {url}: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise _http_error(url, response.status_code, response.text, self.model_name)
-        try:
-            body = response.json()
-        except ValueError:
-            raise EngineError(f"{url} did not answer with JSON") from None
-        if not isinstance(body, dict):
-            raise EngineError(f"{url} did not answer with a JSON object")
-        return body
-
-    def _served_models(self) -> list[dict] | None:
-        """The server's /models list; None when the server has no such endpoint."""
-        import requests
-
-        url = self.base_url + "/models"
-        for attempt in range(1, 4):
-            try:
-                response = self._session().get(url, timeout=(10, 60))
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if attempt == 3:
-                    raise EngineError(f"cannot reach the model server at {self.base_url} ({type(exc).__name__})",
-                                      hint="start the server, or point --base-url at it "
-                                           "(e.g. http://127.0.0.1:8000/v1)") from None
-                time.sleep(0.5 * attempt)
-                continue
-            if response.status_code == 404:
-                return None
-            if response.status_code in _RETRY_STATUS and attempt < 3:
-                time.sleep(0.5 * attempt)
-                continue
-            if response.status_code != 200:
-                raise _http_error(url, response.status_code, response.text, None)
-            try:
-                return list(response.json().get("data") or [])
-            except ValueError:
-                raise EngineError(f"{url} did not answer with JSON: is this an OpenAI-compatible /v1 URL?",
-                                  hint="the base URL usually ends in /v1") from None
-        return None
 
     @staticmethod
     def _pick_model(model: str | None, served: list[dict] | None) -> tuple[str, dict]:
@@ -494,235 +308,6 @@ class OpenAIEngine(Engine):
                     return served_id, ids[served_id]
         raise BadInputError(f"the server does not serve {model!r}",
                             hint=f"it serves: {', '.join(ids)}; pass one of them with --model, or leave --model out")
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: str | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def normalise_base_url(url: str) -> str:
-    """`host:port`, `http://host:port` or `http://host:port/v1` -> `http://host:port/v1` (paths kept)."""
-    url = url.strip().rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    scheme, rest = url.split("://", 1)
-    if "/" not in rest:  # no path given: the OpenAI convention
-        url += "/v1"
-    for suffix in ("/chat/completions", "/completions"):
-        if url.endswith(suffix):
-            url = url[: -len(suffix)]
-    return url
-
-
-class _EventStream:
-    """Server-sent events: one JSON value per `data:` line until [DONE]; remembers whether [DONE] came and
-    what else the body held, so that a 200 without completions can be told apart from a finished stream."""
-
-    def __init__(self, response):
-        self.response = response
-        self.done = False
-        self.malformed = 0
-        self.other: list[bytes] = []  # the first lines that were neither events nor SSE comments
-        self.is_json = response.headers.get("content-type", "").split(";")[0].strip() == "application/json"
-
-    def __iter__(self) -> Iterator:
-        for raw in self.response.iter_lines(decode_unicode=False):
-            if not raw or raw.startswith(b":"):  # blank lines and comments (keep-alives)
-                continue
-            if not raw.startswith(b"data:"):
-                if len(self.other) < 3:
-                    self.other.append(raw[:120])
-                continue
-            data = raw[5:].strip()
-            if data == b"[DONE]":
-                self.done = True
-                return
-            try:
-                yield json.loads(data)
-            except ValueError:
-                self.malformed += 1
-
-    def json_body(self):
-        try:
-            return self.response.json()
-        except ValueError:
-            return None
-
-    def describe(self) -> str:
-        if self.malformed:
-            return f"{self.malformed} data lines that were not JSON"
-        if self.other:
-            return "other text: " + " | ".join(line.decode("utf-8", "replace") for line in self.other)
-        return "[DONE] only" if self.done else "an empty body"
-
-
-def _as_chunk(body) -> dict:
-    """A whole chat.completion as one chunk: its choices' `message` read as deltas, finished, with its usage."""
-    if not isinstance(body, dict):
-        return {"choices": []}
-    if "choices" not in body:
-        return body  # an error object, or something else: _read_chunk says what
-    return {"choices": [{**item, "finish_reason": item.get("finish_reason") or "stop"}
-                        for item in body.get("choices") or () if isinstance(item, dict)],
-            "usage": body.get("usage")}
-
-
-@contextlib.contextmanager
-def _aborted_on(cancel: threading.Event, response):
-    """While the body is read: a cancel shuts the connection's socket down at once, which unblocks a read
-    waiting on a silent server (closing the response from another thread would not), so the server stops too."""
-    finished = threading.Event()
-
-    def watch() -> None:
-        while not finished.is_set():
-            if cancel.wait(0.05):
-                _shut_down(response)
-                return
-
-    watcher = threading.Thread(target=watch, name="thinktime-http-cancel", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        finished.set()
-        watcher.join()
-
-
-def _shut_down(response) -> None:
-    import socket
-
-    connection = getattr(response.raw, "_connection", None) or getattr(response.raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    try:
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    response.close()
-
-
-def _result(future, cancel: threading.Event, grace: float = 2.0):
-    """A request's result; once cancelled, at most `grace` seconds more (a server silent before its headers
-    cannot be interrupted: its request is left to end in the background, and its samples count as cancelled)."""
-    while True:
-        try:
-            return future.result(timeout=0.05)
-        except FuturesTimeout:
-            if cancel.is_set():
-                try:
-                    return future.result(timeout=grace)
-                except FuturesTimeout:
-                    return {}
-
-
-def _gather(futures: dict, cancel: threading.Event, siblings: threading.Event, grace: float = 2.0) -> dict:
-    """Each future's result by key. The futures run under `siblings`: a cancel is passed on to it, and so is
-    the first failure, which is raised once the others have stopped (so a failed sample does not leave its
-    siblings' requests running for minutes). Once stopping, at most `grace` seconds more; a request still
-    running then (a server silent before its headers) is left to end in the background, without a result."""
-    pending, results = dict(futures), {}
-    error: BaseException | None = None
-    deadline = None
-    while pending:
-        if cancel.is_set():
-            siblings.set()
-        finished, _ = futures_wait(list(pending.values()), timeout=0.05, return_when=FIRST_COMPLETED)
-        for key in [k for k, f in pending.items() if f in finished]:
-            try:
-                results[key] = pending.pop(key).result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the siblings stop
-                error = error or exc
-                siblings.set()
-        if siblings.is_set():
-            deadline = deadline or time.monotonic() + grace
-            if time.monotonic() > deadline:
-                break
-    if error is not None:
-        raise error
-    return results
-
-
-def _ended_turn(choice: _Choice, stop_strings: bool) -> bool | None:
-    """Whether the model ended its turn: what the server says, or sure when no stop string was asked for."""
-    if choice.finish_reason != "stop":
-        return False
-    if choice.stop_reason is not None:
-        return not isinstance(choice.stop_reason[0], str)
-    return None if stop_strings else True
-
-
-def _finish(reason: str) -> str:
-    return {"stop": "stop", "eos": "stop", "length": "length", "abort": "cancelled"}.get(reason, "stop")
-
-
-def _share(total: int, weights: dict[int, int]) -> dict[int, int]:
-    """Split `total` among keys in proportion to weights (largest remainder): the parts sum to `total`."""
-    if not weights:
-        return {}
-    if not sum(weights.values()):
-        weights = {k: 1 for k in weights}
-    scale = sum(weights.values())
-    raw = {k: total * w / scale for k, w in weights.items()}
-    parts = {k: int(v) for k, v in raw.items()}
-    for k in sorted(raw, key=lambda k: raw[k] - parts[k], reverse=True)[: total - sum(parts.values())]:
-        parts[k] += 1
-    return parts
-
-
-_MAX_RETRY_AFTER = 60.0  # a longer Retry-After is a server asking for minutes: better to fail and say so
-
-
-def _sleep(retry_after: str | None, attempt: int, cancel: threading.Event) -> None:
-    try:
-        delay = float(retry_after) if retry_after else 0.0
-    except ValueError:  # the HTTP-date form
-        try:
-            delay = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
-        except (TypeError, ValueError):
-            delay = 0.0
-    delay = min(_MAX_RETRY_AFTER, max(delay, min(30.0, 0.5 * 2 ** (attempt - 1)))) * (1 + random.random() * 0.25)
-    cancel.wait(delay)
-
-
-def _error_text(payload) -> str:
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload)
-        except ValueError:
-            return payload.strip()[:300] or "(empty body)"
-    if isinstance(payload, dict):
-        inner = payload.get("error", payload)
-        if isinstance(inner, dict):
-            return str(inner.get("message") or inner)[:300]
-        if isinstance(inner, str):
-            return inner[:300]
-        if "detail" in payload:
-            return str(payload["detail"])[:300]
-    return str(payload)[:300]
-
-
-def _mentions_n(text: str) -> bool:
-    message = _error_text(text).lower()
-    return any(k in message for k in ("'n'", '"n"', " n ", "n must", "n>1", "n > 1", "parameter n", "`n`",
-                                      "n should", "best_of", "multiple choices", "n=", "field n",
-                                      "one completion choice", "only one choice"))
-
-
-def _http_error(url: str, status: int, text: str, model: str | None) -> EngineError | BadInputError:
-    message = _error_text(text)
-    if status in (400, 413, 422):  # the server found the request itself wrong: bad input, not a failing engine
-        return BadInputError(f"{url} refused the request (HTTP {status}): {message}",
-                             hint="the server's message says what it refused (a prompt over its context, "
-                                  "a setting or feature it lacks)")
-    if status in (401, 403):
-        return EngineError(f"{url} refused the API key (HTTP {status}): {message}",
-                           hint="pass --api-key, or set THINKTIME_API_KEY / OPENAI_API_KEY")
-    if status == 404:
-        return EngineError(f"{url} was not found (HTTP 404): {message}",
-                           hint="check --base-url (it usually ends in /v1)" + (f" and --model ({model})" if model else ""))
-    return EngineError(f"{url} answered HTTP {status}: {message}")
 
 
 def _spec_for(name: str | None) -> models.ModelSpec | None:

@@ -7,8 +7,8 @@ from typing import Optional
 import typer
 
 from thinktime.cli_common import (ApiKeyOpt, BaseUrlOpt, DataParallelOpt, DeviceOpt, DtypeOpt, EngineOpt, ExecutorOpt,
-                           LangOpt, ModelOpt, PipelineParallelOpt, TensorParallelOpt, app, engine_options, err,
-                           friendly_errors, out)
+                           LangOpt, ModelOpt, PipelineParallelOpt, SystemPromptOpt, TensorParallelOpt, app,
+                           engine_options, err, friendly_errors, out)
 from thinktime.errors import BadInputError
 
 EpochsOpt = typer.Option(3.0, "--epochs", help="Training epochs.")
@@ -38,19 +38,46 @@ def _default_model(model: Optional[str], device: Optional[str]) -> str:
 
 @app.command("train")
 def train_command(
-    method: str = typer.Argument(..., help="sft (chat rows), dpo (preference pairs) or rm (outcome reward model "
-                                 "from preference pairs)."),
-    data: list[Path] = typer.Option(..., "--data", help="Training JSONL (repeatable): sft.jsonl for sft, "
-                                    "pairs.jsonl for dpo and rm."),
+    method: str = typer.Argument(..., help="sft (chat rows), dpo (preference pairs), rm (outcome reward model "
+                                 "from preference pairs) or grpo (RL on a dataset's problems, graded answers "
+                                 "as the reward)."),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="Training JSONL (repeatable): sft.jsonl for "
+                                              "sft, pairs.jsonl for dpo and rm (grpo reads --dataset)."),
     output: Path = typer.Option(..., "--output", "-o", help="The model folder to write."),
     model: Optional[str] = ModelOpt,
-    epochs: float = EpochsOpt, lr: Optional[float] = LrOpt, batch_size: int = BatchOpt, grad_accum: int = AccumOpt,
+    epochs: float = EpochsOpt, lr: Optional[float] = LrOpt,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per training step (per device; "
+                                             "default 8); grpo: completions per step (default 16)."),
+    grad_accum: int = AccumOpt,
     max_length: int = MaxLenOpt, max_steps: int = typer.Option(-1, "--max-steps", help="> 0: stop after this many "
                                                                 "steps (overrides --epochs)."),
     lora: bool = LoraOpt, lora_r: int = LoraROpt,
-    beta: float = typer.Option(0.1, "--beta", help="dpo: strength of the KL penalty."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="KL penalty strength: dpo (default 0.1), grpo "
+                                         "(default 0: no reference model)."),
     full_sequence: bool = typer.Option(False, "--full-sequence", help="sft: loss on the whole chat, not only "
                                        "the assistant reply."),
+    dataset: str = typer.Option("arith:2", "--dataset", "-d", help="grpo: problems with gold answers (arith:LEVEL, "
+                                "gsm8k, math500, ... or a .jsonl file); its train split where it has one."),
+    train_problems: int = typer.Option(120, "--train-problems", help="grpo: training problems (the first of the "
+                                       "set)."),
+    eval_problems: int = typer.Option(100, "--eval-problems", help="grpo: held out (the last of the set), never "
+                                      "trained on, as `thinktime bootstrap` holds them out."),
+    data_seed: int = typer.Option(0, "--data-seed", help="arith: which generated problems."),
+    num_generations: int = typer.Option(8, "--num-generations", "-g", help="grpo: completions per problem (the "
+                                        "group each reward is compared within)."),
+    max_completion_length: int = typer.Option(256, "--max-completion-length", help="grpo: new tokens per "
+                                              "completion."),
+    temperature: float = typer.Option(1.0, "--temperature", "-t", help="grpo: sampling temperature."),
+    format_reward: float = typer.Option(0.0, "--format-reward", help="grpo: weight of a reward of 1 for a "
+                                        "\\boxed{} answer (0: off)."),
+    length_penalty: float = typer.Option(0.0, "--length-penalty", help="grpo: weight of minus the completion's "
+                                         "length over --max-completion-length (0: off)."),
+    system_prompt: Optional[Path] = SystemPromptOpt, lang: str = LangOpt,
+    save_steps: int = typer.Option(25, "--save-steps", help="grpo: checkpoint every N steps (rerunning resumes)."),
+    generation: str = typer.Option("auto", "--generation", help="grpo: auto (vLLM on a GPU where installed, else "
+                                   "TRL's own generation), transformers, vllm, vllm-server."),
+    vllm_server: Optional[str] = typer.Option(None, "--vllm-server", help="grpo: URL of a `trl vllm-serve` "
+                                              "server (with --generation vllm-server)."),
     seed: int = typer.Option(0, "--seed"), device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """Fine-tune with TRL (full or LoRA) and write a model folder that every engine loads (--model FOLDER)."""
@@ -59,17 +86,41 @@ def train_command(
 
         if method not in METHODS:
             raise BadInputError(f"unknown training method {method!r}", hint=f"use one of {', '.join(METHODS)}")
-        settings = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum,
-                                 max_length=max_length, max_steps=max_steps, lora=lora, lora_r=lora_r,
-                                 lora_alpha=2 * lora_r, beta=beta, completion_only=not full_sequence, seed=seed,
-                                 device=device, dtype=dtype)
-        info = train(method, _default_model(model, device), data, output, settings, log=_log)
+        common = {"epochs": epochs, "learning_rate": lr, "grad_accum": grad_accum, "max_length": max_length,
+                  "max_steps": max_steps, "lora": lora, "lora_r": lora_r, "lora_alpha": 2 * lora_r, "seed": seed,
+                  "device": device, "dtype": dtype}
+        if method == "grpo":
+            info = _train_grpo(model, output, device, common, batch_size, beta, dataset=dataset,
+                               train_problems=train_problems, eval_problems=eval_problems, data_seed=data_seed,
+                               num_generations=num_generations, max_completion_length=max_completion_length,
+                               temperature=temperature, format_reward=format_reward, length_penalty=length_penalty,
+                               system_prompt=system_prompt, lang=lang, save_steps=save_steps,
+                               generation=generation, vllm_server=vllm_server)
+        else:
+            if not data:
+                raise BadInputError(f"{method} trains on --data files", hint="pass the sft.jsonl / pairs.jsonl "
+                                    "files that `thinktime bootstrap` wrote")
+            settings = TrainSettings(batch_size=batch_size or 8, beta=0.1 if beta is None else beta,
+                                     completion_only=not full_sequence, **common)
+            info = train(method, _default_model(model, device), data, output, settings, log=_log)
         out.print(f"[green]model:[/] {output}  ({info['steps']} steps, loss {info['train_loss']}, "
                   f"{info['seconds']:.0f} s)")
         if method == "rm":
             out.print(f"use it: thinktime solve -s best-of-n -o scorer=orm:{output} ...")
         else:
-            out.print(f"use it: thinktime solve --model {output} ...")
+            hint = f" --system-prompt {system_prompt}" if method == "grpo" and system_prompt else ""
+            out.print(f"use it: thinktime solve --model {output}{hint} ...")
+
+
+def _train_grpo(model: Optional[str], output: Path, device: Optional[str], common: dict, batch_size: Optional[int],
+                beta: Optional[float], system_prompt: Optional[Path], **options) -> dict:
+    from thinktime.bootstrap.grpo import GrpoSettings, train_grpo
+    from thinktime.prompts import load_system_prompt
+
+    settings = GrpoSettings(batch_size=batch_size or 16, beta=beta or 0.0,
+                            system_prompt=load_system_prompt(system_prompt) if system_prompt else None,
+                            **common, **options)
+    return train_grpo(_default_model(model, device), output, settings, log=_log)
 
 
 @app.command("bootstrap")

@@ -22,7 +22,6 @@ records are reused.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import shutil
 import time
@@ -30,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from thinktime.bootstrap import data
+from thinktime.bootstrap.problems import split_problems, training_split
 from thinktime.bootstrap.rounds import RoundSettings, RoundStats, run_round
 from thinktime.bootstrap.training import TRAIN_INFO, TrainSettings, train
 from thinktime.errors import BadInputError
@@ -66,34 +66,6 @@ class BootstrapConfig:
         d = asdict(self)
         d["engine_options"] = {k: v for k, v in self.engine_options.items() if k != "api_key"}
         return d
-
-
-def training_split(dataset: str) -> str | None:
-    """The dataset's train split where it has one (gsm8k): bootstrapping on its test split would leave a later
-    `thinktime eval` of the trained model contaminated. None: the dataset's only split (arith, a file, math500)."""
-    from thinktime.evaluation.datasets import SPECS
-
-    spec = SPECS.get(dataset.strip().lower())
-    return "train" if spec is not None and ("train" in spec.files or "train" in spec.hub) else None
-
-
-def split_problems(config: BootstrapConfig):
-    """(training problems, held-out Dataset): disjoint, the held-out ones from the end of the set."""
-    from thinktime.evaluation.datasets import Dataset, load_dataset
-
-    if config.train_problems < 1 or config.eval_problems < 1:
-        raise BadInputError("--train-problems and --eval-problems must be at least 1")
-    full = load_dataset(config.dataset, split=training_split(config.dataset),
-                        limit=config.train_problems + config.eval_problems, data_seed=config.data_seed)
-    if len(full) < config.train_problems + config.eval_problems:
-        raise BadInputError(f"{config.dataset} has {len(full)} problems; {config.train_problems} for training and "
-                            f"{config.eval_problems} held out need more", hint="lower --train-problems/--eval-problems")
-    held = full.problems[len(full) - config.eval_problems:]
-    held_questions = {p.question for p in held}
-    train_set = [p for p in full.problems[:config.train_problems] if p.question not in held_questions]
-    fingerprint = hashlib.sha256(json.dumps([[p.id, p.question, p.gold] for p in held]).encode()).hexdigest()[:16]
-    heldout = Dataset(f"{full.name}-heldout", full.split, full.source, held, fingerprint)
-    return train_set, heldout
 
 
 def _free(engine) -> None:
@@ -318,4 +290,4 @@ def _fill(entry: dict, out: Path) -> dict:
 
 
 __all__ = ["BootstrapConfig", "RESTARTS", "RoundSettings", "RoundStats", "TrainSettings", "run_bootstrap",
-           "split_problems"]
+           "split_problems", "training_split"]

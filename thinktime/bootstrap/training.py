@@ -26,9 +26,9 @@ from pathlib import Path
 
 from thinktime.errors import BadInputError
 
-METHODS = ("sft", "dpo", "rm")
+METHODS = ("sft", "dpo", "rm", "grpo")  # grpo: thinktime.bootstrap.grpo (it samples; no --data files)
 # Learning rates that worked for each method (full fine-tuning, LoRA).
-DEFAULT_LR = {"sft": (3e-5, 2e-4), "dpo": (1e-6, 5e-6), "rm": (1e-5, 1e-4)}
+DEFAULT_LR = {"sft": (3e-5, 2e-4), "dpo": (1e-6, 5e-6), "rm": (1e-5, 1e-4), "grpo": (1e-5, 1e-4)}
 TRAIN_INFO = "thinktime-train.json"
 
 
@@ -208,6 +208,9 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     """Train `model` on `data` with TRL and write a loadable model folder to `output`."""
     if method not in METHODS:
         raise BadInputError(f"unknown training method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+    if method == "grpo":
+        raise BadInputError("grpo samples its own completions from a dataset's problems, not from --data files",
+                            hint="thinktime train grpo --dataset NAME (thinktime.bootstrap.grpo.train_grpo)")
     settings = settings or TrainSettings()
     settings.check()
     output = Path(output)

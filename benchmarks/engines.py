@@ -59,7 +59,7 @@ def load_engine(kind: str) -> dict:
     from thinktime.engines import create_engine
 
     # "transformers+fast": the static-KV-cache decoder (engines/fast.py); "+bf16" / "+fp32": that dtype
-    # (the CPU default is bf16 where the CPU multiplies it natively, as vLLM-CPU runs, else fp32).
+    # (on the CPU the default is the dtype the engine timed fastest on this machine, engines/cpu_tuning.py).
     name, _, variant = kind.partition("+")
     options = {"fast": {"fast": True}, "bf16": {"dtype": "bf16"}, "fp32": {"dtype": "fp32"}, "": {}}[variant]
     started = time.perf_counter()

@@ -63,7 +63,8 @@ def test_models_health_and_loopback(server):
 
 
 def test_non_streaming_reasoning_apart_and_exact_usage(client, server_thinker):
-    question = "What is 2+3?"
+    # a question whose first token is no bf16 near-tie: the answer starts with reasoning however it is batched
+    question = "How many legs do 3 cats have?"
     response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
                                               max_tokens=16)
     choice = response.choices[0]
@@ -189,7 +190,8 @@ def test_multi_chain_strategy_streams_candidates(client):
     (dict(model=f"{MODEL}:cot-5"), 404, "model"),  # cot has no size: the request's n is its chains
     (dict(extra_body={"thinktime": {"n": 2}}), 400, "thinktime.n"),
     (dict(extra_body={"thinktime": {"bogus": 1}}), 400, "thinktime"),  # cot's options are checked too: none
-    (dict(logprobs=True), 400, "logprobs"),  # the transformers engine has none: refused, not ignored
+    (dict(logprobs=True, model=f"{MODEL}:sc-2"), 400, "logprobs"),  # a strategy's answer has no token logprobs
+    (dict(logprobs=True, extra_body={"top_logprobs": 21}), 400, "top_logprobs"),
     (dict(extra_body={"top_logprobs": 2}), 400, "top_logprobs"),  # without logprobs
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools"),
     (dict(stream_options={"include_usage": True}), 400, "stream_options"),  # without stream, as OpenAI
@@ -267,7 +269,7 @@ def plain(engine):
 
 
 def test_sixteen_parallel_clients_all_answered_none_crossed(plain):
-    """8 greedy clients (batched onto one generate call) and 8 seeded sampling clients (run in turn)."""
+    """8 greedy clients and 8 seeded sampling clients at once: their rows decode in one continuous batch."""
     server, server_thinker, client = plain
     questions = [f"Marker {i}: {'add ' * i}what is {i} plus {i}?" for i in range(16)]
     before = health(server)
@@ -285,12 +287,10 @@ def test_sixteen_parallel_clients_all_answered_none_crossed(plain):
         assert response.usage.prompt_tokens == prompt_tokens(server_thinker, questions[i])
         assert response.choices[0].message.reasoning_content or response.choices[0].message.content
     after = health(server)
-    assert after["largest_batch"] > 1  # the greedy ones shared an engine call
-    assert after["engine_calls"] - before["engine_calls"] < 16
-    # seeded sampling is reproducible: asked again alone, each gives the same text
-    for i in (1, 7, 15):
-        again = ask(i)
-        assert again.choices[0].message.reasoning_content == responses[i].choices[0].message.reasoning_content
+    assert after["served"] - before["served"] == 16 and after["failed"] == before["failed"]
+    assert server_thinker.engine.batcher.stats["most_calls"] > 2  # several clients' rows shared decoding steps
+    # (a seeded request asked again alone gives the same text in fp32: tests/test_engine_hf_batching.py; this
+    # engine is bf16, where another batch can flip a near-tie)
 
 
 def _wait_idle(server, cancelled_before: int, seconds: float = 20) -> dict:
@@ -395,12 +395,10 @@ def test_non_streaming_disconnect_cancels_generation(server):
     _wait_idle(server, before)
 
 
-def test_full_queue_answers_429_with_retry_after_then_timeout(server):
-    scheduler = service(server).scheduler
-    config = service(server).config
-    old_queue, old_timeout = scheduler.max_queue, config.request_timeout
-    scheduler.max_queue, config.request_timeout = 1, 3.0
-    try:
+def test_full_queue_answers_429_with_retry_after_then_timeout(server_thinker):
+    # one request runs at a time and one may wait: the third is refused
+    config = ServerConfig(max_batch=1, max_queue=1, request_timeout=3.0)
+    with BackgroundServer(create_app(server_thinker, config)) as server:
         long = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 4000}
         results: dict[str, httpx.Response] = {}
 
@@ -426,9 +424,7 @@ def test_full_queue_answers_429_with_retry_after_then_timeout(server):
         for name in ("running", "queued"):
             assert results[name].status_code == 504, results[name].text
             assert results[name].json()["error"]["code"] in ("timeout", "cancelled")
-    finally:
-        scheduler.max_queue, config.request_timeout = old_queue, old_timeout
-    assert health(server)["status"] == "ok"
+        assert health(server)["status"] == "ok"
 
 
 def test_thinktime_serve_command_end_to_end():
@@ -570,3 +566,14 @@ def test_reasoning_effort_maps_to_budgets_and_usage_counts_reasoning_tokens(clie
     thought = [d for d in streamed if getattr(d, "reasoning_content", None)]
     assert thought and all(d.reasoning == d.reasoning_content for d in thought)
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens <= chunks[-1].usage.completion_tokens
+
+
+def test_logprobs_for_cot_choices_from_the_transformers_engine(client):
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                           max_tokens=5, logprobs=True, top_logprobs=2)
+    [choice] = reply.choices
+    content = choice.logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for token in content:  # greedy: the chosen token is the most likely one
+        assert token.logprob <= 0 and len(token.top_logprobs) == 2
+        assert token.top_logprobs[0].logprob == pytest.approx(token.logprob)

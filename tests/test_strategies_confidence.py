@@ -1,5 +1,6 @@
 """Confidence from log-probabilities (thinktime.confidence) and self-consistency's DeepConf rules, on the embedded
-model through the llama.cpp engine; engines without log-probabilities are refused before anything is generated."""
+model through the llama.cpp and transformers engines; engines without log-probabilities are refused before anything is
+generated."""
 from __future__ import annotations
 
 import pytest
@@ -64,11 +65,16 @@ def test_early_stop_learns_from_the_first_round_and_stops_later_chains(plain):
 
 
 def test_confidence_rules_need_an_engine_with_log_probabilities(engine):
+    from strategy_doubles import ScriptedEngine
+
     from thinktime import Thinker
 
+    scripted = ScriptedEngine(lambda prompt, k: "The answer is \\boxed{7}.")  # an engine without log-probabilities
+    with pytest.raises(BadInputError, match="scripted engine"):
+        Thinker(engine=scripted, think=False).solve(QUESTION, strategy="self-consistency",
+                                                    options={"n": 2, "weights": "confidence"})
+    assert scripted.calls == []  # refused before anything was generated
     thinker = Thinker(engine=engine, think=False, max_new_tokens=8)
-    with pytest.raises(BadInputError, match="transformers engine"):
-        thinker.solve(QUESTION, strategy="self-consistency", options={"n": 2, "weights": "confidence"})
     with pytest.raises(BadInputError, match="round below n"):
         thinker.solve(QUESTION, strategy="self-consistency", options={"n": 2, "early_stop": True})
 

@@ -44,4 +44,4 @@ def refuse_logprobs(engine: Engine, params: SamplingParams) -> None:
     """Engines that do not return log-probabilities say so before generating anything."""
     if params.logprobs is not None or params.stop_below is not None:
         raise BadInputError(f"the {engine.name} engine does not return log-probabilities",
-                            hint="use --engine llamacpp (a GGUF model) for log-probabilities and confidence")
+                            hint="the transformers and llamacpp engines return log-probabilities (--engine)")

@@ -24,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from thinktime.engines import shared_prefix
 
 ATTENTION_NAME = "thinktime_cpu_decode"
+SHARED_ONLY_NAME = "thinktime_cpu_shared_prefix"  # the shared-prefix steps only; the rest as sdpa
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -54,18 +55,30 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     return out.reshape(rows, 1, heads, dim), None
 
 
+def shared_prefix_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """decode_attention over a shared-prefix cache, sdpa for everything else: for CPUs where sdpa wins
+    the one-query steps of a plain cache (engines/cpu_tuning.py)."""
+    if shared_prefix.shared_of(key) is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    return decode_attention(module, query, key, value, attention_mask, *args, **kwargs)
+
+
 def register() -> None:
     AttentionInterface.register(ATTENTION_NAME, decode_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionInterface.register(SHARED_ONLY_NAME, shared_prefix_attention)
+    AttentionMaskInterface.register(SHARED_ONLY_NAME, sdpa_mask)
 
 
-def use_for(model) -> bool:
-    """Switches a CPU model from "sdpa" to this attention; leaves any other choice alone. True if switched."""
+def use_for(model, one_query: bool = True) -> bool:
+    """Switches a CPU model from "sdpa" to this attention (with one_query=False only for steps over a
+    shared-prefix cache); leaves any other choice alone. True if switched."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
     register()
+    name = ATTENTION_NAME if one_query else SHARED_ONLY_NAME
     try:
-        model.set_attn_implementation(ATTENTION_NAME)
+        model.set_attn_implementation(name)
     except (ValueError, TypeError, AttributeError):  # a model that refuses custom attention keeps sdpa
         return False
-    return model.config._attn_implementation == ATTENTION_NAME
+    return model.config._attn_implementation == name

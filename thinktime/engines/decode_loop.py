@@ -19,6 +19,7 @@ import torch
 
 from thinktime.engines import lean_step
 from thinktime.engines.fast import Rows, draw_uniforms, sample
+from thinktime.engines.token_logprobs import LogprobRows
 
 TOP_P_CANDIDATES = 256  # top-p looks for its kept tokens among these first (fast.sample)
 
@@ -26,13 +27,14 @@ TOP_P_CANDIDATES = 256  # top-p looks for its kept tokens among these first (fas
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cache, cache_kwarg: str,
            max_new_tokens: int, greedy: bool, temperature: float, top_p: float, seed,
            stop_ids: set[int], pad_id: int, stop_strings=(), tokenizer=None, streamer=None,
-           cancel: threading.Event | None = None, lean=None, first_logits: torch.Tensor | None = None
-           ) -> list[list[int]]:
+           cancel: threading.Event | None = None, lean=None, first_logits: torch.Tensor | None = None,
+           logprobs: LogprobRows | None = None) -> list[list[int]]:
     """New tokens per row, shaped as `generate` returns them (a stop id kept, then pad_id to a common
     length). `cache` may already hold the first positions of every row (a prefix cache). `lean` (a
     lean_step.LeanStep) runs the one-token steps over a shared-prefix cache instead of the model's forward.
     `first_logits` ([rows, vocab]): the cache holds every input position already and these are the logits
-    after them (a prefilled prompt's), so the first tokens are sampled without a forward."""
+    after them (a prefilled prompt's), so the first tokens are sampled without a forward. `logprobs` records each
+    token's log-probability from the same logits, and a row it finds unsure ends there (DeepConf's early stop)."""
     rows = input_ids.shape[0]
     cancel = cancel or threading.Event()
     state = Rows(rows, set(stop_ids), pad_id, tuple(stop_strings), tokenizer, streamer)
@@ -60,7 +62,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cach
                         candidates=TOP_P_CANDIDATES)
         every_row = torch.full((rows,), pad_id, dtype=torch.long)
         every_row[live] = tokens.cpu()
+        unsure = logprobs.record(live.tolist(), logits, tokens) if logprobs is not None else ()
         state.push(every_row.tolist())
+        for row in unsure:  # low confidence: the row leaves the batch as a finished one does
+            state.done[row] = True
+        state.all_done = all(state.done)
         if state.all_done or step + 1 == max_new_tokens or cancel.is_set():
             break
         keep = [i for i, row in enumerate(live.tolist()) if not state.done[row]]

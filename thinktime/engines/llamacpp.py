@@ -19,11 +19,11 @@ from thinktime.engines.base import Engine
 from thinktime.engines.llamacpp_native import Native, default_threads
 from thinktime.engines.llamacpp_rows import Request
 from thinktime.engines.llamacpp_scheduler import RESERVED_CELLS, Scheduler
+from thinktime.engines.token_logprobs import check_logprob_params
 from thinktime.errors import BadInputError, ThinktimeError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
-MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's API allows
 INSTALL_HINT = "pip install 'thinktime[llamacpp]' (llama-cpp-python; it compiles llama.cpp, about 9 minutes)"
 
 
@@ -168,11 +168,7 @@ def check_params(params: SamplingParams, prompts: int) -> None:
                             f"max_new_tokens={params.max_new_tokens}")
     if params.seeds is not None and len(params.seeds) != prompts:
         raise BadInputError(f"{len(params.seeds)} seeds for {prompts} prompts", hint="one seed per prompt")
-    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
-        raise BadInputError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} alternatives per token, got {params.logprobs}")
-    if params.stop_below is not None and (not params.logprobs or params.stop_below[0] < 1):
-        raise BadInputError("stopping on low confidence reads the top log-probabilities over a window of at least "
-                            "one token: set logprobs >= 1 and a window >= 1")
+    check_logprob_params(params)
 
 
 def row_seed(seed: int, row: int) -> int:

@@ -62,7 +62,8 @@ class FusedProduct:
     def __init__(self, linears: list[nn.Linear]):
         weight = torch.cat([linear.weight.detach() for linear in linears])
         bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        fused = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                   dtype=weight.dtype)  # no random init of weights overwritten at once
         with torch.no_grad():
             fused.weight.copy_(weight)
             if bias is not None:

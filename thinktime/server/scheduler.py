@@ -10,8 +10,8 @@ Retry-After); a job whose client has gone or whose deadline has passed is cancel
 is still queued, stopped at the next token if it is running (a batch stops when all its clients are
 gone).
 
-An engine that batches continuously (`engine.continuous_batching`, the llama.cpp engine) takes calls
-from many threads and decodes them in one batch, rows joining and leaving between steps: there the
+An engine that batches continuously (`engine.continuous_batching`: the llama.cpp engine, and the
+transformers engine on a CPU, which the scheduler switches to it while it serves) takes calls from many threads and decodes them in one batch, rows joining and leaving between steps: there the
 queue feeds up to `max_batch` workers, one job each, streams and seeded requests included, and the
 engine's own first-come-first-served admission does the batching.
 """
@@ -109,6 +109,9 @@ class Scheduler:
         self.stats = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "engine_calls": 0,
                       "batched_requests": 0, "largest_batch": 0}
         self._job_seconds = 2.0  # running mean of a job's time, for Retry-After
+        # The transformers engine batches continuously while it serves (its CPU decoding loop), the llama.cpp one always.
+        start = getattr(engine, "start_continuous_batching", None)
+        self._started_batching = bool(start(self.max_batch)) if callable(start) else False
         self.concurrent = bool(getattr(engine, "continuous_batching", False))
         self._workers = [threading.Thread(target=self._loop, name=f"thinktime-scheduler-{i}", daemon=True)
                          for i in range(self.max_batch if self.concurrent else 1)]
@@ -162,6 +165,8 @@ class Scheduler:
         deadline = time.monotonic() + 30
         for worker in self._workers:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._started_batching:
+            self.engine.stop_continuous_batching()
 
     # --- the worker side ---------------------------------------------------------------------
 

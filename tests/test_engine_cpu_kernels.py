@@ -185,7 +185,7 @@ def test_import_sets_a_short_openmp_spin_unless_the_user_chose(preset, expected)
 
 
 def test_the_cpu_default_is_bf16_where_the_cpu_multiplies_it(engine):
-    from thinktime.engines.hf import pick_dtype
+    from thinktime.engines.device import pick_dtype
     from thinktime.engines.onednn import cpu_has_bf16
 
     assert engine.dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)

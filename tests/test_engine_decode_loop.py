@@ -107,11 +107,11 @@ def test_generates_stop_strings_ignore_the_prompt(engine):
     # generate()'s fallback: a prompt ending in "\n" and a first token "\n" do not make "\n\n"
     import torch
 
-    from thinktime.engines.hf import _StopStrings
+    from thinktime.engines.hf_streaming import StopStrings
 
     prompt = engine.tokenizer("Step one.\n", add_special_tokens=False).input_ids
     newline = engine.tokenizer("\n", add_special_tokens=False).input_ids
-    criterion = _StopStrings(("\n\n",), engine.tokenizer, len(prompt))
+    criterion = StopStrings(("\n\n",), engine.tokenizer, len(prompt))
     assert not criterion(torch.tensor([prompt + newline]), None).item()
     assert criterion(torch.tensor([prompt + newline + newline]), None).item()
 

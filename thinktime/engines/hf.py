@@ -12,13 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
@@ -26,171 +20,18 @@ from thinktime import models
 from thinktime.engines import cpu_attention, cpu_tuning, decode_loop, hf_batching
 from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
-from thinktime.engines.fast import Rows, draw_uniforms, env_flag, generation_config_blocker, stop_window
+from thinktime.engines.device import fp32_fits, pick_device, pick_dtype, refuse_cpu_for_large, stored_as_fp32
+from thinktime.engines.fast import Rows, draw_uniforms, env_flag, generation_config_blocker
 from thinktime.engines.growing_cache import GrowingLayer, growing, new_growing_cache
 from thinktime.engines.lean_step import LeanStep
-from thinktime.engines.onednn import cpu_has_bf16, pack_linears
+from thinktime.engines.hf_streaming import CancelCriteria, QueueStreamer, StopStrings
+from thinktime.engines.onednn import pack_linears
 from thinktime.engines.prefix_cache import MIN_SHARED, PrefixCache, common_prefix_length
 from thinktime.engines.shared_prefix import shared_prefix_cache
-from thinktime.engines.token_logprobs import (
-    LogprobRows,
-    check_logprob_params,
-    record_generated,
-)
+from thinktime.engines.token_logprobs import LogprobRows, check_logprob_params, record_generated
 from thinktime.errors import BadInputError, InsufficientMemoryError, ThinktimeError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
-
-# On CPU an 8B model decodes at about a token per second: refuse unless the user insists on CPU.
-_CPU_PARAMS_LIMIT_B = 3.0
-
-
-def pick_device(device: str | None) -> str:
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        kind = None
-    if kind is None or kind == "meta":  # meta holds no data: nothing could be generated on it
-        raise BadInputError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N (or mps, xpu)")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda asked for, but no CUDA GPU is visible",
-                            hint="drop --device to run on the CPU, or check the driver with nvidia-smi")
-    return device
-
-
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-
-
-def pick_dtype(dtype: str | None, device: str, weight_bytes: int) -> torch.dtype:
-    """bf16 on GPU, and on a CPU that multiplies bf16 natively (AVX512-BF16, AMX), as vLLM-CPU runs:
-    decoding reads half the bytes (1.4x the tokens/s of fp32 in benchmarks/engines.py). On other CPUs
-    fp32, where bf16 would be emulated, unless it would not fit; then bf16. (The transformers engine
-    measures fp32 against bf16 on the CPU instead, engines/cpu_tuning.py; this is its default.)"""
-    if dtype not in (None, "", "auto"):
-        try:
-            return _DTYPES[dtype.lower()]
-        except KeyError:
-            raise BadInputError(f"unknown dtype {dtype!r}", hint="use auto, bf16, fp16 or fp32") from None
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if cpu_has_bf16():
-        return torch.bfloat16
-    return torch.float32 if fp32_fits(weight_bytes) else torch.bfloat16
-
-
-def fp32_fits(weight_bytes: int) -> bool:
-    """Whether these weights (bytes on disk) fit the RAM in fp32, with room to spare."""
-    import psutil
-
-    return weight_bytes * 2.4 < psutil.virtual_memory().available * 0.6
-
-
-class _Cancel(StoppingCriteria):
-    """Stops every sequence as soon as the caller sets the event (Ctrl-C, client gone)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _StopStrings(StoppingCriteria):
-    """Stop strings for generate(), read in the generated tokens only. transformers' own `stop_strings` also
-    match text that begins in the prompt (a step prefix ending in "\n" and a first token "\n" would meet
-    "\n\n"), which the decoding loop never does; this keeps the two paths alike."""
-
-    def __init__(self, stops, tokenizer, prompt_width: int):
-        self.stops, self.tokenizer, self.width = tuple(stops), tokenizer, prompt_width
-        self.window = stop_window(self.stops)  # as the decoding loop's: counted in bytes, not characters
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, self.width:]
-        tails = self.tokenizer.batch_decode(new[:, -self.window:], skip_special_tokens=True)
-        return torch.tensor([any(s in tail for s in self.stops) for tail in tails], device=input_ids.device)
-
-
-class _IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas without re-decoding the whole sequence.
-
-    The prefix window (as in vLLM's detokenizer) keeps word-joining spaces right for sentencepiece
-    tokenizers; a trailing U+FFFD means a multi-byte character is not complete yet, so we wait.
-    """
-
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.sent = ""
-        self.pending = ""
-        self.stop = stop
-        # Keep back the chars that might begin a stop string; once one appears, send nothing more
-        # (a new occurrence always lies inside the unsent text, so it is never streamed).
-        self.hold_back = max((len(s) for s in stop), default=1) - 1
-        self.stopped = False
-
-    def push(self, token_id: int) -> str:
-        if self.stopped:
-            return ""
-        self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        self.pending += full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if any(s in self.pending for s in self.stop):
-            self.stopped = True
-            return ""
-        if self.hold_back:
-            ready, self.pending = self.pending[: -self.hold_back], self.pending[-self.hold_back :]
-        else:
-            ready, self.pending = self.pending, ""
-        self.sent += ready
-        return ready
-
-    def finish(self, final_text: str) -> str:
-        """The rest of the final text; joined deltas always equal the final text."""
-        if final_text.startswith(self.sent):
-            rest = final_text[len(self.sent) :]
-        else:  # cannot happen: stop strings are never streamed (see push)
-            rest = ""
-        self.sent += rest
-        return rest
-
-
-class _QueueStreamer(BaseStreamer):
-    """Receives each decoding step's tokens for the whole batch and queues per-sample text deltas."""
-
-    def __init__(self, tokenizer, rows: int, stop_ids: set[int], emit, stop: tuple[str, ...]):
-        self.decoders = [_IncrementalDecoder(tokenizer, stop) for _ in range(rows)]
-        self.done = [False] * rows
-        self.stop_ids = stop_ids
-        self.emit = emit
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands us the prompt ids
-            self.prompt_seen = True
-            return
-        for row, token in enumerate(value.reshape(-1).tolist()):
-            if self.done[row]:
-                continue
-            if token in self.stop_ids:
-                self.done[row] = True
-                continue
-            delta = self.decoders[row].push(token)
-            if delta:
-                self.emit(StreamDelta(row, delta))
-
-    def end(self) -> None:
-        pass
-
 
 class TransformersEngine(Engine):
     name = "transformers"
@@ -204,34 +45,12 @@ class TransformersEngine(Engine):
         self.device = pick_device(device)
         known = models.ALIASES.get(model.strip().lower()) if isinstance(model, str) else None
         if known is not None:  # refuse before a download of many GB, not after
-            self._refuse_cpu_for_large(known.alias, known.params_b, explicit_cpu)
+            refuse_cpu_for_large(known.alias, known.params_b, self.device, explicit_cpu)
             models.check_fits(known.alias, int(known.bf16_gb * 1e9), self.device)
         resolved = models.resolve(model, source=source)
         self.model_name = resolved.spec.alias if resolved.spec else model
         self.spec = resolved.spec
-        weight_bytes = models.weights_bytes(resolved.path)
-        params_b = resolved.spec.params_b if resolved.spec else weight_bytes / 2e9
-        self._refuse_cpu_for_large(self.model_name, params_b, explicit_cpu)
-        self.dtype = pick_dtype(dtype, self.device, weight_bytes)
-        # On the CPU the kernels, and for dtype auto the dtype, are the ones measured fastest on this machine
-        # (engines/cpu_tuning.py): the model loads in the cached verdict's dtype, or in fp32 to time both.
-        tuning = self._cpu_tuning(resolved.path, dtype, weight_bytes, trust_remote_code, fast)
-        if tuning is not None:
-            self.dtype = tuning.load_dtype
-        stored_bytes_per_param = 4 if _stored_as_fp32(resolved.path) else 2
-        models.check_fits(self.model_name, weight_bytes, self.device,
-                          bytes_per_param_scale=torch.finfo(self.dtype).bits / 8 / stored_bytes_per_param)
-
-        hf_logging.disable_progress_bar()  # thinktime shows its own progress; keep the output clean
-        self.tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
-        self.tokenizer.padding_side = "left"  # batched decoding needs prompts aligned at the right
-        load_kwargs = dict(dtype=self.dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_bin)
-        if self.device.startswith("cuda"):
-            load_kwargs["device_map"] = "auto"
-        self.model = AutoModelForCausalLM.from_pretrained(resolved.path, **load_kwargs)
-        if not self.device.startswith("cuda"):
-            self.model.to(self.device)
-        self.model.eval()
+        tuning = self._load(resolved, dtype, explicit_cpu, trust_remote_code, allow_bin, fast)
         # On the CPU, which kernels it runs and why: {"dtype", "onednn", "decode_attention", "shared_prefix",
         # "lean_step", "source": "measured" | "cached" | "env" | "default", ...}; None on a GPU.
         self.cpu_kernels = self._settle_cpu_kernels(tuning, trust_remote_code)
@@ -245,8 +64,41 @@ class TransformersEngine(Engine):
         # KV caches of continued prompts (a Prompt.prefix), so a chain that grows step by step is
         # not prefilled again in full at every step; 0 turns it off.
         self.prefix_cache = PrefixCache(self.model, prefix_cache_tokens)
-        # The fast decoder (static KV cache, CUDA graphs; thinktime/engines/fast.py): the default on CUDA,
-        # off with fast=False (--no-fast) or THINKTIME_FAST=0; calls it cannot serve go to generate().
+        self._start_fast_decoder(fast)
+        self._choose_cpu_decoding(trust_remote_code)
+        # Serving: calls from several threads decode in one batch (start_continuous_batching); None otherwise.
+        self.batcher: hf_batching.Batcher | None = None
+        self._batching_users = 0  # servers over this engine that started it
+
+    def _load(self, resolved, dtype: str | None, explicit_cpu: bool, trust_remote_code: bool, allow_bin: bool,
+              fast: bool | None) -> cpu_tuning.Tuning | None:
+        """The tokenizer and the model, in the dtype asked for or chosen; on the CPU, where the kernels' verdict
+        comes from (the model loads in the cached verdict's dtype, or in fp32 to time both)."""
+        weight_bytes = models.weights_bytes(resolved.path)
+        params_b = resolved.spec.params_b if resolved.spec else weight_bytes / 2e9
+        refuse_cpu_for_large(self.model_name, params_b, self.device, explicit_cpu)
+        self.dtype = pick_dtype(dtype, self.device, weight_bytes)
+        tuning = self._cpu_tuning(resolved.path, dtype, weight_bytes, trust_remote_code, fast)
+        if tuning is not None:
+            self.dtype = tuning.load_dtype
+        stored_bytes_per_param = 4 if stored_as_fp32(resolved.path) else 2
+        models.check_fits(self.model_name, weight_bytes, self.device,
+                          bytes_per_param_scale=torch.finfo(self.dtype).bits / 8 / stored_bytes_per_param)
+        hf_logging.disable_progress_bar()  # thinktime shows its own progress; keep the output clean
+        self.tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"  # batched decoding needs prompts aligned at the right
+        load_kwargs = dict(dtype=self.dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_bin)
+        if self.device.startswith("cuda"):
+            load_kwargs["device_map"] = "auto"
+        self.model = AutoModelForCausalLM.from_pretrained(resolved.path, **load_kwargs)
+        if not self.device.startswith("cuda"):
+            self.model.to(self.device)
+        self.model.eval()
+        return tuning
+
+    def _start_fast_decoder(self, fast: bool | None) -> None:
+        """The fast decoder (static KV cache, CUDA graphs; thinktime/engines/fast.py): the default on CUDA,
+        off with fast=False (--no-fast) or THINKTIME_FAST=0; calls it cannot serve go to generate()."""
         self.fast = None
         # Its first call also decodes 16 greedy tokens with generate and compares (engines/fast_check.py): the
         # outcome ("passed", "failed at position 7", "skipped (THINKTIME_FAST=verified)"); None until then.
@@ -259,10 +111,13 @@ class TransformersEngine(Engine):
             try:
                 self.fast = FastDecoder(self.model)
             except FastPathUnavailable as exc:
-                warnings.warn(f"thinktime fast decoding off: {exc}; using generate", RuntimeWarning, stacklevel=2)
-        # On the CPU, where they won the timing (self.cpu_kernels): generate() runs on oneDNN-packed linear layers
-        # (2-3x MKL's speed for decoding on a Zen 5; engines/onednn.py); the fast decoder reads the plain weights.
+                warnings.warn(f"thinktime fast decoding off: {exc}; using generate", RuntimeWarning, stacklevel=3)
+
+    def _choose_cpu_decoding(self, trust_remote_code: bool) -> None:
+        """The CPU decoding pieces that won the timing (self.cpu_kernels); on a GPU none."""
         kernels = self.cpu_kernels or {}
+        # generate() runs on oneDNN-packed linear layers (2-3x MKL's speed for decoding on a Zen 5; engines/onednn.py);
+        # the fast decoder reads the plain weights.
         self.packed_linears = pack_linears(self.model) if self.fast is None and kernels.get("onednn") else 0
         # ...and one-query attention as two matrix products per KV group, not a flash kernel (engines/cpu_attention.py),
         # or that attention only over a shared prefix (below) and sdpa for the rest.
@@ -284,9 +139,6 @@ class TransformersEngine(Engine):
         if self.shared_prefix_decoding and kernels.get("lean_step") and \
                 LeanStep.unavailable_reason(self.model) is None:
             self.lean_step = LeanStep(self.model)
-        # Serving: calls from several threads decode in one batch (start_continuous_batching); None otherwise.
-        self.batcher: hf_batching.Batcher | None = None
-        self._batching_users = 0  # servers over this engine that started it
 
     def _cpu_tuning(self, path, dtype: str | None, weight_bytes: int, trust_remote_code: bool,
                     fast: bool | None) -> cpu_tuning.Tuning | None:
@@ -308,15 +160,6 @@ class TransformersEngine(Engine):
         if self.model.dtype != self.dtype:  # bf16 won, timed on the fp32 load: as from_pretrained would cast it
             cpu_tuning.cast_parameters(self.model, self.dtype)
         return kernels
-
-    def _refuse_cpu_for_large(self, name: str, params_b: float, explicit_cpu: bool) -> None:
-        if self.device == "cpu" and params_b > _CPU_PARAMS_LIMIT_B and not explicit_cpu:
-            raise InsufficientMemoryError(
-                f"{name} has ~{params_b:.1f} B parameters (~{params_b * 2:.1f} GB in bf16) and no CUDA GPU is "
-                f"visible: on a CPU it would decode at about a token per second",
-                hint="run on a GPU with >= 24 GB (InternLM3-8B needs ~20 GB in bf16), use --model smollm2-135m, "
-                     "or pass --device cpu to run on the CPU anyway",
-            )
 
     # --- the protocol -------------------------------------------------------------------------
 
@@ -359,7 +202,7 @@ class TransformersEngine(Engine):
         cancel = cancel or threading.Event()
 
         def work(emit) -> None:
-            streamer = _QueueStreamer(self.tokenizer, params.n, self.stop_ids | {self.tokenizer.pad_token_id}, emit,
+            streamer = QueueStreamer(self.tokenizer, params.n, self.stop_ids | {self.tokenizer.pad_token_id}, emit,
                                       params.stop)
             rows = self._run([self.render(prompt)], params.for_prompt(0), cancel, streamer,
                              reuse=_should_reuse([prompt], params))
@@ -429,14 +272,14 @@ class TransformersEngine(Engine):
             max_new_tokens=max_new,
             eos_token_id=sorted(self.stop_ids),
             pad_token_id=self.tokenizer.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
+            stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
         )
         if params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
         if params.stop:
-            kwargs["stopping_criteria"].append(_StopStrings(params.stop, self.tokenizer, width))
+            kwargs["stopping_criteria"].append(StopStrings(params.stop, self.tokenizer, width))
         if streamer is not None:
             kwargs["streamer"] = streamer
         device = self.model.device
@@ -607,10 +450,3 @@ def _should_reuse(prompts: Sequence[Prompt], params: SamplingParams) -> bool:
     samples (the prompt is prefilled once and its KV cache shared by the n rows, instead of n times).
     A plain single greedy chain goes without: a reused cache can differ in the last float bits."""
     return params.n > 1 or all(p.prefix for p in prompts)
-
-
-def _stored_as_fp32(path) -> bool:
-    import json
-
-    config = json.loads((path / "config.json").read_text())
-    return str(config.get("torch_dtype") or config.get("dtype") or "").endswith("float32")

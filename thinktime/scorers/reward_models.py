@@ -50,7 +50,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def load_reward_model(spec: str, *, device: str | None = None, dtype: str | None = None,
                       source: str | None = None) -> Scorer:
     from thinktime import models
-    from thinktime.engines.hf import pick_device, pick_dtype
+    from thinktime.engines.device import pick_device, pick_dtype
 
     kind, name = parse_spec(spec)
     path = Path(name).expanduser()

@@ -90,7 +90,7 @@ def test_a_seed_per_prompt_draws_what_each_prompt_alone_would(fp32_engine):
 
 def test_chinese_and_emoji_stop_strings_stop_the_row(engine):
     # A Chinese character or an emoji can take a token per byte: the stop window counts bytes.
-    from thinktime.engines.fast import Rows
+    from thinktime.engines.decode_rows import Rows
 
     for text, stop in (("我们算一下，所以答案是42。", "所以答案是"), ("ok 🦜🦜🦜 then", "🦜🦜🦜")):
         ids = engine.tokenizer(text, add_special_tokens=False).input_ids
@@ -149,22 +149,22 @@ def test_stream_joins_to_the_generated_text(engine):
 def test_top_p_among_candidates_picks_what_the_full_sort_picks(monkeypatch):
     import torch
 
-    from thinktime.engines import fast
+    from thinktime.engines import decode_ops
 
     used = {"candidates": 0, "too_few": 0}
-    among = fast._top_p_among_candidates
+    among = decode_ops._top_p_among_candidates
 
     def counted(*args):
         picked = among(*args)
         used["candidates" if picked is not None else "too_few"] += 1
         return picked
 
-    monkeypatch.setattr(fast, "_top_p_among_candidates", counted)
+    monkeypatch.setattr(decode_ops, "_top_p_among_candidates", counted)
     generator = torch.Generator().manual_seed(0)
     for trial in range(24):
         logits = torch.randn(8, 4096, generator=generator) * (0.5 + trial % 6)  # flat to peaked
         u = 1 - torch.rand(8, generator=generator)
         for top_p in (0.5, 0.9, 0.95):
-            want = fast.sample(logits, u, "top_p", 0.8, top_p)
-            assert torch.equal(fast.sample(logits, u, "top_p", 0.8, top_p, candidates=64), want)
+            want = decode_ops.sample(logits, u, "top_p", 0.8, top_p)
+            assert torch.equal(decode_ops.sample(logits, u, "top_p", 0.8, top_p, candidates=64), want)
     assert used["candidates"] > 0 and used["too_few"] > 0  # both ways were taken

@@ -19,7 +19,9 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from thinktime.engines import fast
-from thinktime.engines.fast import FastDecoder, FastPathUnavailable, sample, unsupported_reason
+from thinktime.engines.decode_ops import sample
+from thinktime.engines.fast import FastDecoder
+from thinktime.engines.fast_support import FastPathUnavailable, unsupported_reason
 from thinktime.engines.hf import TransformersEngine
 from thinktime.types import Prompt, SamplingParams
 

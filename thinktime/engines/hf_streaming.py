@@ -8,7 +8,7 @@ import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from thinktime.engines.fast import stop_window
+from thinktime.engines.decode_rows import stop_window
 from thinktime.types import StreamDelta
 
 

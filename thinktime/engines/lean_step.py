@@ -20,7 +20,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from thinktime.engines.fast import rms_norm, unsupported_reason
+from thinktime.engines.decode_ops import rms_norm
+from thinktime.engines.fast_support import unsupported_reason
 from thinktime.engines.onednn import PackedLinear, fused_product
 from thinktime.engines.shared_prefix import SharedPrefixLayer, one_query_attention
 

@@ -82,8 +82,8 @@ class _Replica:
         devices = os.environ.get("CUDA_VISIBLE_DEVICES")
         pool = devices.split(",") if devices else [str(i) for i in range(per_replica * size)]
         visible = ",".join(pool[rank * per_replica : (rank + 1) * per_replica])
-        self.process = ctx.Process(target=_replica_main, args=(child, engine_cls, path, engine_kwargs, visible), daemon=True,
-                                   name=f"thinktime-vllm-dp{rank}")
+        self.process = ctx.Process(target=_replica_main, args=(child, engine_cls, path, engine_kwargs, visible),
+                                   daemon=True, name=f"thinktime-vllm-dp{rank}")
         self.process.start()
         self.context_length: int | None = None
 

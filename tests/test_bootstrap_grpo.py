@@ -107,3 +107,26 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert [r["step"] for r in info["rewards"]] == [1, 2, 3]  # the first run's step kept in the record
     assert not (out / "adapter_config.json").exists()  # LoRA merged: a plain model folder
     assert not scratch.exists()
+
+
+def test_bootstrap_grpo_rounds_evaluate_held_out_and_plot_against_time(tmp_path):
+    from thinktime.bootstrap.loop import BootstrapConfig, run_bootstrap
+    from thinktime.bootstrap.plot import plot_against_time
+    from thinktime.bootstrap.rounds import RoundSettings
+
+    grpo = GrpoSettings(**{k: v for k, v in TINY.items() if k not in ("dataset", "train_problems", "eval_problems",
+                                                                      "max_completion_length")})
+    config = BootstrapConfig(model="smollm2-135m", dataset="arith:1", rounds=1, output=str(tmp_path / "run"),
+                             train_problems=8, eval_problems=4, dtype="fp32", method="grpo", grpo=grpo, grpo_steps=1,
+                             sampling=RoundSettings(max_new_tokens=12))
+    summary = run_bootstrap(config, log=lambda m: None)
+    first, second = summary["rounds"]
+    assert first["training_seconds"] == 0 and second["training_seconds"] > 0
+    assert second["train"]["method"] == "grpo" and second["train"]["steps"] == 1
+    assert (tmp_path / "run" / "accuracy-time.png").is_file()
+    lines: list[str] = []
+    again = run_bootstrap(config, log=said(lines))  # a finished run is reused, not trained again
+    assert not any(line.startswith("grpo: step") for line in lines)
+    assert again["rounds"][1]["eval"] == second["eval"]
+    plot_against_time({"GRPO": summary["rounds"], "again": again["rounds"]}, tmp_path / "both.png")
+    assert (tmp_path / "both.png").stat().st_size > 0

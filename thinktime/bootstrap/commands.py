@@ -13,7 +13,7 @@ from thinktime.errors import BadInputError
 
 EpochsOpt = typer.Option(3.0, "--epochs", help="Training epochs.")
 LrOpt = typer.Option(None, "--lr", help="Learning rate (default by method: sft 3e-5 full / 2e-4 LoRA, "
-                     "dpo 1e-6 / 5e-6, rm 1e-5 / 1e-4).")
+                     "dpo 1e-6 / 5e-6, rm 1e-5 / 1e-4, grpo 1e-5 / 1e-4).")
 BatchOpt = typer.Option(8, "--batch-size", help="Rows per training step (per device).")
 AccumOpt = typer.Option(1, "--grad-accum", help="Gradient accumulation steps.")
 MaxLenOpt = typer.Option(2048, "--max-length", help="Longest training sequence in tokens (the thinking prompt alone "
@@ -58,6 +58,8 @@ def train_command(
                                        "the assistant reply."),
     dataset: str = typer.Option("arith:2", "--dataset", "-d", help="grpo: problems with gold answers (arith:LEVEL, "
                                 "gsm8k, math500, ... or a .jsonl file); its train split where it has one."),
+    split: Optional[str] = typer.Option(None, "--split", help="grpo: train (the default where the set has one); "
+                                        "no other split is trained on."),
     train_problems: int = typer.Option(120, "--train-problems", help="grpo: training problems (the first of the "
                                        "set)."),
     eval_problems: int = typer.Option(100, "--eval-problems", help="grpo: held out (the last of the set), never "
@@ -90,7 +92,7 @@ def train_command(
                   "max_steps": max_steps, "lora": lora, "lora_r": lora_r, "lora_alpha": 2 * lora_r, "seed": seed,
                   "device": device, "dtype": dtype}
         if method == "grpo":
-            info = _train_grpo(model, output, device, common, batch_size, beta, dataset=dataset,
+            info = _train_grpo(model, output, device, common, batch_size, beta, dataset=dataset, split=split,
                                train_problems=train_problems, eval_problems=eval_problems, data_seed=data_seed,
                                num_generations=num_generations, max_completion_length=max_completion_length,
                                temperature=temperature, format_reward=format_reward, length_penalty=length_penalty,
@@ -100,8 +102,8 @@ def train_command(
             if not data:
                 raise BadInputError(f"{method} trains on --data files", hint="pass the sft.jsonl / pairs.jsonl "
                                     "files that `thinktime bootstrap` wrote")
-            settings = TrainSettings(batch_size=batch_size or 8, beta=0.1 if beta is None else beta,
-                                     completion_only=not full_sequence, **common)
+            settings = TrainSettings(batch_size=8 if batch_size is None else batch_size,
+                                     beta=0.1 if beta is None else beta, completion_only=not full_sequence, **common)
             info = train(method, _default_model(model, device), data, output, settings, log=_log)
         out.print(f"[green]model:[/] {output}  ({info['steps']} steps, loss {info['train_loss']}, "
                   f"{info['seconds']:.0f} s)")
@@ -117,7 +119,7 @@ def _train_grpo(model: Optional[str], output: Path, device: Optional[str], commo
     from thinktime.bootstrap.grpo import GrpoSettings, train_grpo
     from thinktime.prompts import load_system_prompt
 
-    settings = GrpoSettings(batch_size=batch_size or 16, beta=beta or 0.0,
+    settings = GrpoSettings(batch_size=16 if batch_size is None else batch_size, beta=0.0 if beta is None else beta,
                             system_prompt=load_system_prompt(system_prompt) if system_prompt else None,
                             **common, **options)
     return train_grpo(_default_model(model, device), output, settings, log=_log)
@@ -158,14 +160,24 @@ def bootstrap_command(
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
     tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
     data_parallel_size: Optional[int] = DataParallelOpt, distributed_executor_backend: Optional[str] = ExecutorOpt,
+    method: str = typer.Option("star", "--method", help="star: sample, filter, fine-tune each round; grpo: "
+                               "--grpo-steps GRPO steps a round (groups of --samples, --batch-size completions a "
+                               "step, graded answers as the reward)."),
+    grpo_steps: int = typer.Option(20, "--grpo-steps", help="grpo: GRPO steps per round (held-out evaluation after "
+                                   "each)."),
+    format_reward: float = typer.Option(0.0, "--format-reward", help="grpo: weight of the \\boxed{} reward."),
+    length_penalty: float = typer.Option(0.0, "--length-penalty", help="grpo: weight of the length penalty."),
+    system_prompt: Optional[Path] = SystemPromptOpt,
 ) -> None:
-    """STaR: the model learns from its own correct rationales, round after round; plots held-out accuracy."""
+    """STaR or GRPO: the model learns from its own graded answers, round after round; plots held-out accuracy."""
     with friendly_errors():
         import re
 
+        from thinktime.bootstrap.grpo import GrpoSettings
         from thinktime.bootstrap.loop import BootstrapConfig, run_bootstrap
         from thinktime.bootstrap.rounds import RoundSettings
         from thinktime.bootstrap.training import TrainSettings
+        from thinktime.prompts import load_system_prompt
 
         for name, value in (("--samples", samples), ("--keep", keep), ("--max-new-tokens", max_new_tokens),
                             ("--batch-size", batch_size), ("--hint-samples", hint_samples)):
@@ -198,22 +210,58 @@ def bootstrap_command(
                                    dtype=dtype),
             reward_training=TrainSettings(epochs=2.0, batch_size=batch_size, max_length=max_length, lora=lora,
                                           lora_r=lora_r, lora_alpha=2 * lora_r, seed=seed, device=device, dtype=dtype),
+            method=method, grpo_steps=grpo_steps,
+            grpo=GrpoSettings(learning_rate=lr, batch_size=batch_size, lora=lora, lora_r=lora_r, lora_alpha=2 * lora_r,
+                              num_generations=samples, temperature=temperature, format_reward=format_reward,
+                              length_penalty=length_penalty, seed=seed,
+                              system_prompt=load_system_prompt(system_prompt) if system_prompt else None),
         )
         summary = run_bootstrap(config, log=_log)
         _print_summary(summary, output)
 
 
+@app.command("bootstrap-plot")
+def bootstrap_plot_command(
+    runs: list[Path] = typer.Argument(..., help="Bootstrap run folders (STaR or GRPO), each with its summary.json."),
+    output: Path = typer.Option(Path("accuracy-time.png"), "--output", "-o", help="The PNG to write."),
+) -> None:
+    """Held-out accuracy against training wall time, one line per bootstrap run, on one plot."""
+    with friendly_errors():
+        import json
+
+        from thinktime.bootstrap.plot import plot_against_time
+
+        lines = {}
+        for run in runs:
+            if not (run / "summary.json").is_file():
+                raise BadInputError(f"{run} holds no summary.json", hint="pass finished `thinktime bootstrap` folders")
+            summary = json.loads((run / "summary.json").read_text())
+            method = summary["config"].get("method", "star")
+            name = run.name if all(r.name != run.name for r in runs if r != run) else str(run)
+            lines[f"{name} ({'GRPO' if method == 'grpo' else 'STaR'})"] = summary["rounds"]
+        plot_against_time(lines, output)
+        out.print(f"[green]plot:[/] {output}")
+
+
 def _print_summary(summary: dict, output: Path) -> None:
     from rich.table import Table
 
-    table = Table(title="STaR rounds (held-out accuracy, greedy)")
-    for column in ("round", "accuracy", "95% CI", "kept", "rationalised", "pairs", "train samples correct"):
+    grpo = summary.get("config", {}).get("method") == "grpo"
+    table = Table(title=f"{'GRPO' if grpo else 'STaR'} rounds (held-out accuracy, greedy)")
+    columns = ("round", "accuracy", "95% CI", "training wall time", "mean reward (last step)") if grpo else \
+        ("round", "accuracy", "95% CI", "kept", "rationalised", "pairs", "train samples correct")
+    for column in columns:
         table.add_column(column, justify="right")
     for r in summary["rounds"]:
         ev, d = r["eval"], r.get("data") or {}
-        table.add_row(str(r["round"]), f"{100 * ev['accuracy']:.1f}% ({ev['correct']}/{ev['total']})",
-                      f"{100 * ev['ci'][0]:.1f}-{100 * ev['ci'][1]:.1f}%", str(d.get("kept", "")),
-                      str(d.get("rationalised", "")), str(d.get("pairs", "")),
+        head = [str(r["round"]), f"{100 * ev['accuracy']:.1f}% ({ev['correct']}/{ev['total']})",
+                f"{100 * ev['ci'][0]:.1f}-{100 * ev['ci'][1]:.1f}%"]
+        if grpo:
+            rewards = (r.get("train") or {}).get("rewards") or [{}]
+            table.add_row(*head, f"{r.get('training_seconds', 0) / 60:.1f} min",
+                          f"{rewards[-1]['reward']:.3f}" if "reward" in rewards[-1] else "")
+            continue
+        table.add_row(*head, str(d.get("kept", "")), str(d.get("rationalised", "")), str(d.get("pairs", "")),
                       f"{100 * d['sample_accuracy']:.1f}%" if d else "")
     out.print(table)
     rm = summary.get("reward_model")
@@ -221,4 +269,5 @@ def _print_summary(summary: dict, output: Path) -> None:
         n = rm["n"]
         out.print(f"best-of-{n} with the trained ORM: {100 * rm['best_of_n']['accuracy']:.1f}%  ·  maj@{n}: "
                   f"{100 * rm['majority']['accuracy']:.1f}%  ·  pass@{n}: {100 * rm['pass']['accuracy']:.1f}%")
-    out.print(f"[green]summary:[/] {output / 'summary.json'}\n[green]plot:[/]    {output / 'accuracy.png'}")
+    out.print(f"[green]summary:[/] {output / 'summary.json'}\n[green]plot:[/]    {output / 'accuracy.png'}, "
+              f"{output / 'accuracy-time.png'} (against training wall time)")

@@ -64,18 +64,19 @@ class GrpoSettings(TrainSettings):
         if self.num_generations < 2:
             raise BadInputError(f"--num-generations must be at least 2, got {self.num_generations}",
                                 hint="GRPO compares each completion with the others of its group")
-        completions = self.batch_size * self.grad_accum
-        if completions % self.num_generations:
+        completions, group = self.batch_size * self.grad_accum, self.num_generations
+        if completions % group:
             raise BadInputError(f"--batch-size x --grad-accum ({completions} completions a step) must be a multiple "
                                 f"of --num-generations ({self.num_generations}): each step holds whole groups",
-                                hint=f"e.g. --batch-size {self.num_generations * max(1, completions // self.num_generations)}")
+                                hint=f"e.g. --batch-size {group * max(1, completions // group)}")
         self._check_numbers()
         if self.split not in (None, "train"):
             raise BadInputError(f"GRPO trains on a train split only, not {self.split!r}",
                                 hint="leave --split out: the set's train split, or its first problems with the "
                                      "last --eval-problems held out")
         if self.generation not in GENERATIONS:
-            raise BadInputError(f"unknown --generation {self.generation!r}", hint=f"use one of {', '.join(GENERATIONS)}")
+            raise BadInputError(f"unknown --generation {self.generation!r}",
+                                hint=f"use one of {', '.join(GENERATIONS)}")
         if (self.generation == "vllm-server") != bool(self.vllm_server):
             raise BadInputError("--generation vllm-server and --vllm-server URL go together",
                                 hint="start one with `trl vllm-serve --model MODEL`")
@@ -174,8 +175,8 @@ def generation_path(settings: GrpoSettings, device: str) -> tuple[dict, str]:
                                 hint="pip install vllm on a GPU machine, or --generation transformers")
         return {"use_vllm": True, "vllm_mode": "colocate"}, "vLLM in this process (colocate)"
     why = "" if settings.generation == "transformers" else (
-        " (vLLM is not installed)" if not has_vllm else " (no GPU for vLLM)")
-    return {}, f"TRL's own generation (transformers generate){why}"
+        "; vLLM is not installed" if not has_vllm else "; no GPU for vLLM")
+    return {}, f"TRL's own generation (transformers generate{why})"
 
 
 def _vllm_installed() -> bool:
@@ -302,7 +303,8 @@ def train_grpo(model: str, output: str | Path, settings: GrpoSettings | None = N
         log(f"grpo: resuming from {Path(checkpoint).name}")
     result = _train_keeping_checkpoints(trainer, checkpoint, scratch, log)
     info = _save(trainer, tokenizer, output, settings, source, device, dtype, autocast, path_line)
-    info.update(rows=len(rows), rewards=_rewards(trainer, steps), resumed_from=int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None,
+    info.update(rows=len(rows), rewards=_rewards(trainer, steps),
+                resumed_from=int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None,
                 train_loss=round(float(result.training_loss), 5), seconds=round(time.perf_counter() - started, 1))
     (output / TRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(scratch, ignore_errors=True)  # finished: nothing left to resume

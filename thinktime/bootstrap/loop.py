@@ -18,6 +18,11 @@ fine-tuning. `train_data="all"` trains on the SFT rows of every round so far ins
 `eval_problems` are held out, the first `train_problems` are sampled (any question also in the
 held-out set is dropped). Rerunning the same command resumes: finished rounds, models and eval
 records are reused.
+
+`method="grpo"` replaces sampling and fine-tuning: round r is `grpo_steps` steps of TRL's GRPOTrainer
+(thinktime.bootstrap.grpo) from round r-1's model on the same training problems, and the held-out
+evaluation uses GRPO's system prompt. OUT/accuracy-time.png plots held-out accuracy against the
+training wall time so far (sampling and fine-tuning for STaR), which compares the two methods.
 """
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from thinktime.bootstrap import data
+from thinktime.bootstrap.grpo import GrpoSettings, train_grpo
 from thinktime.bootstrap.problems import split_problems, training_split
 from thinktime.bootstrap.rounds import RoundSettings, RoundStats, run_round
 from thinktime.bootstrap.training import TRAIN_INFO, TrainSettings, train
 from thinktime.errors import BadInputError
 
+METHODS = ("star", "grpo")
 RESTARTS = ("base", "previous")
 TRAIN_DATA = ("round", "all")
 
@@ -61,6 +68,9 @@ class BootstrapConfig:
     gguf: str | None = None  # write each trained model as a GGUF of this type, so --engine auto samples on llama.cpp
     sampling: RoundSettings = field(default_factory=RoundSettings)
     training: TrainSettings = field(default_factory=TrainSettings)
+    method: str = "star"  # grpo: each round is `grpo_steps` GRPO steps from the last round's model
+    grpo: GrpoSettings | None = None
+    grpo_steps: int = 20
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -123,13 +133,17 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
     """Run (or resume) the loop; returns the summary written to OUT/summary.json."""
     from thinktime import models
     from thinktime.api import Thinker
-    from thinktime.bootstrap.plot import plot_rounds
+    from thinktime.bootstrap.plot import plot_against_time, plot_rounds
     from thinktime.engines import create_engine
 
     if config.restart not in RESTARTS:
         raise BadInputError(f"unknown --from {config.restart!r}", hint="use base (STaR) or previous")
     if config.train_data not in TRAIN_DATA:
         raise BadInputError(f"unknown --train-data {config.train_data!r}", hint="use round (STaR) or all")
+    if config.method not in METHODS:
+        raise BadInputError(f"unknown --method {config.method!r}", hint="use star or grpo")
+    if config.method == "grpo" and (not config.train_model or config.grpo is None or config.grpo_steps < 1):
+        raise BadInputError("--method grpo trains every round: it needs training on and --grpo-steps of 1 or more")
     if config.rounds < 0:
         raise BadInputError("--rounds must be at least 0")
     if config.gguf is not None:
@@ -137,7 +151,9 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
 
         if config.gguf not in OUTTYPES:
             raise BadInputError(f"unknown --gguf {config.gguf!r}", hint=f"use one of: {', '.join(OUTTYPES)}")
-    if config.train_model:  # before hours of sampling, not when the first training starts
+    if config.method == "grpo":
+        config.grpo.check()
+    elif config.train_model:  # before hours of sampling, not when the first training starts
         config.training.check()
         config.reward_training.check()
     if config.train_model and config.engine.startswith("openai"):
@@ -156,7 +172,7 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
     for r in range(config.rounds + 1):
         folder = out / f"round-{r}"
         entry: dict = {"round": r, "model": current}
-        if r > 0:
+        if r > 0 and (folder / "stats.json").is_file():  # STaR rounds sample data; GRPO rounds sample in training
             entry["data"] = json.loads((folder / "stats.json").read_text())
             info = folder / "model" / TRAIN_INFO
             if info.is_file():
@@ -167,7 +183,8 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
             " (pass --gguf q8_0 to sample trained rounds on llama.cpp)"
             if r and config.engine == "auto" and engine.name == "transformers" and not config.gguf else ""))
         thinker = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
-                          temperature=0.0, seed=config.sampling.seed)
+                          temperature=0.0, seed=config.sampling.seed,
+                          system_prompt=config.grpo.system_prompt if config.method == "grpo" else None)
         t = time.perf_counter()
         entry["eval"] = _evaluate(thinker, heldout, folder / "eval", config, log)
         ev = entry["eval"]
@@ -188,6 +205,11 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
                 log(f"compare: {config.compare_n} samples per held-out problem, {time.perf_counter() - t:.0f} s")
             break
         nxt = out / f"round-{r + 1}"
+        if config.method == "grpo":
+            _free(engine)
+            engine = thinker = None
+            current = _grpo_round(config, current, nxt / "model", r + 1, log)
+            continue
         if not (nxt / "stats.json").is_file():
             t = time.perf_counter()
             done = {"sample": 0, "rationalise": 0}
@@ -232,6 +254,10 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
     if config.compare_n > 0 and config.train_model:
         summary["reward_model"] = _reward_model_comparison(config, base, compare_records, out, log)
     summary["rounds"] = [_fill(e, out) for e in summary["rounds"]]
+    elapsed = 0.0
+    for entry in summary["rounds"]:  # the x axis of accuracy against training wall time
+        elapsed += _training_seconds(entry)
+        entry["training_seconds"] = round(elapsed, 1)
     first, last = summary["rounds"][0]["eval"], summary["rounds"][-1]["eval"]
     summary["improvement"] = {
         "from": first["accuracy"], "to": last["accuracy"],
@@ -246,7 +272,9 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
     summary["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
     data.write_json(out / "summary.json", summary)
     name = Path(config.model).name if Path(config.model).exists() else config.model
-    plot_rounds(summary["rounds"], out / "accuracy.png", title=f"STaR on {heldout.name}: {name}")
+    label = "STaR" if config.method == "star" else "GRPO"
+    plot_rounds(summary["rounds"], out / "accuracy.png", title=f"{label} on {heldout.name}: {name}")
+    plot_against_time({label: summary["rounds"]}, out / "accuracy-time.png", title=f"{heldout.name}: {name}")
     log(f"bootstrap: {100 * first['accuracy']:.1f}% -> {100 * last['accuracy']:.1f}% held-out accuracy in "
         f"{summary['seconds']:.0f} s; plot: {out / 'accuracy.png'}")
     return summary
@@ -278,10 +306,29 @@ def _reward_model_comparison(config: BootstrapConfig, base: str, records: list[d
     return result
 
 
+def _grpo_round(config: BootstrapConfig, current: str, model_dir: Path, r: int, log) -> str:
+    """`grpo_steps` GRPO steps from the last round's model (an interrupted round resumes from its checkpoints)."""
+    from dataclasses import replace
+
+    if not (model_dir / TRAIN_INFO).is_file():
+        shutil.rmtree(model_dir, ignore_errors=True)  # half-written by a crash; the checkpoints are beside it
+        settings = replace(config.grpo, max_steps=config.grpo_steps, seed=config.grpo.seed + r,  # new problem order
+                           dataset=config.dataset, train_problems=config.train_problems, data_seed=config.data_seed,
+                           eval_problems=config.eval_problems, max_completion_length=config.sampling.max_new_tokens,
+                           lang=config.lang, device=config.device, dtype=config.dtype)  # the run's split and prompt
+        train_grpo(current, model_dir, settings, log=log)
+    return str(model_dir)
+
+
+def _training_seconds(entry: dict) -> float:
+    """Wall time a round spent making its model: sampling and fine-tuning (STaR), GRPO's steps (GRPO)."""
+    return float((entry.get("data") or {}).get("seconds", 0.0)) + float((entry.get("train") or {}).get("seconds", 0.0))
+
+
 def _fill(entry: dict, out: Path) -> dict:
     """Data and training facts for a round entry (rounds trained in this process included)."""
     r = entry["round"]
-    if r > 0 and "data" not in entry:
+    if r > 0 and "data" not in entry and (out / f"round-{r}" / "stats.json").is_file():
         entry["data"] = json.loads((out / f"round-{r}" / "stats.json").read_text())
     info = out / f"round-{r}" / "model" / TRAIN_INFO
     if r > 0 and "train" not in entry and info.is_file():

@@ -1,4 +1,5 @@
-"""Accuracy per STaR round: held-out greedy accuracy with 95% Wilson intervals (PNG)."""
+"""Accuracy per STaR round: held-out greedy accuracy with 95% Wilson intervals (PNG); and held-out accuracy
+against training wall time, one line per run (STaR and GRPO on one plot)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,6 +30,38 @@ def plot_rounds(rounds: list[dict], path: str | Path, title: str = "") -> Path:
     ax.set_xticks(xs)
     top = max([*acc, *(y for _, y in sampled), *(a + h for a, h in zip(acc, high)), 0.0])
     ax.set_ylim(0, min(100.0, max(50.0, top + 10)))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_against_time(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
+    """`runs`: label -> the summary rounds of a bootstrap run (eval{accuracy, ci}, training_seconds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    top = 50.0
+    for label, rounds in runs.items():
+        points = [r for r in rounds if r.get("eval")]
+        xs = [r.get("training_seconds", 0.0) / 60 for r in points]
+        acc = [100 * r["eval"]["accuracy"] for r in points]
+        err = [[max(0.0, a - 100 * r["eval"]["ci"][0]) for a, r in zip(acc, points)],
+               [max(0.0, 100 * r["eval"]["ci"][1] - a) for a, r in zip(acc, points)]]
+        ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=label)
+        top = max(top, *(a + h for a, h in zip(acc, err[1])), 0.0)
+    ax.set_xlabel("training wall time (minutes; sampling included)")
+    ax.set_ylabel("held-out accuracy (%, greedy, 95% CI)")
+    ax.set_ylim(0, min(100.0, top + 10))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     if title:

@@ -1,10 +1,12 @@
-"""Structure check for thinktime/: import cycles, modules over 400 lines, functions over 60 lines.
+"""Structure check for thinktime/: import cycles, imports that point up, modules over 400 lines, functions over
+60 lines.
 
 Usage: python scripts/check_imports.py [--strict]   (--strict: exit 1 when anything is listed)
 
 Imports inside functions count too: a lazy import still makes the two modules depend on each other.
 Cycles are reported between units (a subpackage such as thinktime.engines, or a top-level module such
-as thinktime.api), and between modules inside one subpackage.
+as thinktime.api), and between modules inside one subpackage. Units sit in LAYERS, bottom first: a unit may
+import its own layer and those below it, never one above; a unit in no layer is listed until it is placed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,21 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "thinktime"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
+
+# Bottom first. Units named without the "thinktime." prefix; "thinktime" is the package's __init__ (its API).
+LAYERS = [
+    ("base", {"errors", "types", "answers", "threads", "models", "confidence", "reasoning", "verdicts", "voting",
+              "prompts"}),
+    ("engines", {"engines"}),
+    ("run context", {"run_context", "sampling"}),
+    ("scorers", {"scorers"}),
+    ("strategies", {"strategies"}),
+    ("api", {"allocation", "api", "thinktime"}),
+    ("command helpers", {"cli_common", "cli_views"}),
+    ("evaluation and serving", {"evaluation", "server", "convert"}),
+    ("ui and training", {"ui", "bootstrap", "labels", "treesearch"}),
+    ("command line", {"cli", "__main__"}),
+]
 
 
 def module_name(path: Path) -> str:
@@ -95,6 +112,23 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     return result
 
 
+def layer_of(unit_name: str) -> int | None:
+    short = unit_name.removeprefix("thinktime.")
+    return next((i for i, (_, units) in enumerate(LAYERS) if short in units), None)
+
+
+def upward_imports(unit_graph: dict[str, set[str]], why: dict) -> list[str]:
+    """Imports of a unit in a higher layer, and units in no layer (so a new one gets its place)."""
+    found = [f"{u}: in no layer (add it to LAYERS in scripts/check_imports.py)"
+             for u in sorted(unit_graph) if layer_of(u) is None]
+    for a in sorted(unit_graph):
+        for b in sorted(unit_graph[a]):
+            la, lb = layer_of(a), layer_of(b)
+            if la is not None and lb is not None and lb > la:
+                found.append(f"{a} ({LAYERS[la][0]}) -> {b} ({LAYERS[lb][0]}): {', '.join(sorted(why[a, b]))}")
+    return found
+
+
 def edges_within(component: list[str], graph: dict[str, set[str]], why: dict) -> list[str]:
     members = set(component)
     return [f"{a} -> {b} ({', '.join(sorted(why[a, b]))})" for a in component for b in sorted(graph[a] & members)]
@@ -123,6 +157,8 @@ def check() -> dict[str, list[str]]:
     inner_why = {(a, b): {"import"} for a, bs in inner.items() for b in bs}
     cycles += [" | ".join(edges_within(c, inner, inner_why)) for c in strongly_connected(inner)]
 
+    upward = upward_imports(unit_graph, why)
+
     long_modules, long_functions = [], []
     for name, (path, tree) in sorted(modules.items()):
         rel = path.relative_to(ROOT)
@@ -134,12 +170,12 @@ def check() -> dict[str, list[str]]:
                 length = node.end_lineno - node.lineno + 1
                 if length > MAX_FUNCTION_LINES:
                     long_functions.append(f"{rel}:{node.lineno} {node.name}: {length} lines")
-    return {"cycles": cycles, "modules": long_modules, "functions": long_functions}
+    return {"cycles": cycles, "upward": upward, "modules": long_modules, "functions": long_functions}
 
 
 def main(argv: list[str]) -> int:
     found = check()
-    titles = {"cycles": "import cycles", "modules": f"modules over {MAX_MODULE_LINES} lines",
+    titles = {"cycles": "import cycles", "upward": "imports that point up", "modules": f"modules over {MAX_MODULE_LINES} lines",
               "functions": f"functions over {MAX_FUNCTION_LINES} lines"}
     for key, title in titles.items():
         print(f"{title}: {len(found[key])}")

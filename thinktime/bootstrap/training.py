@@ -6,6 +6,8 @@
          starting model (with LoRA: the base with the adapter switched off)
     rm   RewardTrainer: AutoModelForSequenceClassification with num_labels=1 on the same pairs, their
          system message dropped, as thinktime's `orm:PATH` scorer reads [user, assistant]
+    prm  a token-classification process reward model on step labels, ppm a step-pair preference model
+         (thinktime.bootstrap.reward_training); the folder also holds thinktime-reward.json for `prm:PATH`
 
 The output folder holds save_pretrained weights (safetensors) and the tokenizer, merged when LoRA
 was used, so `--model FOLDER` works with every engine (and `--scorer orm:FOLDER` for `rm`), plus
@@ -26,9 +28,11 @@ from pathlib import Path
 
 from thinktime.errors import BadInputError
 
-METHODS = ("sft", "dpo", "rm", "grpo")  # grpo: thinktime.bootstrap.grpo (it samples; no --data files)
+METHODS = ("sft", "dpo", "rm", "grpo", "prm", "ppm")  # grpo: thinktime.bootstrap.grpo (it samples; no --data)
+STEP_METHODS = ("prm", "ppm")  # step-level reward models: thinktime.bootstrap.reward_training
 # Learning rates that worked for each method (full fine-tuning, LoRA).
-DEFAULT_LR = {"sft": (3e-5, 2e-4), "dpo": (1e-6, 5e-6), "rm": (1e-5, 1e-4), "grpo": (1e-5, 1e-4)}
+DEFAULT_LR = {"sft": (3e-5, 2e-4), "dpo": (1e-6, 5e-6), "rm": (1e-5, 1e-4), "grpo": (1e-5, 1e-4),
+              "prm": (2e-5, 1e-4), "ppm": (1e-5, 1e-4)}
 TRAIN_INFO = "thinktime-train.json"
 
 
@@ -101,6 +105,10 @@ def load_rows(method: str, files: Sequence[str | Path], completion_only: bool = 
     if not any(Path(path).read_text(encoding="utf-8").strip() for path in paths):  # datasets fails on empty files
         raise BadInputError(f"no rows to train on in {', '.join(paths)}",
                             hint="a bootstrap round that made no pairs writes an empty pairs.jsonl")
+    if method in STEP_METHODS:  # checked line by line: a bad row is named with its line
+        from thinktime.bootstrap.reward_training import load_step_rows
+
+        return load_step_rows(method, paths)
     rows = load_dataset("json", data_files=paths, split="train")
     need = ["messages"] if method == "sft" else ["prompt", "chosen", "rejected"]
     missing = [c for c in need if c not in rows.column_names]
@@ -144,6 +152,8 @@ def _check_output(output: Path) -> None:
 def check_lengths(method: str, rows, tokenizer, max_length: int, log=print) -> None:
     """Rows whose prompt alone fills `max_length` keep no answer tokens after truncation: TRL drops them, and
     with none left it fails deep inside the data loader. Say so first, with the length that would fit."""
+    if method in STEP_METHODS:  # their trainers tokenize in the scorer's layout and check lengths there
+        return
     column = "prompt" if "prompt" in rows.column_names else "messages"
     if method == "rm":
         _check_pair_lengths(rows, tokenizer, max_length, log)
@@ -252,13 +262,17 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                                 target_modules="all-linear", task_type="SEQ_CLS" if method == "rm" else "CAUSAL_LM")
+                                 target_modules="all-linear", task_type={"rm": "SEQ_CLS", "ppm": "SEQ_CLS", "prm": "TOKEN_CLS"}.get(method, "CAUSAL_LM"))
     if method == "sft":
         from trl import SFTConfig as Config, SFTTrainer as Trainer
     elif method == "dpo":
         from trl import DPOConfig as Config, DPOTrainer as Trainer
 
         common["beta"] = settings.beta
+    elif method in STEP_METHODS:
+        from thinktime.bootstrap.reward_training import trainer_for
+
+        Config, Trainer = trainer_for(method)
     else:
         from trl import RewardConfig as Config, RewardTrainer as Trainer
     if "activation_checkpointing" in {f.name for f in fields(Config)}:  # the newer name (transformers 5.2x)
@@ -293,6 +307,11 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
             "steps": trainer.state.global_step, "train_loss": round(float(result.training_loss), 5),
             "losses": losses, "seconds": round(time.perf_counter() - started, 1)}
     (output / TRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    if method in STEP_METHODS:  # what the prm:PATH scorer recognises the folder by
+        from thinktime.scorers.step_encoding import write_reward_info
+        from thinktime.strategies.steps import DEFAULT_DELIMITER
+
+        write_reward_info(output, method, DEFAULT_DELIMITER, str(source))
     shutil.rmtree(scratch, ignore_errors=True)
     del trainer, trained
     if torch.cuda.is_available():

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from thinktime.engines.openai import OpenAIEngine
-from thinktime.errors import EngineError
+from thinktime.errors import BadInputError, EngineError
 from thinktime.server.background import BackgroundServer
 from thinktime.types import Prompt, SamplingParams
 
@@ -35,10 +35,31 @@ def _delta(text: str, finish: str | None = None, index: int = 0) -> dict:
                                                             "finish_reason": finish}]}
 
 
+async def _unsure_tokens(app, body):
+    """40 tokens, each in its own chunk, then [DONE]: token `step`'s alternatives j have log-probability
+    0.1 * step - 4 - j, so its confidence (their negative mean) falls: 4.5 - 0.1 * step with two. How many
+    were sent before the client hung up is recorded."""
+    sent = 0
+    try:
+        for step in range(40):
+            top = [{"token": f"t{j}", "logprob": 0.1 * step - 4 - j, "bytes": []} for j in range(body["top_logprobs"])]
+            item = {"index": 0, "delta": {"content": f"w{step} "}, "finish_reason": None,
+                    "logprobs": {"content": [{"token": f"w{step} ", "logprob": top[0]["logprob"], "bytes": [],
+                                              "top_logprobs": top}]}}
+            yield _sse({"object": "chat.completion.chunk", "choices": [item]})[0]
+            sent += 1
+            await asyncio.sleep(0.02)
+        yield _sse(_delta("", "stop"), "[DONE]")[0]
+    finally:
+        app.state.sent.append(sent)
+
+
 def _fake_app() -> FastAPI:
     app = FastAPI()
     app.state.attempts = {}
     app.state.cut = {}
+    app.state.requests = []
+    app.state.sent = []
 
     @app.get("/{mode}/v1/models")
     async def models(mode: str):
@@ -78,6 +99,9 @@ def _fake_app() -> FastAPI:
             if body.get("seed") == 1 or body["messages"][-1]["content"] == "fail":
                 return StreamingResponse(iter(_sse({"object": "error", "message": "out of memory"})),
                                          media_type="text/event-stream")
+        if mode == "logprobs" and body.get("logprobs"):  # per-token log-probabilities, growing less sure
+            app.state.requests.append(body)
+            return StreamingResponse(_unsure_tokens(app, body), media_type="text/event-stream")
         if mode in ("silent", "one-fails"):  # headers come, then nothing for a long time
             async def stall():
                 yield _sse(_delta("The "))[0]
@@ -180,3 +204,39 @@ def test_one_failed_request_stops_its_siblings_at_once(fake, prompts, n):
         time.sleep(0.05)
     assert fake.app.state.cut.get("one-fails", 0) == 2  # both silent siblings were hung up on
     fake.app.state.cut.clear()
+
+
+def test_a_server_without_logprobs_is_refused_before_generating(fake):
+    engine = engine_for(fake, "ok")
+    try:
+        assert not engine.returns_logprobs  # asked once, with a one-token request
+        for params in (SamplingParams(max_new_tokens=16, logprobs=2), SamplingParams(max_new_tokens=16, logprobs=2,
+                                                                                     stop_below=(4, 1.0))):
+            with pytest.raises(BadInputError, match="openai engine.*does not return log-probabilities"):
+                engine.generate([PROMPT], params)
+    finally:
+        engine.close()
+
+
+def test_a_sample_below_the_confidence_floor_is_cut_and_the_server_stops(fake):
+    engine = engine_for(fake, "logprobs")
+    fake.app.state.sent.clear()
+    try:
+        assert engine.returns_logprobs
+        fake.app.state.sent.clear()
+        rows = engine.generate([PROMPT], SamplingParams(max_new_tokens=64, n=2, temperature=0.7, seed=3, logprobs=2,
+                                                        stop_below=(4, -1.0)))
+        whole = [c.finish_reason for c in rows[0]]
+        cut = engine.generate([PROMPT], SamplingParams(max_new_tokens=64, logprobs=2, stop_below=(4, 3.0)))[0][0]
+    finally:
+        engine.close()
+    assert whole == ["stop", "stop"]  # above the floor throughout: whole samples, each its own request
+    assert [r.get("n", 1) for r in fake.app.state.requests[-3:-1]] == [1, 1]
+    # token confidences 4.5, 4.4, ...: the window of 4 ending at step s has mean 4.65 - 0.1 * s, first below 3.0
+    # at step 17 (the 18th token)
+    assert cut.finish_reason == "low_confidence" and cut.text.startswith("w0 w1 ")
+    assert len(cut.logprobs) == cut.completion_tokens == 18 and cut.logprobs[0].top[1][2] == pytest.approx(-5.0)
+    deadline = time.monotonic() + 3
+    while len(fake.app.state.sent) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.app.state.sent[-1] < 40  # the server was hung up on: it did not send the rest

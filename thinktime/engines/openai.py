@@ -22,6 +22,12 @@ What it does with a server:
   all samples: it is shared among them in proportion to their text length (the sum is exact).
   `count_tokens` uses the local tokenizer when one is given, else the server's `/tokenize`
   (vLLM, SGLang, thinktime), else an estimate of 4 characters per token.
+* **Log-probabilities**, where the server sends them: `logprobs` / `top_logprobs` on chat requests,
+  `logprobs: k` on /completions, read back per token (Completion.logprobs, token ids unknown: -1). Whether
+  the server sends them is asked once, with a one-token request, before the first call that wants them;
+  a server that does not is refused before anything is generated. With `stop_below` each sample is its own
+  request, and its connection is closed once its running confidence falls below the floor (the server
+  stops generating), finish_reason "low_confidence".
 * **Continuing a partial reply** (`Prompt.prefix`): with a local `tokenizer` the prompt is
   rendered exactly as the local engines render it and sent to `/completions`; without one the
   chat request carries the prefix as a final assistant message with `continue_final_message`
@@ -37,11 +43,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from thinktime import models
-from thinktime.engines.base import Engine, refuse_logprobs
+from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat
 from thinktime.engines.openai_chunks import Choice, check_complete, ended_turn, read_chunk, share
 from thinktime.engines.openai_http import (EventStream, HttpClient, NotSupported, Retryable, aborted_on, as_chunk,
                                           backoff, gather, normalise_base_url, result_within)
+from thinktime.engines.token_logprobs import check_logprob_params
 from thinktime.errors import BadInputError, EngineError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
@@ -50,6 +57,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 CONTINUATIONS = ("auto", "completions", "continue_final_message", "prefix")
+
+
+class NoLogprobs(EngineError):
+    """The server answered without the log-probabilities the request asked for."""
 
 
 class OpenAIEngine(Engine):
@@ -79,6 +90,7 @@ class OpenAIEngine(Engine):
         self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="thinktime-http")
         self._estimated_warned = False
         self._tokenize_ok: bool | None = None
+        self._logprobs_ok: bool | None = None
 
         served = self._http.served_models()
         self.model_name, info = self._pick_model(model, served)
@@ -91,6 +103,29 @@ class OpenAIEngine(Engine):
 
             path = models.resolve(tokenizer, download=False).path
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+    @property
+    def returns_logprobs(self) -> bool:
+        """Whether the server sends token log-probabilities: asked once, with a one-token request."""
+        if self._logprobs_ok is None:
+            probe = Prompt.of([{"role": "user", "content": "Hi"}])
+            try:
+                [[completion]] = self._generate([probe], SamplingParams(max_new_tokens=1, logprobs=1),
+                                                threading.Event())
+                self._logprobs_ok = bool(completion.logprobs)
+            except (BadInputError, NoLogprobs):  # a 400 (the server refuses the fields), or an answer without them
+                self._logprobs_ok = False
+        return self._logprobs_ok
+
+    def check_logprobs(self, params: SamplingParams) -> None:
+        """Log-probabilities asked of a server that does not send them: refused before anything is generated."""
+        if params.logprobs is None and params.stop_below is None:
+            return
+        check_logprob_params(params)
+        if not self.returns_logprobs:
+            raise BadInputError(f"the openai engine's server {self.base_url} ({self.model_name}) does not return "
+                                f"log-probabilities", hint="serve the model with a server that answers `logprobs` "
+                                "(vLLM, SGLang, thinktime serve on the transformers or llamacpp engine)")
 
     # --- the protocol -------------------------------------------------------------------------
 
@@ -124,7 +159,11 @@ class OpenAIEngine(Engine):
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
-        refuse_logprobs(self, params)
+        self.check_logprobs(params)
+        return self._generate(prompts, params, cancel)
+
+    def _generate(self, prompts: Sequence[Prompt], params: SamplingParams,
+                  cancel: threading.Event | None) -> list[list[Completion]]:
         if not prompts:
             return []
         cancel = cancel or threading.Event()
@@ -143,7 +182,7 @@ class OpenAIEngine(Engine):
 
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
-        refuse_logprobs(self, params)
+        self.check_logprobs(params)
         cancel = cancel or threading.Event()
 
         def work(emit) -> None:
@@ -164,7 +203,8 @@ class OpenAIEngine(Engine):
         """`params.n` completions of one prompt: one request with n, parallel n=1 requests for what is missing."""
         n = params.n
         done: dict[int, Completion] = {}
-        if n == 1 or self.supports_n is not False:
+        # A sample that may be stopped on low confidence is a request of its own: closing it stops only it.
+        if n == 1 or (self.supports_n is not False and params.stop_below is None):
             try:
                 done.update(result_within(self._pool.submit(self._request, prompt, params, n, params.seed, 0, cancel,
                                                       on_delta), cancel))
@@ -197,6 +237,8 @@ class OpenAIEngine(Engine):
             body["seed"] = seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.logprobs is not None:
+            body.update(logprobs=True, **({"top_logprobs": params.logprobs} if params.logprobs else {}))
         body.update(self.extra_body)
         messages = [dict(m) for m in prompt.messages]
         if not prompt.prefix:
@@ -208,6 +250,8 @@ class OpenAIEngine(Engine):
             if self.tokenizer is None:
                 raise BadInputError("continuing a reply through /completions needs the model's tokenizer",
                                     hint="pass tokenizer= (an alias or folder) to the openai engine")
+            if params.logprobs is not None:  # /completions takes the number of alternatives in `logprobs`
+                body = {**{k: v for k, v in body.items() if k != "top_logprobs"}, "logprobs": params.logprobs}
             return "/completions", {**body, "prompt": self.render(prompt)}
         if mode == "prefix":  # the DeepSeek API (beta): the last assistant message is a prefix
             return "/chat/completions", {**body, "messages": messages + [
@@ -247,7 +291,9 @@ class OpenAIEngine(Engine):
                         for chunk in chunks:
                             if cancel.is_set():
                                 break
-                            usage = read_chunk(self.base_url, chunk, choices, emit) or usage
+                            usage = read_chunk(self.base_url, chunk, choices, emit, params.stop_below) or usage
+                            if n == 1 and choices.get(0) and choices[0].finish_reason == "low_confidence":
+                                break  # closing the stream stops the server generating this sample
                 except (requests.RequestException, OSError, ValueError, AttributeError) as exc:
                     if cancel.is_set():
                         pass  # we cut the connection ourselves: reading a shut socket fails in any of these ways
@@ -270,21 +316,26 @@ class OpenAIEngine(Engine):
         for choice in choices.values():  # the stream ended without a finish reason: we closed it
             if choice.finish_reason is None:
                 choice.finish_reason = "cancelled" if cancel.is_set() else "length"
-        return self._completions(prompt, choices, usage, offset, bool(params.stop))
+        return self._completions(prompt, choices, usage, offset, params)
 
     def _completions(self, prompt: Prompt, choices: dict[int, Choice], usage: dict,
-                     offset: int, stop_strings: bool = False) -> dict[int, Completion]:
+                     offset: int, params: SamplingParams) -> dict[int, Completion]:
         texts = {i: c.text for i, c in choices.items()}
+        if params.logprobs is not None and any(c.logprobs is None and c.text for c in choices.values()):
+            raise NoLogprobs(f"{self.base_url} sent no log-probabilities for a sample that asked for them",
+                              hint="the server stopped sending `logprobs`; check its version and settings")
         prompt_tokens = usage.get("prompt_tokens")
         if prompt_tokens is None:
             prompt_tokens = self.count_tokens(self.render(prompt))
         total = usage.get("completion_tokens")
-        if total is None:
-            counts = {i: self.count_tokens(t) for i, t in texts.items()}
+        if total is None:  # a stream closed early has no usage: the tokens it sent, where it listed them
+            counts = {i: len(choices[i].logprobs) if choices[i].logprobs is not None else self.count_tokens(t)
+                      for i, t in texts.items()}
         else:
             counts = share(int(total), {i: len(t) for i, t in texts.items()})
         return {offset + i: Completion(texts[i], choices[i].finish_reason, int(prompt_tokens), counts[i],
-                                       ended_turn=ended_turn(choices[i], stop_strings))
+                                       ended_turn=ended_turn(choices[i], bool(params.stop)),
+                                       logprobs=choices[i].logprobs if params.logprobs is not None else None)
                 for i in sorted(choices)}
 
     @staticmethod

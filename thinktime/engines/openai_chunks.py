@@ -1,22 +1,32 @@
 """Reading an OpenAI-compatible stream's chunks into choices: reasoning folded back into think tags, finish
-reasons mapped to thinktime's, a failed or cut stream told apart from a finished one, usage shared among samples."""
+reasons mapped to thinktime's, a failed or cut stream told apart from a finished one, usage shared among samples,
+token log-probabilities read in chat's (`logprobs.content`) and /completions' (`tokens`, `token_logprobs`) shapes."""
 from __future__ import annotations
 
 import json
 
+from thinktime.confidence import RunningGroup
 from thinktime.engines.openai_http import EventStream, Retryable, error_text
 from thinktime.errors import EngineError
 from thinktime.reasoning import THINK_CLOSE, THINK_OPEN
+from thinktime.types import TokenLogprob
+
+NO_ID = -1  # OpenAI's API names tokens by their text, not their id
 
 
 class Choice:
     """One sample's pieces as they stream in. The text is exactly what was streamed, in order, so a
     stream's reader and the final completion always agree."""
 
-    __slots__ = ("pieces", "finish_reason", "thinking_open", "thinking_closed", "has_content", "stop_reason")
+    __slots__ = ("pieces", "finish_reason", "thinking_open", "thinking_closed", "has_content", "stop_reason",
+                 "logprobs", "group", "floor")
 
-    def __init__(self):
+    def __init__(self, stop_below: tuple[int, float] | None = None):
         self.pieces: list[str] = []
+        self.logprobs: list[TokenLogprob] | None = None
+        # DeepConf's early stop, read as the tokens arrive: the window's running confidence, and its floor
+        self.group = RunningGroup(stop_below[0]) if stop_below else None
+        self.floor = stop_below[1] if stop_below else None
         self.finish_reason: str | None = None
         self.stop_reason: tuple | None = None  # (what ended it,) where the server says: vLLM, SGLang
         self.thinking_open = False
@@ -50,12 +60,37 @@ class Choice:
             return self._emit(THINK_CLOSE)
         return ""
 
+    def add_logprobs(self, entries: list[TokenLogprob]) -> None:
+        """Token entries as they stream in; a sample whose running confidence falls below the floor ends here."""
+        self.logprobs = (self.logprobs or []) + entries
+        if self.group is None or self.finish_reason is not None:
+            return
+        for entry in entries:
+            mean = self.group.push(entry.top)
+            if mean is not None and mean < self.floor:
+                self.finish_reason = "low_confidence"
+                return
+
     @property
     def text(self) -> str:
         return "".join(self.pieces)
 
 
-def read_chunk(base_url: str, chunk, choices: dict[int, Choice], emit) -> dict | None:
+def token_entries(logprobs) -> list[TokenLogprob]:
+    """A choice's `logprobs` field as token entries: chat's `content` list, or /completions' parallel lists."""
+    if not logprobs:
+        return []
+    if "content" in logprobs:
+        return [TokenLogprob(NO_ID, t["token"], float(t["logprob"]),
+                             [(NO_ID, a["token"], float(a["logprob"])) for a in t.get("top_logprobs") or ()])
+                for t in logprobs["content"] or ()]
+    tops = logprobs.get("top_logprobs") or [None] * len(logprobs.get("tokens") or ())
+    return [TokenLogprob(NO_ID, token, float(logprob), [(NO_ID, t, float(v)) for t, v in (top or {}).items()])
+            for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops)]
+
+
+def read_chunk(base_url: str, chunk, choices: dict[int, Choice], emit,
+               stop_below: tuple[int, float] | None = None) -> dict | None:
     """One streamed chunk into the choices; returns its usage, if it carries one."""
     if not isinstance(chunk, dict):
         raise EngineError(f"{base_url} sent an event that is not a JSON object: {str(chunk)[:200]}")
@@ -64,7 +99,7 @@ def read_chunk(base_url: str, chunk, choices: dict[int, Choice], emit) -> dict |
     try:
         for item in chunk.get("choices") or ():
             index = int(item.get("index") or 0)
-            choice = choices.setdefault(index, Choice())
+            choice = choices.setdefault(index, Choice(stop_below))
             delta = item.get("delta") or item.get("message") or {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning:
@@ -72,14 +107,16 @@ def read_chunk(base_url: str, chunk, choices: dict[int, Choice], emit) -> dict |
             text = delta.get("content") if ("delta" in item or "message" in item) else item.get("text")
             if text:
                 emit(index, choice.add_content(text))
+            if item.get("logprobs"):
+                choice.add_logprobs(token_entries(item["logprobs"]))
             if item.get("finish_reason") == "error":  # the server gave up on this sample
                 raise Retryable("the server ended a sample with finish_reason 'error'")
-            if item.get("finish_reason"):
+            if item.get("finish_reason") and choice.finish_reason != "low_confidence":
                 for key in ("stop_reason", "matched_stop"):  # vLLM's and SGLang's: the stop string, or
                     if key in item:                          # None / a token id for an end-of-turn token
                         choice.stop_reason = (item[key],)
                 emit(index, choice.close(finish_reason_of(item["finish_reason"])))
-    except (AttributeError, TypeError, ValueError) as exc:
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
         raise EngineError(f"{base_url} sent a chunk this engine cannot read ({type(exc).__name__}): "
                           f"{json.dumps(chunk)[:200]}") from None
     usage = chunk.get("usage")

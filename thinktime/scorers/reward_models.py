@@ -14,6 +14,9 @@ Supported families, and how each scores a step (a chain is a list of steps):
   conversation where the first user turn is question + " " + step 1, each later user turn is the
   next step, and every assistant turn is "+"; a step's score is P("+") / (P("+") + P("-")) for the
   assistant token that follows it.
+- thinktime-prm / thinktime-ppm (folders `thinktime train prm|ppm` wrote; they hold thinktime-reward.json): the
+  layout of thinktime.scorers.step_encoding; a PRM step's score is softmax(logits)[1] at the delimiter after
+  it, a PPM step's is sigmoid of the scalar head at the step's last token (every prefix in one forward pass).
 - orm (any `*ForSequenceClassification` reward model, e.g. Skywork-Reward-Llama-3.1-8B): question
   and the whole chain as a chat; the chain's single score is sigmoid(logit).
 
@@ -30,8 +33,9 @@ import torch
 
 from thinktime.errors import BadInputError
 from thinktime.scorers.base import Scorer
+from thinktime.scorers.step_encoding import encode_steps, read_reward_info
 
-FAMILIES = ("qwen-prm", "skywork-prm", "rlhflow-prm", "orm")
+FAMILIES = ("qwen-prm", "skywork-prm", "rlhflow-prm", "thinktime-prm", "thinktime-ppm", "orm")
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_STEP_TOKEN = "<extra_0>"
 _BATCH = 8  # chains per forward pass
@@ -64,12 +68,15 @@ def load_reward_model(spec: str, *, device: str | None = None, dtype: str | None
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device, sum(f.stat().st_size for f in path.glob("*.safetensors")))
     cls = {"qwen-prm": QwenMathPRM, "skywork-prm": SkyworkPRM, "rlhflow-prm": RLHFlowPRM,
-           "orm": OutcomeRewardModel}[family]
+           "thinktime-prm": ThinktimePRM, "thinktime-ppm": ThinktimePPM, "orm": OutcomeRewardModel}[family]
     return cls(path, device=device, dtype=torch_dtype)
 
 
 def detect_family(path: Path, config: dict) -> str:
     architectures = config.get("architectures") or []
+    trained = read_reward_info(path)
+    if trained:
+        return f"thinktime-{trained['kind']}"
     if "Qwen2ForProcessRewardModel" in architectures:
         return "qwen-prm"
     if any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -252,6 +259,49 @@ class RLHFlowPRM(_TransformersScorer):
     def token_scores(self, ids, mask):
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         return logits[..., [self.plus_id, self.minus_id]].float().softmax(dim=-1)[..., 0]
+
+
+class ThinktimePRM(_TransformersScorer):
+    family = "thinktime-prm"
+
+    def __init__(self, path: Path, *, device: str, dtype: torch.dtype):
+        from transformers import AutoModelForTokenClassification
+
+        super().__init__(path, device=device, dtype=dtype)
+        self.tokenizer, self.model = _load_base(path, dtype, device, AutoModelForTokenClassification)
+        self.delimiter = read_reward_info(path)["delimiter"]
+
+    def encode(self, question, steps):
+        ids, _, separators = encode_steps(self.tokenizer, question, steps, self.delimiter)
+        return ids, separators
+
+    def token_scores(self, ids, mask):
+        return self.model(input_ids=ids, attention_mask=mask).logits.float().softmax(dim=-1)[..., 1]
+
+
+class ThinktimePPM(_TransformersScorer):
+    """The body and scalar head of a sequence classifier, run apart: its own forward reads only the last token."""
+
+    family = "thinktime-ppm"
+
+    def __init__(self, path: Path, *, device: str, dtype: torch.dtype):
+        from transformers import AutoModel
+
+        super().__init__(path, device=device, dtype=dtype)
+        self.tokenizer, self.model = _load_base(path, dtype, device, AutoModel)
+        weights = _read_weights(path, "score.")
+        self.head = torch.nn.Linear(self.model.config.hidden_size, 1, bias="bias" in weights)
+        self.head.load_state_dict(weights)
+        self.head.to(device=device, dtype=dtype).eval()
+        self.delimiter = read_reward_info(path)["delimiter"]
+
+    def encode(self, question, steps):
+        ids, ends, _ = encode_steps(self.tokenizer, question, steps, self.delimiter)
+        return ids, ends
+
+    def token_scores(self, ids, mask):
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return torch.sigmoid(self.head(hidden).squeeze(-1))
 
 
 class OutcomeRewardModel(_TransformersScorer):

@@ -1,0 +1,126 @@
+"""`thinktime train prm|ppm` on the embedded model (a few steps on hand-written step data): the folders they
+write are found by the `prm:PATH` scorer, score every step, and guide best-of-n; bad data files are named
+with their line before any model loads."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from thinktime import models
+from thinktime.bootstrap.training import TRAIN_INFO, TrainSettings, train
+from thinktime.errors import BadInputError
+from thinktime.scorers.reward_models import load_reward_model
+from thinktime.scorers.step_encoding import REWARD_INFO, encode_steps
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+GOOD = {"What is 2 + 3?": ["2 + 3 = 5.", "The answer is \\boxed{5}."],
+        "What is 4 + 4?": ["4 + 4 = 8.", "The answer is \\boxed{8}."]}
+BAD = {"What is 2 + 3?": ["2 + 3 = 6.", "The answer is \\boxed{6}."],
+       "What is 4 + 4?": ["4 + 4 = 9.", "The answer is \\boxed{9}."]}
+QUIET = dict(log=lambda message: None)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def step_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("step-data")
+    labels = []
+    for question in GOOD:
+        labels.append({"id": question, "prompt": question, "completions": GOOD[question], "labels": [True, True],
+                       "soft_labels": [1.0, 1.0], "gold": "", "rollouts": 4})
+        labels.append({"id": question, "prompt": question, "completions": BAD[question], "labels": [False, False],
+                       "soft_labels": [0.0, 0.0], "gold": "", "rollouts": 4})
+    pairs = [{"id": q, "prompt": q, "prefix": [], "chosen": GOOD[q], "rejected": BAD[q][:1], "chosen_value": 1.0,
+              "rejected_value": -1.0} for q in GOOD]
+    pairs.append({"id": "p", "prompt": "What is 2 + 3?", "prefix": ["2 + 3 = 5."], "chosen": GOOD["What is 2 + 3?"][1:],
+                  "rejected": ["The answer is \\boxed{7}."], "chosen_value": 1.0, "rejected_value": -1.0})
+    return write_jsonl(folder / "labels.jsonl", labels), write_jsonl(folder / "pairs.jsonl", pairs)
+
+
+@pytest.fixture(scope="module")
+def prm_folder(step_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prm") / "model"
+    info = train("prm", "smollm2-135m", [step_files[0]], out,
+                 TrainSettings(max_steps=4, batch_size=4, max_length=256, learning_rate=1e-4), **QUIET)
+    assert info["steps"] == 4
+    return out
+
+
+def test_prm_training_changes_the_weights_and_writes_a_scorer_folder(prm_folder):
+    base = load_file(str(models.resolve("smollm2-135m").path / "model.safetensors"))
+    trained = load_file(str(prm_folder / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[name], trained[name])
+    assert trained["score.weight"].shape[0] == 2  # two labels: bad, good
+    assert json.loads((prm_folder / REWARD_INFO).read_text())["kind"] == "prm"
+    assert json.loads((prm_folder / TRAIN_INFO).read_text())["method"] == "prm"
+
+
+def test_prm_scores_a_step_labelled_good_above_one_labelled_bad(prm_folder):
+    scorer = load_reward_model(f"prm:{prm_folder}", device="cpu", dtype="fp32")
+    assert scorer.name.startswith("thinktime-prm:")
+    for question in GOOD:
+        good, bad = scorer.score(question, [GOOD[question], BAD[question]])
+        assert len(good) == len(bad) == 2 and all(0 <= s <= 1 for s in good + bad)
+        assert good[0] > bad[0]
+    scorer.close()
+
+
+def test_best_of_n_with_the_trained_prm(prm_folder, thinker):
+    result = thinker.solve("What is 2 + 3?", strategy="best-of-n", max_new_tokens=24,
+                           options={"n": 2, "scorer": f"prm:{prm_folder}"})
+    assert result.details["scorer"].startswith("thinktime-prm:") and len(result.candidates) == 2
+    assert all(0 <= s <= 1 for s in result.details["scores"])
+
+
+def test_ppm_lora_scores_every_prefix_as_its_classifier_scores_the_prefix(step_files, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "ppm"
+    info = train("ppm", "smollm2-135m", [step_files[1]], out,
+                 TrainSettings(max_steps=2, batch_size=3, max_length=256, lora=True, lora_r=4, lora_alpha=8), **QUIET)
+    assert info["steps"] == 2 and not (out / "adapter_config.json").exists()  # merged
+    scorer = load_reward_model(f"prm:{out}", device="cpu", dtype="fp32")
+    question, steps = "What is 2 + 3?", GOOD["What is 2 + 3?"]
+    [scores] = scorer.score(question, [steps])
+    classifier = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    ids, ends, _ = encode_steps(scorer.tokenizer, question, steps, "\n\n")
+    with torch.inference_mode():  # the classifier reads the last token of the prefix that ends with each step
+        alone = [float(torch.sigmoid(classifier(input_ids=torch.tensor([ids[:end + 1]])).logits[0, 0]))
+                 for end in ends]
+    assert scores == pytest.approx(alone, abs=1e-4)
+    scorer.close()
+
+
+@pytest.mark.parametrize("method, row, message", [
+    ("prm", {"prompt": "Q", "completions": ["a", "b"]}, "line 2: no 'labels'"),
+    ("prm", {"prompt": "Q", "completions": ["a", "b"], "labels": [True]}, "line 2: 1 labels for 2 completions"),
+    ("ppm", {"prompt": "Q", "prefix": [], "rejected": ["b"]}, "line 2: no 'chosen'"),
+    ("ppm", "not json", "line 2: Expecting value"),
+])
+def test_bad_step_data_is_named_with_its_line(tmp_path, method, row, message):
+    good = {"prompt": "Q", "completions": ["a"], "labels": [True]} if method == "prm" else \
+        {"prompt": "Q", "prefix": [], "chosen": ["a"], "rejected": ["b"]}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(good) + "\n" + (row if isinstance(row, str) else json.dumps(row)) + "\n")
+    with pytest.raises(BadInputError, match=message):
+        train(method, "smollm2-135m", [path], tmp_path / "out", TrainSettings(max_steps=1), **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_unlabeled_steps(tmp_path):
+    path = write_jsonl(tmp_path / "labels.jsonl", [{"prompt": "Q", "completions": ["a"]}])
+    result = subprocess.run([sys.executable, "-m", "thinktime.cli", "train", "prm", "--data", str(path), "-o",
+                             str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "line 1: no 'labels'" in result.stderr

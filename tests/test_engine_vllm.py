@@ -279,3 +279,24 @@ def test_on_a_small_cpu_every_core_computes(vllm_engine):
         pytest.skip(f"{cores} cores or vLLM thread variables set: vLLM places its own threads here")
     pinned = set().union(*(_cores_pinned_alone(pid) for pid in _descendants(os.getpid())))
     assert pinned <= os.sched_getaffinity(0) and len(pinned) == cores
+
+
+def test_logprobs_per_call_with_the_top_alternatives(vllm_engine):
+    from thinktime.errors import BadInputError
+
+    [[plain]] = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=10))
+    assert plain.logprobs is None  # nobody asked: nobody pays
+    [[greedy]] = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=10, logprobs=3))
+    [[chosen_only]] = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=10, logprobs=0))
+    assert greedy.text == plain.text and len(greedy.logprobs) == greedy.completion_tokens
+    assert [e.id for e in greedy.logprobs][: len(greedy.token_ids)] == greedy.token_ids
+    for entry, alone in zip(greedy.logprobs, chosen_only.logprobs):
+        assert len(entry.top) == 3 and [a[2] for a in entry.top] == sorted((a[2] for a in entry.top), reverse=True)
+        assert entry.top[0][0] == entry.id and entry.logprob == pytest.approx(entry.top[0][2])  # greedy: the best
+        assert entry.logprob <= 0 and alone.top == [] and alone.logprob == pytest.approx(entry.logprob, abs=1e-3)
+    assert "".join(e.text for e in greedy.logprobs).startswith(greedy.text)
+    rows = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=8, logprobs=2, n=2, temperature=0.9,
+                                                           seed=3))
+    assert all(len(c.logprobs) == c.completion_tokens for c in rows[0])
+    with pytest.raises(BadInputError, match="does not stop chains on low confidence"):
+        vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=8, logprobs=2, stop_below=(4, 1.0)))

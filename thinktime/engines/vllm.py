@@ -12,7 +12,9 @@ same public objects (`LLM.llm_engine.add_request`, `.step()`, `.abort_request()`
   prefix caching sharing the prompt's KV cache between them and across calls;
 * streaming is true token streaming (`RequestOutputKind.DELTA`: each engine step yields the new
   text of every sample), not a replay of finished text;
-* a cancel event aborts the requests between two engine steps, keeping the text made so far.
+* a cancel event aborts the requests between two engine steps, keeping the text made so far;
+* `SamplingParams.logprobs` asks vLLM for each token's log-probability and top alternatives (the model's
+  raw distribution), per call; stopping a chain on low confidence (`stop_below`) is not served here.
 
 A single pump thread owns the vLLM engine; callers on any thread submit requests and read their
 own outputs, so concurrent callers (the server's clients, parallel strategies) share one batch:
@@ -34,9 +36,11 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from thinktime import models
-from thinktime.engines.base import Engine, refuse_logprobs
+from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
 from thinktime.engines.vllm_replicas import generate_replicated, start_replicas
+from thinktime.engines.token_logprobs import check_logprob_params
+from thinktime.engines.vllm_samples import Sample, token_entries
 from thinktime.engines.vllm_setup import (check_arguments, check_backend, check_llm_options, cpu_thread_settings,
                                          environment, import_vllm, llm_arguments, usable_cores)
 from thinktime.errors import BadInputError, EngineError, ThinktimeError
@@ -66,6 +70,9 @@ class _Request:
 
 class VLLMEngine(Engine):
     name = "vllm"
+    #: SamplingParams.logprobs is answered (Completion.logprobs); stop_below is not
+    returns_logprobs = True
+    stops_on_confidence = False
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, source: str | None = None,
@@ -154,27 +161,27 @@ class VLLMEngine(Engine):
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
-        refuse_logprobs(self, params)
+        _check_logprobs(params)
         if not prompts:
             return []
         if self._replicas:
             return self._generate_replicated(prompts, params, cancel)
         cancel = cancel or threading.Event()
         requests = self._submit([self._engine_input(p) for p in prompts], params)
-        samples = [[_Sample() for _ in range(params.n)] for _ in requests]
+        samples = [[Sample() for _ in range(params.n)] for _ in requests]
         self._drain(requests, samples, cancel)
         return [[s.completion(len(r.engine_input["prompt_token_ids"]), self.stop_ids) for s in row]
                 for r, row in zip(requests, samples)]
 
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
-        refuse_logprobs(self, params)
+        _check_logprobs(params)
         if self._replicas:  # one prompt goes to one replica; it streams whole samples
             yield from super().stream(prompt, params, cancel)
             return
         cancel = cancel or threading.Event()
         (request,) = self._submit([self._engine_input(prompt)], params)
-        samples = [_Sample() for _ in range(params.n)]
+        samples = [Sample() for _ in range(params.n)]
         prompt_tokens = len(request.engine_input["prompt_token_ids"])
         try:
             for index, text, finished in self._outputs([request], [samples], cancel):
@@ -236,6 +243,7 @@ class VLLMEngine(Engine):
             include_stop_str_in_output=False,  # OpenAI semantics, as the transformers engine
             skip_special_tokens=True,
             output_kind=self._OutputKind.DELTA,
+            logprobs=params.logprobs,
         )
 
     def _submit(self, engine_inputs: list[dict], params: SamplingParams) -> list[_Request]:
@@ -249,7 +257,7 @@ class VLLMEngine(Engine):
         self._inbox.put(("add", requests))  # the whole batch in one message: added together
         return requests
 
-    def _outputs(self, requests: list[_Request], samples: list[list["_Sample"]], cancel: threading.Event):
+    def _outputs(self, requests: list[_Request], samples: list[list[Sample]], cancel: threading.Event):
         """(sample index, new text, finished) for one call's requests, as the pump hands them over."""
         out = requests[0].out
         pending = {r.position for r in requests}
@@ -284,7 +292,7 @@ class VLLMEngine(Engine):
                     # greedy asks vLLM for one sample: the row's n samples are its copies
                     for index in range(len(row)) if requests[position].params.n < len(row) else (output.index,):
                         sample = row[index]
-                        sample.add(output.text, output.token_ids)
+                        sample.add(output.text, output.token_ids, self._entries(output, requests[position].params))
                         finished = output.finish_reason is not None
                         if finished:
                             # a sample that finished on its own in the step the abort came keeps its own reason
@@ -298,7 +306,15 @@ class VLLMEngine(Engine):
             if pending:
                 self._inbox.put(("abort", [requests[p].id for p in pending]))
 
-    def _drain(self, requests: list[_Request], samples: list[list["_Sample"]], cancel: threading.Event) -> None:
+    def _entries(self, output, params) -> list | None:
+        if params.logprobs is None:
+            return None
+        return token_entries(output.logprobs or (), output.token_ids, params.logprobs, self._token_text)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _drain(self, requests: list[_Request], samples: list[list[Sample]], cancel: threading.Event) -> None:
         for _ in self._outputs(requests, samples, cancel):
             pass
 
@@ -363,35 +379,8 @@ class VLLMEngine(Engine):
             return generate_replicated(self._replicas, prompts, params, cancel)
 
 
-class _Sample:
-    """One sample's text and tokens as they arrive."""
-
-    __slots__ = ("parts", "token_ids", "finish_reason", "ended_turn")
-
-    def __init__(self):
-        self.parts: list[str] = []
-        self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
-        self.ended_turn = False
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def add(self, text: str, token_ids) -> None:
-        if text:
-            self.parts.append(text)
-        self.token_ids.extend(token_ids)
-
-    def finish(self, reason: str, stop_reason=None, stopped: bool = False) -> None:
-        self.finish_reason = reason
-        # vLLM's stop_reason when it finished with "stop": the stop string met, or None / a token id when a
-        # stop token ended the turn
-        self.ended_turn = stopped and not isinstance(stop_reason, str)
-
-    def completion(self, prompt_tokens: int, stop_ids) -> Completion:
-        ids = list(self.token_ids)
-        # The generated end-of-turn token counts as used (as in the transformers engine) but is not text.
-        visible = ids[:-1] if ids and ids[-1] in stop_ids else ids
-        return Completion("".join(self.parts), self.finish_reason or "cancelled", prompt_tokens, len(ids), visible,
-                          self.ended_turn)
+def _check_logprobs(params: SamplingParams) -> None:
+    check_logprob_params(params)
+    if params.stop_below is not None:
+        raise BadInputError("the vllm engine returns log-probabilities but does not stop chains on low confidence",
+                            hint="use the transformers or llamacpp engine for early_stop, or drop early_stop")

@@ -305,6 +305,7 @@ import thinktime.server.commands  # noqa: E402,F401  (serve)
 import thinktime.ui.commands  # noqa: E402,F401  (ui)
 import thinktime.evaluation.commands  # noqa: E402,F401  (eval, report)
 import thinktime.bootstrap.commands  # noqa: E402,F401  (bootstrap, train)
+import thinktime.labels.commands  # noqa: E402,F401  (label, label-compare, label-f1)
 
 
 def main() -> None:

@@ -61,10 +61,16 @@ def _record_problem(record) -> str | None:
     return None if "id" in record else "no id"
 
 
-def read_records(folder: Path, check: Callable[[dict], str | None] | None = None) -> list[dict]:
-    """The complete records of a run, first copy of each problem; a torn last line is ignored. `check` says what
+def record_key(record: dict):
+    """What a record is one of: a problem (eval); other stores key by more (a problem's chain)."""
+    return record.get("id")
+
+
+def read_records(folder: Path, check: Callable[[dict], str | None] | None = None, name: str = RECORDS,
+                 key: Callable[[dict], Any] = record_key) -> list[dict]:
+    """The complete records of a run, first copy of each key; a torn last line is ignored. `check` says what
     else makes a record unusable to the caller (None: nothing), so that a damaged line is named, not a crash."""
-    path = Path(folder) / RECORDS
+    path = Path(folder) / name
     if not path.is_file():
         return []
     records, seen = [], set()
@@ -83,14 +89,19 @@ def read_records(folder: Path, check: Callable[[dict], str | None] | None = None
         if problem is not None:
             raise BadInputError(f"{path} line {number} is damaged ({problem})",
                                 hint="remove that line (or the folder) and run the eval again to redo it")
-        if record.get("id") not in seen:
-            seen.add(record.get("id"))
+        if key(record) not in seen:
+            seen.add(key(record))
             records.append(record)
     return records
 
 
 class RunStore:
-    """Opens (or creates) a run folder for writing; use as a context manager."""
+    """Opens (or creates) a run folder for writing; use as a context manager. Subclasses name another records
+    file (`records_name`), key records by more than the problem (`key`) and say which command writes (`writer`)."""
+
+    records_name = RECORDS
+    writer = "thinktime eval"
+    key = staticmethod(record_key)
 
     def __init__(self, folder: str | Path, config: dict[str, Any]):
         self.folder = Path(folder)
@@ -101,8 +112,8 @@ class RunStore:
         self._lock_fd: int | None = None
 
     @property
-    def done(self) -> set[str]:
-        return {r["id"] for r in self.records}
+    def done(self) -> set:
+        return {self.key(r) for r in self.records}
 
     def __enter__(self) -> "RunStore":
         self.open()
@@ -134,18 +145,18 @@ class RunStore:
                                        "config": self.config}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             os.replace(tmp, config_path)
         self._repair_tail()
-        self.records = read_records(self.folder)
-        self._fd = os.open(self.folder / RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.records = read_records(self.folder, name=self.records_name, key=self.key)
+        self._fd = os.open(self.folder / self.records_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def append(self, record: dict) -> None:
         """Write one finished problem: a single write() of one line, then fsync; duplicates are skipped."""
-        if record["id"] in self.done:
+        if self.key(record) in self.done:
             return
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         written = os.write(self._fd, line)
         if written != len(line):  # a full disk: undo the partial line so the file stays valid
             os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-            raise OSError(f"short write to {self.folder / RECORDS} (disk full?)")
+            raise OSError(f"short write to {self.folder / self.records_name} (disk full?)")
         os.fsync(self._fd)
         self.records.append(record)
 
@@ -165,12 +176,12 @@ class RunStore:
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise BadInputError(f"another thinktime eval is writing to {self.folder}",
+            raise BadInputError(f"another {self.writer} is writing to {self.folder}",
                                 hint="wait for it to finish, or stop it; a killed eval releases the folder") from None
 
     def _repair_tail(self) -> None:
         """Cut a line torn by a crash, so the next append starts on a fresh line."""
-        path = self.folder / RECORDS
+        path = self.folder / self.records_name
         if not path.is_file() or path.stat().st_size == 0:
             return
         data = path.read_bytes()

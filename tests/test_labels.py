@@ -218,3 +218,48 @@ def test_a_killed_labelling_resumes_without_loss_or_duplicates(tmp_path):
     assert after.startswith(kept)  # nothing written before the kill was redone or rewritten
     keys = [(r["id"], r["chain"]) for r in map(json.loads, after.decode().splitlines())]
     assert sorted(keys) == [(f"arith-L2-{i:04d}", c) for i in range(3) for c in (0, 1)]  # no loss, no duplicates
+
+
+class _Table:
+    """Stands in for the rollouts: a prefix's share of rollouts reaching the gold, from a hand-made table."""
+
+    def __init__(self, shares: dict[int, float]):
+        self.shares_by_depth, self.asked = shares, []
+
+    def shares(self, probes):
+        self.asked += [depth for _, _, depth in probes]
+        return [(self.shares_by_depth[depth], 10) for _, _, depth in probes]
+
+
+def _chain(text: str, finish: str, gold: str = "85"):
+    from thinktime.evaluation.datasets import Problem
+    from thinktime.labels.chains import Chain
+
+    return Chain(Problem("p", "What is 38 + 47?", gold), 0, text, finish)
+
+
+def test_binary_search_measures_few_prefixes_and_infers_the_rest():
+    from thinktime.labels.montecarlo import label_by_binary_search, label_every_step, start
+
+    steps = [f"step {i}" for i in range(1, 9)] + ["So \\boxed{84}."]  # nine steps, ending wrong
+    shares = {1: 1.0, 2: 0.75, 3: 0.5, 4: 0.25, 5: 0.0, 6: 0.25, 7: 0.0, 8: 0.0}
+    item, table = start(_chain("\n\n".join(steps), "stop"), "\n\n"), _Table(shares)
+    label_by_binary_search([item], table)
+    assert table.asked == [5, 3, 4] and item.tokens == 30  # log2 of the prefixes, the known last one not among them
+    assert item.measured == [d in (3, 4, 5) for d in range(1, 10)]
+    assert [s > 0 for s in item.soft] == [True] * 4 + [False] * 5  # inferred: right before step 5, wrong from it
+    assert item.soft[:6] == [1.0, 1.0, 0.5, 0.25, 0.0, 0.0]  # step 6 (0.25 if measured) is inferred wrong
+
+    every, table = start(_chain("\n\n".join(steps), "stop"), "\n\n"), _Table(shares)
+    label_every_step([every], table)
+    assert table.asked == list(range(1, 9)) and every.soft == [*shares.values(), 0.0]  # the last: its own answer
+
+    right, table = start(_chain("38 + 47 = 85.\n\nSo \\boxed{85}.", "stop"), "\n\n"), _Table({})
+    label_by_binary_search([right], table)
+    assert table.asked == [] and right.soft == [1.0, 1.0]  # a right chain: no wrong step, nothing to measure
+    one, table = start(_chain("So \\boxed{84}.", "stop"), "\n\n"), _Table({})
+    label_by_binary_search([one], table)
+    assert table.asked == [] and one.soft == [0.0]
+    cut, table = start(_chain("38 + 47 =\n\n85 so far", "length"), "\n\n"), _Table({1: 0.5, 2: 0.25})
+    label_by_binary_search([cut], table)
+    assert table.asked == [2] and cut.soft == [1.0, 0.25]  # a cut chain: its last prefix is measured too

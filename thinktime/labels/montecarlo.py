@@ -56,10 +56,10 @@ def label_every_step(items: list[Labelling], roller: Roller) -> None:
 
 def label_by_binary_search(items: list[Labelling], roller: Roller) -> None:
     """Each round measures one prefix per chain still searching (all chains in one call), halving its range."""
-    active = [i for i in items if i.steps and not (i.finished and i.correct)]
     for item in items:
         if item.finished and item.correct:  # no wrong step: every prefix reaches the gold through the chain
             item.lo = item.hi = len(item.steps) + 1
+    active = [i for i in items if i.lo < i.hi]  # a one-step chain that ended wrong is known already
     while active:
         probes = [(i, (i.lo + i.hi) // 2) for i in active]
         _record(items, probes, roller)

@@ -27,7 +27,7 @@ LAYERS = [
     ("run context", {"run_context", "sampling"}),
     ("scorers", {"scorers"}),
     ("strategies", {"strategies"}),
-    ("api", {"allocation", "api", "thinktime"}),
+    ("api", {"api", "thinktime"}),
     ("command helpers", {"cli_common", "cli_views"}),
     ("evaluation and serving", {"evaluation", "server", "convert"}),
     ("ui and training", {"ui", "bootstrap", "labels", "treesearch"}),

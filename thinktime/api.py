@@ -140,8 +140,8 @@ class Thinker:
     def solve_allocated(self, questions: Sequence[str], total_tokens: int, *, first: int = 4, step: int = 4,
                         most: int = 16, **kwargs) -> list[Result]:
         """Self-consistency over many questions under one budget of `total_tokens` generated tokens: `first` chains
-        each, then rounds of `step` to the questions whose vote is least settled, up to `most` (allocation.py)."""
-        from thinktime.allocation import solve_allocated
+        each, then rounds of `step` to the questions whose vote is least settled, up to `most`."""
+        from thinktime.strategies.allocation import solve_allocated
 
         _check_count("total_tokens", total_tokens)
         contexts = [self.context(q, strategy="self-consistency", **kwargs) for q in questions]

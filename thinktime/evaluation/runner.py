@@ -20,6 +20,9 @@ from typing import Any
 from thinktime.errors import BadInputError
 from thinktime.evaluation.datasets import Dataset, Problem
 from thinktime.evaluation.grading import GRADER_VERSION, Verdict, grade
+from thinktime.evaluation.records import base_record as _base_record
+from thinktime.evaluation.records import candidate_record as _candidate_record
+from thinktime.evaluation.records import problem_seed
 from thinktime.evaluation.store import RunStore
 from thinktime.sampling import DEFAULT_SAMPLING_TEMPERATURE
 from thinktime.strategies import SCALE_OPTION, STRATEGY_ALIASES
@@ -75,11 +78,6 @@ def parse_ns(text: str | Sequence[int]) -> list[int]:
     return sorted(set(values))
 
 
-def problem_seed(seed: int, problem_id: str) -> int:
-    """Each problem's own sampling seed, so a resumed run draws what an unbroken one would."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
-
-
 def build_config(thinker, dataset: Dataset, settings: Settings) -> dict[str, Any]:
     """Everything that changes a record; its hash guards the run folder. --limit is not in it."""
     engine = thinker.engine
@@ -126,20 +124,6 @@ def check_settings(settings: Settings, temperature: float) -> None:
     if settings.max_n > 1 and temperature <= 0 and settings.sampled:
         raise BadInputError(f"-n {settings.max_n} with greedy decoding draws {settings.max_n} identical chains",
                             hint=f"sample with --temperature > 0 (e.g. {DEFAULT_SAMPLING_TEMPERATURE}), or use -n 1")
-
-
-def _candidate_record(candidate, verdict: Verdict, save_text: bool) -> dict[str, Any]:
-    record = {"answer": candidate.answer, "method": candidate.answer_method,
-              "tokens": candidate.usage.completion_tokens, "finish": candidate.finish_reason,
-              "correct": verdict.correct, "simple": verdict.simple}
-    if save_text:
-        record["text"] = candidate.text
-    return record
-
-
-def _base_record(problem: Problem) -> dict[str, Any]:
-    return {"id": problem.id, "question": problem.question, "gold": problem.gold, **({"meta": problem.meta}
-                                                                                     if problem.meta else {})}
 
 
 def _sampled_records(thinker, chunk: list[Problem], settings: Settings) -> list[dict]:
@@ -215,7 +199,11 @@ def run_eval(thinker, dataset: Dataset, store: RunStore, settings: Settings,
     """Evaluate every problem of `dataset` not yet in `store`; returns all the run's records."""
     check_settings(settings, thinker.temperature)
     pending = [p for p in dataset.problems if p.id not in store.done]
-    if settings.sampled:
+    if settings.strategy == "allocation":  # one budget per batch of problems
+        from thinktime.evaluation.allocated import run_allocated
+
+        run_allocated(thinker, dataset, store, settings, on_record)
+    elif settings.sampled:
         per_call = settings.batch_problems or max(1, 8 // settings.max_n)
         for start in range(0, len(pending), per_call):
             for record in _sampled_records(thinker, pending[start : start + per_call], settings):

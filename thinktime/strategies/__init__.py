@@ -5,19 +5,19 @@ from collections.abc import Callable
 
 from thinktime.errors import BadInputError
 from thinktime.run_context import Budget, Context
-from thinktime.strategies import beam, best_of_n, budget_forcing, cot, mcts, reflect, self_consistency
+from thinktime.strategies import allocation, beam, best_of_n, budget_forcing, cot, mcts, reflect, self_consistency
 from thinktime.types import Result
 
 STRATEGIES: dict[str, Callable[[Context], Result]] = {
-    m.NAME: m.run for m in (cot, self_consistency, best_of_n, reflect, budget_forcing, beam, mcts)
+    m.NAME: m.run for m in (cot, self_consistency, best_of_n, reflect, budget_forcing, beam, mcts, allocation)
 }
 # What each strategy accepts in `options` (cot takes none); the CLI and docs read this.
 STRATEGY_OPTIONS = {m.NAME: getattr(m, "OPTIONS", {}) for m in
-                    (cot, self_consistency, best_of_n, reflect, budget_forcing, beam, mcts)}
+                    (cot, self_consistency, best_of_n, reflect, budget_forcing, beam, mcts, allocation)}
 
 # The option that sets each strategy's size: what `eval -n` scales and what a served model's `:strategy-N` sets.
 SCALE_OPTION = {"self-consistency": "n", "best-of-n": "n", "reflect": "rounds", "budget": "max_tokens",
-                "beam": "width", "mcts": "iterations"}
+                "beam": "width", "mcts": "iterations", "allocation": "tokens"}
 
 
 # Short names people type for a strategy (a served model's suffix, eval's -s); each applies only when its target exists.

@@ -6,6 +6,9 @@ round, the questions whose vote is least settled (the smallest lead of the leadi
 runner-up, in votes; fewer chains first on a tie) get another round, batched in one call, while the
 budget lasts and until a question has `most` chains or its leader can no longer be overtaken. Each
 question's answer is its self-consistency vote (thinktime.voting) over the chains it got.
+
+As a registry strategy (`allocation`, `tokens` its size) it serves one question with `tokens`; `thinktime eval`
+gives each batch of problems `tokens` times their number (evaluation/runner.py), as Thinker.solve_allocated does.
 """
 from __future__ import annotations
 
@@ -16,9 +19,32 @@ from thinktime.errors import BadInputError
 from thinktime.run_context import Context
 from thinktime.sampling import sampling_temperature
 from thinktime.strategies.base import make_result, to_candidate
+from thinktime.strategies.options import Option, positive, read_options
 from thinktime.strategies.self_consistency import TIE_RULE, choose, vote_table
 from thinktime.types import Candidate, Result
 from thinktime.voting import group_answers, vote_answers
+
+
+NAME = "allocation"
+OPTIONS = {
+    "tokens": Option(2000, "generated tokens per question (over a batch: this times the number of questions)", int,
+                     positive),
+    "first": Option(4, "chains every question gets in the first round", int, positive),
+    "step": Option(4, "chains per later round, to the questions whose vote is least settled", int, positive),
+    "most": Option(16, "the most chains one question gets", int, positive),
+}
+
+
+def run(ctx: Context) -> Result:
+    """One question on its own: self-consistency that stops once its leader cannot be overtaken, within `tokens`."""
+    return solve_batch([ctx], ctx.options)[0]
+
+
+def solve_batch(contexts: Sequence[Context], options: dict) -> list[Result]:
+    """Questions that share one budget of `tokens` each on average, under this strategy's options."""
+    opts = read_options(NAME, OPTIONS, options)
+    return solve_allocated(contexts, opts["tokens"] * len(contexts), first=opts["first"], step=opts["step"],
+                           most=opts["most"])
 
 
 @dataclass

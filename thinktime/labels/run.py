@@ -76,6 +76,8 @@ def _label_batch(thinker, chains: list[Chain], store: LabelStore, settings: Labe
     total = (sampled + roller.tokens) or 1
     rows = []
     for item in items:  # each chain is charged its share of the batch's time, by the tokens it took
+        if not item.steps:  # no text, nothing to label (a PRM trainer refuses rows without steps)
+            continue
         row = to_row(item, settings.rollouts, settings.search, seconds * (item.chain.tokens + item.tokens) / total)
         store.append(row)
         rows.append(row)

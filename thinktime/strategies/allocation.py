@@ -1,5 +1,5 @@
-"""One token budget for many questions, spent where it can change an answer (compute-optimal scaling, Snell et
-al. 2024: easy questions settle with a few samples, hard ones need many).
+"""allocation: one token budget for many questions, spent where it can change an answer (compute-optimal
+scaling, Snell et al. 2024: easy questions settle with a few samples, hard ones need many).
 
 Every question first gets a cheap round of chains, all questions in one engine call. Then, round after
 round, the questions whose vote is least settled (the smallest lead of the leading answer over the

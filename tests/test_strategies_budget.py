@@ -18,6 +18,7 @@ STRATEGY_OPTIONS = {
     "budget": {"min_tokens": 10, "max_tokens": 15, "answer_tokens": 4},
     "beam": {"width": 2, "expansions": 2, "depth": 3, "step_tokens": 6, "judge_tokens": 4},
     "mcts": {"iterations": 3, "expansions": 2, "depth": 3, "step_tokens": 6, "judge_tokens": 4},
+    "allocation": {"tokens": 60, "first": 2, "step": 1, "most": 4},
 }
 
 

@@ -36,8 +36,13 @@ OPTIONS = {
 
 
 def run(ctx: Context) -> Result:
-    """One question on its own: self-consistency that stops once its leader cannot be overtaken, within `tokens`."""
-    return solve_batch([ctx], ctx.options)[0]
+    """One question on its own: self-consistency that stops once its leader cannot be overtaken, within `tokens`
+    (and within the run's budget)."""
+    opts = read_options(NAME, OPTIONS, ctx.options)
+    room = opts["tokens"] if ctx.budget.remaining is None else min(opts["tokens"], ctx.budget.remaining)
+    if room < 1:
+        return _result(Question(ctx), 0, 0, opts["most"])
+    return solve_batch([ctx], {**opts, "tokens": room})[0]
 
 
 def solve_batch(contexts: Sequence[Context], options: dict) -> list[Result]:
@@ -82,7 +87,7 @@ def solve_allocated(contexts: Sequence[Context], total_tokens: int, *, first: in
         size = step
         open_ = [q for q in questions if not q.settled(most)]
         chosen = sorted(open_, key=lambda q: (q.lead(), len(q.candidates)))
-    return [_result(q, spent, total_tokens) for q in questions]
+    return [_result(q, spent, total_tokens, most) for q in questions]
 
 
 def _chain_tokens(questions: list[Question], cap: int) -> int:
@@ -109,10 +114,17 @@ def _draw(chosen: list[Question], size: int, left: int) -> int:
     return taken
 
 
-def _result(question: Question, spent: int, total: int) -> Result:
+def _result(question: Question, spent: int, total: int, most: int) -> Result:
     ctx, candidates = question.ctx, question.candidates
     groups = group_answers(vote_answers(candidates))
     chosen = choose(candidates, groups)
+    if len(candidates) >= most:
+        reason = f"all {most} chains sampled"
+    elif candidates and question.settled(most):
+        reason = "decided: the leader cannot be overtaken"
+    else:
+        reason = "budget exhausted"
     details = {"votes": vote_table(groups), "samples": len(candidates), "rounds": question.rounds,
+               "stop_reason": reason,
                "tie_rule": TIE_RULE, "allocation": {"spent": spent, "total_tokens": total}}
     return make_result(ctx, chosen, "self-consistency", candidates, ctx.budget.used, details)

@@ -306,6 +306,7 @@ import thinktime.ui.commands  # noqa: E402,F401  (ui)
 import thinktime.evaluation.commands  # noqa: E402,F401  (eval, report)
 import thinktime.bootstrap.commands  # noqa: E402,F401  (bootstrap, train)
 import thinktime.labels.commands  # noqa: E402,F401  (label, label-compare, label-f1)
+import thinktime.treesearch.commands  # noqa: E402,F401  (tree-pairs)
 
 
 def main() -> None:

@@ -21,6 +21,11 @@ class Scorer(ABC):
     def score(self, question: str, chains: Sequence[Sequence[str]]) -> list[list[float]]:
         """For each chain (a list of steps), a score per step (or one score when not `per_step`)."""
 
+    def score_ended(self, question: str, chains: Sequence[Sequence[str]], ended: Sequence[bool]) -> list[list[float]]:
+        """`score`, told which chains have ended (an answer given, or the turn over): a scorer that continues a
+        chain (rollouts to an answer) must not continue those. Scorers of the text alone ignore it."""
+        return self.score(question, chains)
+
     def close(self) -> None:
         """Release the model's memory."""
 

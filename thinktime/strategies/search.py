@@ -56,7 +56,8 @@ def expand(ctx: Context, tree: Tree, nodes: list[Node], opts: dict, call: int) -
 def score_nodes(ctx: Context, scorer: Scorer, tree: Tree, nodes: list[Node], how: str) -> None:
     if not nodes:
         return
-    for node, steps in zip(nodes, scorer.score(ctx.question, [tree.steps(n) or [""] for n in nodes])):
+    chains = [tree.steps(n) or [""] for n in nodes]
+    for node, steps in zip(nodes, scorer.score_ended(ctx.question, chains, [n.finished for n in nodes])):
         node.score = aggregate(steps, how)
 
 

@@ -1,0 +1,200 @@
+"""`thinktime tree-pairs`: MCTS on the embedded model with rollouts graded against the gold answer, step
+preference pairs and SFT rows drawn from its trees, the run folder (resumed after SIGKILL, other settings
+refused), the token budget, and the pair rules on a hand-made tree."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from thinktime import Thinker
+from thinktime.errors import BadInputError
+from thinktime.evaluation.datasets import load_dataset
+from thinktime.evaluation.grading import grade
+from thinktime.strategies.base import to_candidate
+from thinktime.treesearch.pairs import PairFilter, best_chains, similarity, step_pairs, steps_to
+from thinktime.treesearch.rollout import chain_text
+from thinktime.treesearch.run import TREES, TreeRun, tree_run
+from thinktime.treesearch.search import TreeSettings
+from thinktime.types import Completion
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = TreeRun(dataset="arith:1", split=None, search=TreeSettings(iterations=3, expansions=2, depth=4, step_tokens=16,
+                                                                  rollout_tokens=40, temperature=0.8),
+              rules=PairFilter(margin=0.5), keep=2)
+
+
+@pytest.fixture(scope="module")
+def searched(engine, tmp_path_factory):
+    """One arith:1 problem searched: 3 iterations of 2 expansions, one rollout from each new node."""
+    folder = tmp_path_factory.mktemp("trees")
+    thinker = Thinker(engine=engine, max_new_tokens=40, think=False)
+    problems = load_dataset("arith:1", limit=1).problems
+    summary = tree_run(thinker, problems, folder, RUN)
+    records = [json.loads(line) for line in (folder / TREES).read_text().splitlines()]
+    return {"thinker": thinker, "problems": problems, "folder": folder, "summary": summary, "records": records}
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_values_are_rollout_grades_backed_up_the_path(searched):
+    (record,) = searched["records"]
+    tree = record["tree"]
+    assert len(tree) > 1 and record["completion_tokens"] > 0
+    for node in tree[1:]:
+        assert node["outcomes"] and node["visits"] >= 1 and 0.0 <= node["value"] <= 1.0  # Q = 2v - 1 in [-1, 1]
+        for o in node["outcomes"]:  # graded as `thinktime eval` grades the whole chain
+            text = chain_text(steps_to(tree, node), o["rollout"])
+            answer = to_candidate(Completion(text, o["finish"], 0, 0)).answer
+            assert (o["answer"], o["correct"]) == (answer, grade(answer, record["gold"]).correct)
+        if node["finished"]:
+            assert [o["rollout"] for o in node["outcomes"]] == [""]  # an ended chain is graded as it is, not continued
+    kids = {n["id"]: [c for c in tree if c["parent"] == n["id"]] for n in tree}
+    for node in tree[1:]:
+        children = sum(c["visits"] for c in kids[node["id"]])
+        assert node["visits"] >= 1 + children
+        # backed up once from its own rollouts, then from each child's (a finished node is backed up again
+        # each time it is selected, as is a node whose expansion gave no step)
+        if node["visits"] == 1 + children:
+            own = sum(o["correct"] for o in node["outcomes"]) / len(node["outcomes"])
+            total = own + sum(c["value"] * c["visits"] for c in kids[node["id"]])
+            assert node["value"] * node["visits"] == pytest.approx(total, abs=1e-3)
+
+
+def test_pairs_share_their_prefix_and_keep_the_margin(searched):
+    (record,) = searched["records"]
+    tree, pairs = record["tree"], _rows(searched["folder"] / "pairs.jsonl")
+    assert searched["summary"]["pairs"] == len(pairs)
+    for pair in pairs:
+        assert set(pair) == {"id", "prompt", "prefix", "chosen", "rejected", "chosen_value", "rejected_value"}
+        assert pair["prompt"] == record["question"] and len(pair["chosen"]) == len(pair["rejected"]) == 1
+        assert -1 <= pair["rejected_value"] <= pair["chosen_value"] - RUN.rules.margin <= 1
+        chosen = next(n for n in tree if n["step"] == pair["chosen"][0] and steps_to(tree, n)[:-1] == pair["prefix"])
+        rejected = next(n for n in tree if n["step"] == pair["rejected"][0] and n["parent"] == chosen["parent"])
+        assert steps_to(tree, tree[chosen["parent"]]) == pair["prefix"]  # siblings: the same prefix
+        assert similarity(chosen["step"], rejected["step"]) < RUN.rules.max_similarity
+
+
+def test_sft_rows_are_correct_finished_chains_as_bootstrap_writes_them(searched):
+    (record,) = searched["records"]
+    rows = _rows(searched["folder"] / "sft.jsonl")
+    assert len(rows) <= RUN.keep and searched["summary"]["sft_rows"] == len(rows)
+    for row in rows:
+        assert row["messages"][:-1] == searched["thinker"].messages(record["question"])
+        text = row["messages"][-1]["content"]
+        assert row["messages"][-1]["role"] == "assistant"
+        assert grade(to_candidate(Completion(text, "stop", 0, 0)).answer, record["gold"]).correct
+
+
+def test_a_rerun_searches_nothing_again_and_draws_pairs_with_new_filters(searched):
+    strict = replace(RUN, rules=PairFilter(margin=2.0))
+    seen = []
+    summary = tree_run(searched["thinker"], searched["problems"], searched["folder"], strict, on_record=seen.append)
+    assert seen == [] and summary["problems"] == 1
+    for pair in _rows(searched["folder"] / "pairs.jsonl"):
+        assert (pair["chosen_value"], pair["rejected_value"]) == (1.0, -1.0)
+    tree_run(searched["thinker"], searched["problems"], searched["folder"], RUN)  # as the fixture left it
+
+
+def test_another_configuration_and_a_changed_problem_are_refused(searched, tmp_path):
+    other = replace(RUN, search=replace(RUN.search, iterations=4))
+    with pytest.raises(BadInputError, match="different configuration"):
+        tree_run(searched["thinker"], searched["problems"], searched["folder"], other)
+    changed = [replace(searched["problems"][0], gold="12345")]
+    with pytest.raises(BadInputError, match="another question or gold"):
+        tree_run(searched["thinker"], changed, searched["folder"], RUN)
+
+
+def test_the_budget_stops_the_run_before_a_cut_tree_is_recorded(searched, tmp_path):
+    summary = tree_run(searched["thinker"], searched["problems"], tmp_path / "b", replace(RUN, budget=6))
+    assert summary["stopped"] == "token budget spent" and summary["problems"] == 0
+    assert (tmp_path / "b" / TREES).read_text() == ""
+
+
+def test_pair_rules_on_a_hand_made_tree():
+    """Root with four children: Q +1 (correct below), +0.5 (both), -0.5 (both), -1 (wrong below); one grandchild."""
+    def node(i, parent, step, value, correct, visits=2, depth=1):
+        return {"id": i, "parent": parent, "depth": depth, "step": step, "finished": False, "visits": visits,
+                "value": value, "outcomes": [{"rollout": "", "answer": "x", "correct": c, "finish": "stop"}
+                                             for c in correct]}
+
+    tree = [{"id": 0, "parent": None, "depth": 0, "step": "", "finished": False, "visits": 9, "value": 0.5},
+            node(1, 0, "Add the tens: 30 + 50 = 80.", 1.0, [True]),
+            node(2, 0, "Add the ones first: 8 + 7 = 15.", 0.75, [True, False]),
+            node(3, 0, "Add the ones first: 8 + 7 = 16.", 0.25, [True, False]),
+            node(4, 0, "Subtract them: 38 - 47 = -9.", 0.0, [False]),
+            node(5, 1, "Then 80 + 15 = 95.", 1.0, [True], visits=1, depth=2),
+            node(6, 1, "So the sum is 80 + 5, which is 85.", 0.0, [False], visits=1, depth=2)]
+    pairs = step_pairs(tree, "p", "What is 38 + 47?", PairFilter(margin=0.5, max_similarity=0.9))
+    got = {(p["chosen"][0][:12], p["rejected"][0][:12]) for p in pairs if not p["prefix"]}
+    # top-2 with a correct leaf (1, 2) against bottom-2 with a wrong one (4, 3); 2 vs 3 differ by one digit: dropped
+    assert got == {("Add the tens", "Subtract the"), ("Add the tens", "Add the ones"),
+                   ("Add the ones", "Subtract the")}
+    deeper = [p for p in pairs if p["prefix"]]
+    assert deeper == [{"id": "p", "prompt": "What is 38 + 47?", "prefix": ["Add the tens: 30 + 50 = 80."],
+                       "chosen": ["Then 80 + 15 = 95."], "rejected": ["So the sum is 80 + 5, which is 85."],
+                       "chosen_value": 1.0, "rejected_value": -1.0}]
+    assert step_pairs(tree, "p", "q", PairFilter(margin=2.01)) == []
+    loose = step_pairs(tree, "p", "q", PairFilter(margin=0.5, max_similarity=1.0))  # only exact copies dropped
+    assert len(loose) == len(pairs) + 1
+    best = best_chains(tree, 2, "\n\n")  # ranked by the mean Q of their path: node 5 (1, 1), then node 1 (1)
+    assert [text for text, _ in best] == ["Add the tens: 30 + 50 = 80.\n\nThen 80 + 15 = 95.",
+                                          "Add the tens: 30 + 50 = 80."]
+
+
+def _command(folder: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "thinktime.cli", "tree-pairs", "-d", "arith:1", "-n", "3", "-i", "1",
+            "--step-tokens", "8", "--rollout-tokens", "8", "--no-think", "--model", "smollm2-135m",
+            "-o", str(folder), *extra]
+
+
+def test_bad_settings_are_refused_before_the_model_loads(tmp_path):
+    for flag, value, message in (("--margin", "3", "--margin must be in [0, 2]"),
+                                 ("--iterations", "0", "--iterations must be at least 1"),
+                                 ("--temperature", "0", "--temperature must be above 0"),
+                                 ("--max-similarity", "0", "--max-similarity")):
+        result = subprocess.run(_command(tmp_path / "x", flag, value), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_killed_run_resumes_without_loss_or_duplicates(tmp_path):
+    folder = tmp_path / "run"
+    trees = folder / TREES
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_command(folder), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if trees.is_file() and trees.read_bytes().count(b"\n") >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = trees.read_bytes()
+    kept = before[: before.rfind(b"\n") + 1]
+    with open(trees, "ab") as f:  # as if the kill had torn a line in the middle of its write
+        f.write(b'{"id": "arith-L1-0002", "tre')
+    done = kept.count(b"\n")
+    assert 1 <= done < 3
+    resumed = subprocess.run(_command(folder), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming, {done}/3 trees done" in resumed.stderr
+    after = trees.read_bytes()
+    assert after.startswith(kept)  # nothing recorded before the kill was redone or rewritten
+    assert sorted(json.loads(line)["id"] for line in after.decode().splitlines()) == \
+        [f"arith-L1-{i:04d}" for i in range(3)]
+    assert json.loads((folder / "summary.json").read_text())["problems"] == 3

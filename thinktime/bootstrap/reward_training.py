@@ -42,9 +42,11 @@ def load_step_rows(method: str, paths: list[str]):
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
-                rows.append(check(row))
+                checked = check(row)
             except ValueError as e:  # json's errors are ValueErrors too
                 raise BadInputError(f"{path} line {number}: {e}", hint=HINTS[method]) from None
+            if checked is not None:
+                rows.append(checked)
     if not rows:
         raise BadInputError(f"no rows to train on in {', '.join(paths)}", hint=HINTS[method])
     return Dataset.from_list(rows)
@@ -69,7 +71,10 @@ def _prompt(row: dict) -> str:
     return row["prompt"]
 
 
-def _label_row(row: dict) -> dict:
+def _label_row(row: dict) -> dict | None:
+    """The row's prompt, steps and hard labels; None for a chain with no step (nothing to learn from)."""
+    if row.get("completions") == [] and row.get("labels") == []:
+        return None
     prompt, steps = _prompt(row), _steps(row, "completions")
     labels = row.get("labels")
     if labels is None:
@@ -130,7 +135,8 @@ class PRMTrainer(Trainer):
         _refuse_too_long(encoded["first"], args.max_length, "prm", "the first step")
         if args.max_length is not None:  # rows cut after their first label keep the labels before the cut
             encoded = encoded.filter(lambda row: row["first"] <= args.max_length).map(
-                lambda row: {"input_ids": row["input_ids"][:args.max_length], "labels": row["labels"][:args.max_length]})
+                lambda row: {"input_ids": row["input_ids"][:args.max_length],
+                             "labels": row["labels"][:args.max_length]})
         encoded = encoded.remove_columns("first")
         network = AutoModelForTokenClassification.from_pretrained(model, num_labels=2,
                                                                   **(args.model_init_kwargs or {}))

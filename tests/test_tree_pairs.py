@@ -120,7 +120,7 @@ def test_the_budget_stops_the_run_before_a_cut_tree_is_recorded(searched, tmp_pa
     assert (tmp_path / "b" / TREES).read_text() == ""
 
 
-def test_pair_rules_on_a_hand_made_tree():
+def test_pair_rules_on_a_hand_made_tree(tmp_path):
     """Root with four children: Q +1 (correct below), +0.5 (both), -0.5 (both), -1 (wrong below); one grandchild."""
     def node(i, parent, step, value, correct, visits=2, depth=1):
         return {"id": i, "parent": parent, "depth": depth, "step": step, "finished": False, "visits": visits,
@@ -146,6 +146,10 @@ def test_pair_rules_on_a_hand_made_tree():
     assert step_pairs(tree, "p", "q", PairFilter(margin=2.01)) == []
     loose = step_pairs(tree, "p", "q", PairFilter(margin=0.5, max_similarity=1.0))  # only exact copies dropped
     assert len(loose) == len(pairs) + 1
+    from thinktime.bootstrap.reward_training import load_step_rows
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    assert len(load_step_rows("ppm", [str(tmp_path / "pairs.jsonl")])) == len(pairs)  # what `train ppm` reads
     best = best_chains(tree, 2, "\n\n")  # ranked by the mean Q of their path: node 5 (1, 1), then node 1 (1)
     assert [text for text, _ in best] == ["Add the tens: 30 + 50 = 80.\n\nThen 80 + 15 = 95.",
                                           "Add the tens: 30 + 50 = 80."]

@@ -19,6 +19,8 @@ def tree_pairs_command(
     split: Optional[str] = typer.Option(None, "--split", help="Default: the set's train split where it has one."),
     problems: int = typer.Option(20, "--problems", "-n", help="Problems searched: the first N of the set (more "
                                  "later extends the run)."),
+    eval_problems: int = typer.Option(100, "--eval-problems", help="Never searched: the set's last N problems, "
+                                      "which `thinktime bootstrap` holds out."),
     data_seed: int = typer.Option(0, "--data-seed", help="arith: which generated problems."),
     iterations: int = typer.Option(16, "--iterations", "-i", help="MCTS rounds per problem (select, expand, roll "
                                    "out, back up)."),
@@ -55,7 +57,7 @@ def tree_pairs_command(
                       rules=PairFilter(margin=margin, max_similarity=max_similarity, per_side=per_side),
                       budget=budget)
         check_run(run)
-        chosen = _problems(dataset, split, problems, data_seed)
+        chosen = _problems(dataset, split, problems, eval_problems, data_seed)
         thinker = make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, rollout_tokens,
                                temperature, 1.0, seed, False, None)
         with TreeProgress(len(chosen), output) as progress:
@@ -63,16 +65,23 @@ def tree_pairs_command(
         _print_summary(summary, output)
 
 
-def _problems(dataset: str, split: Optional[str], count: int, data_seed: int) -> list:
+def _problems(dataset: str, split: Optional[str], count: int, held_out: int, data_seed: int) -> list:
+    """The first `count` problems of the set, none of its last `held_out` (which `thinktime bootstrap` and
+    `thinktime label` hold out for evaluation): from the train split where the set has one."""
     from thinktime.errors import BadInputError
     from thinktime.evaluation.datasets import SPECS, load_dataset
 
-    if count < 1:
-        raise BadInputError("--problems must be at least 1")
+    if count < 1 or held_out < 0:
+        raise BadInputError("--problems must be at least 1 and --eval-problems 0 or more")
     spec = SPECS.get(dataset.strip().lower())
     if split is None and spec is not None and ("train" in spec.files or "train" in spec.hub):
         split = "train"  # training data from a test split would leave a later eval contaminated
-    return load_dataset(dataset, split=split, limit=count, data_seed=data_seed).problems
+    full = load_dataset(dataset, split=split, limit=count + held_out, data_seed=data_seed).problems
+    if len(full) < count + held_out:
+        raise BadInputError(f"{dataset} has {len(full)} problems; {count} searched and {held_out} held out need more",
+                            hint="lower --problems or --eval-problems")
+    held = {p.question for p in full[len(full) - held_out:]} if held_out else set()
+    return [p for p in full[:count] if p.question not in held]
 
 
 class TreeProgress:

@@ -257,9 +257,11 @@ def test_a_killed_eval_resumes_without_loss_or_duplicates(tmp_path):
     assert records.read_bytes() == after
 
 
-def test_options_the_n_list_path_would_ignore_are_refused():
+def test_options_of_the_n_list_strategies_are_checked_by_the_registry():
     from thinktime.errors import BadInputError
     from thinktime.evaluation.runner import check_settings
 
-    with pytest.raises(BadInputError, match="does not apply to self-consistency with an n-list"):
-        check_settings(Settings("self-consistency", [1, 2], options={"round": 1}), temperature=0.7)
+    with pytest.raises(BadInputError, match="has no option 'rounds'"):
+        check_settings(Settings("self-consistency", [1, 2], options={"rounds": 1}), temperature=0.7)
+    with pytest.raises(BadInputError, match="has no option"):
+        check_settings(Settings("cot", [1], options={"n": 2}), temperature=0.0)

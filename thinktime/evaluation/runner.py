@@ -4,7 +4,8 @@ Two paths:
 - cot and self-consistency with an n-list (1,4,16): sample once at the largest n, then derive
   every smaller n from the first k of the same samples (maj@k by thinktime.voting; pass@k in the
   report). Several problems share one engine call when n is small.
-- any other strategy in thinktime.strategies: run it through the registry with a Context from
+- any other strategy in thinktime.strategies, and self-consistency given options (`round` for adaptive
+  consistency, the confidence rules, `probe`): run it through the registry with a Context from
   Thinker.context, once per value in the list, each run graded on its own. The list sets the
   strategy's own size knob (SCALE_OPTION: best-of-n's n, reflect's rounds, budget's max_tokens,
   beam's width, mcts's iterations), or the option named by `scale_option`.
@@ -43,9 +44,14 @@ class Settings:
     save_text: bool = True
     scale_option: str | None = None  # registry strategies: the option -n sets (default SCALE_OPTION)
 
+    def __post_init__(self):
+        if self.options and self.strategy in SAMPLED:  # options (round, weights, probe): the registry's, once per n
+            self.strategy = SAMPLED[self.strategy]
+
     @property
     def sampled(self) -> bool:
-        return self.strategy in SAMPLED
+        """The n-list path: sample the largest n once, vote every smaller n from the same chains."""
+        return self.strategy in SAMPLED and not self.options
 
     @property
     def max_n(self) -> int:
@@ -116,11 +122,6 @@ def check_settings(settings: Settings, temperature: float) -> None:
     elif settings.budget_tokens is not None:
         raise BadInputError(f"--budget-tokens does not apply to {settings.strategy} with an n-list",
                             hint="cap each chain with --max-new-tokens instead")
-    elif settings.options:  # the n-list path samples once and votes itself: strategy options would be ignored
-        raise BadInputError(f"--option {', '.join(sorted(settings.options))} does not apply to {settings.strategy} "
-                            "with an n-list (one sampling, every smaller n voted from it)",
-                            hint="drop it: these runs sample the largest n once and vote every smaller n from "
-                                 "the same chains, with no early stop")
     if settings.max_n > 1 and temperature <= 0 and settings.sampled:
         raise BadInputError(f"-n {settings.max_n} with greedy decoding draws {settings.max_n} identical chains",
                             hint=f"sample with --temperature > 0 (e.g. {DEFAULT_SAMPLING_TEMPERATURE}), or use -n 1")

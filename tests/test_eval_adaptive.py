@@ -1,5 +1,6 @@
-"""`eval -s allocation`: the problems of a batch share one token budget (strategies/allocation.py); records per
-problem, a resumed run forms the batches an unbroken one would, and the report reads tokens per problem."""
+"""The adaptive rules through `thinktime eval`: `-s allocation` (the problems of a batch share one token budget;
+records per problem, a resumed run forms the batches an unbroken one would, the report reads tokens per problem)
+and self-consistency with options (adaptive consistency, confidence rules, probing) through the registry."""
 from __future__ import annotations
 
 import json
@@ -63,3 +64,16 @@ def test_allocation_settings_are_checked_before_any_model_loads():
         check_settings(Settings("allocation", [500], options={"n": 4}), 0.0)
     with pytest.raises(BadInputError):
         check_settings(Settings("allocation", [0]), 0.0)
+
+
+def test_self_consistency_with_options_runs_through_the_registry_once_per_n(llama_engine, tmp_path):
+    settings = Settings("sc", [2, 4], seed=1, options={"round": 2, "weights": "confidence", "window": 4})
+    assert not settings.sampled and settings.strategy == "self-consistency"
+    assert settings.strategy_options(4) == {"round": 2, "weights": "confidence", "window": 4, "n": 4}
+    thinker = Thinker(engine=llama_engine, max_new_tokens=12, think=False)
+    data = load_dataset("arith:1", limit=2)
+    records = evaluate(thinker, data, settings, tmp_path / "run")
+    for r in records:
+        assert r["by_k"]["2"]["candidates"] == 2 and 2 <= r["by_k"]["4"]["candidates"] <= 4  # rounds may stop early
+        assert r["completion_tokens"] == r["by_k"]["2"]["tokens"] + r["by_k"]["4"]["tokens"]
+    assert summarize(tmp_path / "run").config["options"] == settings.options

@@ -202,3 +202,20 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     assert sorted(json.loads(line)["id"] for line in after.decode().splitlines()) == \
         [f"arith-L1-{i:04d}" for i in range(3)]
     assert json.loads((folder / "summary.json").read_text())["problems"] == 3
+
+
+def test_a_bootstrap_round_from_tree_search_writes_its_rows_and_step_pairs(searched, tmp_path):
+    from thinktime.bootstrap.data import read_jsonl
+    from thinktime.bootstrap.tree_round import tree_round
+
+    search = replace(RUN.search, iterations=1, step_tokens=8, rollout_tokens=12)
+    stats = tree_round(searched["thinker"], searched["problems"], tmp_path, search, keep=1, round_index=2,
+                       log=lambda message: None)
+    assert stats["round"] == 2 and stats["problems"] == 1
+    trees = _rows(tmp_path / "tree" / TREES)
+    config = json.loads((tmp_path / "tree" / "config.json").read_text())["config"]
+    assert len(trees) == 1 and config["search"]["seed"] == search.seed + 100_003 * 2  # the round's own seeds
+    assert read_jsonl(tmp_path / "pairs.jsonl") == []
+    for name, count in (("sft.jsonl", stats["sft_rows"]), ("step-pairs.jsonl", stats["step_pairs"])):
+        rows = read_jsonl(tmp_path / name)
+        assert len(rows) == count and all(row["round"] == 2 for row in rows)

@@ -219,3 +219,13 @@ def test_a_bootstrap_round_from_tree_search_writes_its_rows_and_step_pairs(searc
     for name, count in (("sft.jsonl", stats["sft_rows"]), ("step-pairs.jsonl", stats["step_pairs"])):
         rows = read_jsonl(tmp_path / name)
         assert len(rows) == count and all(row["round"] == 2 for row in rows)
+
+
+def test_round_data_settings_that_cannot_work_are_refused():
+    from thinktime.bootstrap.tree_round import check_round_data
+
+    check_round_data("tree", "star", 0)
+    for args, message in ((("trees", "star", 0), "unknown --round-data"), (("tree", "grpo", 0), "GRPO samples its own"),
+                          (("tree", "star", 4), "--compare-n")):
+        with pytest.raises(BadInputError, match=message):
+            check_round_data(*args)

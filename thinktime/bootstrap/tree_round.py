@@ -45,3 +45,18 @@ def tree_round(thinker, problems, folder: Path, search: TreeSettings, keep: int,
              "kept_problems": len({row["id"] for row in sft})}
     data.write_json(folder / "stats.json", stats)
     return stats
+
+
+def check_round_data(round_data: str, method: str, compare_n: int) -> None:
+    """Refuse a round-data setting that cannot work with the rest of a bootstrap run."""
+    from thinktime.errors import BadInputError
+
+    if round_data not in ROUND_DATA:
+        raise BadInputError(f"unknown --round-data {round_data!r}", hint="use star or tree")
+    if round_data == "tree" and method == "grpo":
+        raise BadInputError("--round-data tree gives STaR rounds their data; GRPO samples its own",
+                            hint="drop --round-data, or use --method star")
+    if round_data == "tree" and compare_n:
+        raise BadInputError("--compare-n trains an outcome reward model on whole-chain pairs, and tree rounds give "
+                            "step pairs (round-R/step-pairs.jsonl, for thinktime train ppm)",
+                            hint="drop --compare-n, or use --round-data star")

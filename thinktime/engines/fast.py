@@ -210,27 +210,11 @@ class FastDecoder(CompiledSteps):
         if rows == 0 or max_new <= 0:
             return [[] for _ in range(rows)]
         lengths = [len(p) for p in prompts for _ in range(n)]
-        if min(lengths) < 1:
-            raise FastPathUnavailable("an empty prompt")
-        need = max(lengths) + max_new
-        if need > self.max_positions:
-            raise FastPathUnavailable(f"{need} positions exceed the model's {self.max_positions}")
-        if stop_strings and tokenizer is None:
-            raise ValueError("stop strings need the tokenizer")
-        width = _bucket(rows)
         mode = "greedy" if greedy else ("top_p" if top_p < 1.0 else "sample")
-        if self.use_graphs and mode in self.failed_modes:  # before growing a cache this call would not use
-            raise FastPathUnavailable(f"the {mode} step did not capture as a CUDA graph ({self.failed_modes[mode]})")
+        need = self._check_call(lengths, max_new, mode, stop_strings, tokenizer)
+        width = _bucket(rows)
         self._ensure_cache(width, min(_round_up(need), self.max_positions))
-        if not greedy:
-            self.temperature.fill_(float(temperature))
-            self.top_p.fill_(float(top_p))
-        # A row's k-th new token reads the uniform at its position length - 1 + k: the draws of the decoding
-        # loop (draw_uniforms), so a seeded sample depends neither on max_new_tokens nor on the other rows'
-        # prompt lengths, and is the loop's sample.
-        draws = draw_uniforms(seed, rows, max_new).to(self.device)
-        at = torch.tensor(lengths, device=self.device)[:, None] - 1 + torch.arange(max_new, device=self.device)
-        self.u[:rows].scatter_(1, at, draws)
+        self._set_sampling(rows, lengths, max_new, greedy, temperature, top_p, seed)
         started = time.perf_counter()
         first = self._prefill(prompts, n, rows, width, lengths, mode, prefix_cache)
         self.stats["prefill_s"] = time.perf_counter() - started
@@ -244,9 +228,41 @@ class FastDecoder(CompiledSteps):
         if streamer is not None:
             streamer.put(torch.tensor([prompts[0]]))  # as generate does, the prompt comes first
         state.push(first.tolist())
-        current = window(1)
-        pending = None
-        step = 1
+        self._decode_n_tokens(state, step_fn, window, rows, width, max_new, mode, cancel)
+        if streamer is not None:
+            streamer.end()
+        return state.padded()
+
+    def _check_call(self, lengths: list[int], max_new: int, mode: str, stop_strings, tokenizer) -> int:
+        """The positions the call needs; FastPathUnavailable (or ValueError) for what cannot run here."""
+        if min(lengths) < 1:
+            raise FastPathUnavailable("an empty prompt")
+        need = max(lengths) + max_new
+        if need > self.max_positions:
+            raise FastPathUnavailable(f"{need} positions exceed the model's {self.max_positions}")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop strings need the tokenizer")
+        if self.use_graphs and mode in self.failed_modes:  # before growing a cache this call would not use
+            raise FastPathUnavailable(f"the {mode} step did not capture as a CUDA graph ({self.failed_modes[mode]})")
+        return need
+
+    def _set_sampling(self, rows, lengths, max_new, greedy, temperature, top_p, seed) -> None:
+        """Temperature, top-p and each row's uniforms into the static buffers the step reads."""
+        if not greedy:
+            self.temperature.fill_(float(temperature))
+            self.top_p.fill_(float(top_p))
+        # A row's k-th new token reads the uniform at its position length - 1 + k: the draws of the decoding
+        # loop (draw_uniforms), so a seeded sample depends neither on max_new_tokens nor on the other rows'
+        # prompt lengths, and is the loop's sample.
+        draws = draw_uniforms(seed, rows, max_new).to(self.device)
+        at = torch.tensor(lengths, device=self.device)[:, None] - 1 + torch.arange(max_new, device=self.device)
+        self.u[:rows].scatter_(1, at, draws)
+
+    def _decode_n_tokens(self, state: "Rows", step_fn, window, rows: int, width: int, max_new: int, mode: str,
+                         cancel: threading.Event) -> None:
+        """Steps until every row stopped, max_new tokens, or cancel; each step's tokens pushed into `state`.
+        window(step): the attention window of a step (the longest row so far, rounded up to a graph size)."""
+        current, pending, step = window(1), None, 1
         while step < max_new and not state.all_done and not cancel.is_set():
             if window(step) != current:
                 current = window(step)
@@ -255,7 +271,7 @@ class FastDecoder(CompiledSteps):
                 except Exception as exc:  # mid-call: finish this call without graphs, say so
                     self._capture_failed(mode, exc)
                     warnings.warn(f"thinktime fast decoding: CUDA graph capture failed ({self.graph_error}); "
-                                  f"finishing this call without graphs", RuntimeWarning, stacklevel=3)
+                                  f"finishing this call without graphs", RuntimeWarning, stacklevel=4)
                     step_fn = self._runner(width, current, mode)
             step_fn()
             self.stats["steps"] += 1
@@ -270,9 +286,6 @@ class FastDecoder(CompiledSteps):
             step += 1
         if pending is not None and not state.all_done:
             self._read(state, pending, rows)
-        if streamer is not None:
-            streamer.end()
-        return state.padded()
 
     def _read(self, state: "Rows", slot: int, rows: int) -> None:
         if self.cuda:

@@ -77,4 +77,5 @@ def label_statistics(rows: list[dict]) -> dict:
     return {"chains": len(rows), "steps": len(steps), "steps_per_chain": _mean([len(r["labels"]) for r in rows]),
             "steps_correct": _share(steps), "chains_correct": _share([bool(r.get("correct")) for r in rows]),
             "chains_with_wrong_step": _share([first_wrong(r["labels"]) >= 0 for r in rows]),
-            "rolled_out_prefixes": rolled, "tokens": sum(int(r.get("tokens", 0)) for r in rows)}
+            "rolled_out_prefixes": rolled, "tokens": sum(int(r.get("tokens", 0)) for r in rows),
+            "seconds": sum(float(r.get("seconds", 0)) for r in rows)}

@@ -13,7 +13,7 @@ from thinktime.errors import BadInputError
 
 EpochsOpt = typer.Option(3.0, "--epochs", help="Training epochs.")
 LrOpt = typer.Option(None, "--lr", help="Learning rate (default by method: sft 3e-5 full / 2e-4 LoRA, "
-                     "dpo 1e-6 / 5e-6, rm 1e-5 / 1e-4, grpo 1e-5 / 1e-4).")
+                     "dpo 1e-6 / 5e-6, rm 1e-5 / 1e-4, grpo 1e-5 / 1e-4, prm 2e-5 / 1e-4, ppm 1e-5 / 1e-4).")
 BatchOpt = typer.Option(8, "--batch-size", help="Rows per training step (per device).")
 AccumOpt = typer.Option(1, "--grad-accum", help="Gradient accumulation steps.")
 MaxLenOpt = typer.Option(2048, "--max-length", help="Longest training sequence in tokens (the thinking prompt alone "
@@ -24,9 +24,11 @@ DataSeedOpt = typer.Option(0, "--data-seed", help="arith: which generated proble
 
 # `thinktime train`'s options beyond the shared ones (most of them grpo's)
 MethodArg = typer.Argument(..., help="sft (chat rows), dpo (preference pairs), rm (outcome reward model from "
-                           "preference pairs) or grpo (RL on a dataset's problems, graded answers as the reward).")
+                           "preference pairs), grpo (RL on a dataset's problems, graded answers as the reward), "
+                           "prm (process reward model from step labels) or ppm (step preference model from step "
+                           "pairs).")
 DataOpt = typer.Option(None, "--data", help="Training JSONL (repeatable): sft.jsonl for sft, pairs.jsonl for dpo "
-                       "and rm (grpo reads --dataset).")
+                       "and rm, step labels (thinktime label) for prm, step pairs for ppm (grpo reads --dataset).")
 TrainBatchOpt = typer.Option(None, "--batch-size", help="Rows per training step (per device; default 8); grpo: "
                              "completions per step (default 16).")
 MaxStepsOpt = typer.Option(-1, "--max-steps", help="> 0: stop after this many steps (overrides --epochs).")
@@ -143,8 +145,8 @@ def _train_on_files(method: str, model: Optional[str], data: Optional[list[Path]
 def _print_trained(method: str, output: Path, info: dict, system_prompt: Optional[Path]) -> None:
     out.print(f"[green]model:[/] {output}  ({info['steps']} steps, loss {info['train_loss']}, "
               f"{info['seconds']:.0f} s)")
-    if method == "rm":
-        out.print(f"use it: thinktime solve -s best-of-n -o scorer=orm:{output} ...")
+    if method in ("rm", "prm", "ppm"):
+        out.print(f"use it: thinktime solve -s best-of-n --scorer {'orm' if method == 'rm' else 'prm'}:{output} ...")
     else:
         hint = f" --system-prompt {system_prompt}" if method == "grpo" and system_prompt else ""
         out.print(f"use it: thinktime solve --model {output}{hint} ...")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -298,5 +299,24 @@ def test_logprobs_per_call_with_the_top_alternatives(vllm_engine):
     rows = vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=8, logprobs=2, n=2, temperature=0.9,
                                                            seed=3))
     assert all(len(c.logprobs) == c.completion_tokens for c in rows[0])
-    with pytest.raises(BadInputError, match="does not stop chains on low confidence"):
-        vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=8, logprobs=2, stop_below=(4, 1.0)))
+    with pytest.raises(BadInputError, match="window >= 1"):
+        vllm_engine.generate([QUESTION], SamplingParams(max_new_tokens=8, logprobs=0, stop_below=(4, 1.0)))
+
+
+def test_samples_below_the_confidence_floor_stop_alone(vllm_engine):
+    params = SamplingParams(max_new_tokens=24, logprobs=2, n=3, temperature=0.9, seed=3)
+    together = vllm_engine.generate([QUESTION, OTHER], params)
+    # a floor never reached: each sample is a request of its own, seeded as vLLM seeds one request's samples
+    alone = vllm_engine.generate([QUESTION, OTHER], replace(params, stop_below=(4, -1.0)))
+    assert [[c.text for c in row] for row in alone] == [[c.text for c in row] for row in together]
+    # a floor every window is below: each sample ends at its first full window, and vLLM stops it
+    cut = vllm_engine.generate([QUESTION, OTHER], replace(params, stop_below=(4, 1e9)))
+    for row in cut:
+        for c in row:
+            assert c.finish_reason == "low_confidence" and 4 <= c.completion_tokens < 24
+            assert len(c.logprobs) == c.completion_tokens
+    engine = vllm_engine.llm.llm_engine
+    deadline = time.monotonic() + 30
+    while engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not engine.has_unfinished_requests()

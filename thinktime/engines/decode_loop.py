@@ -18,7 +18,8 @@ import threading
 import torch
 
 from thinktime.engines import lean_step
-from thinktime.engines.fast import Rows, draw_uniforms, sample
+from thinktime.engines.decode_ops import draw_uniforms, sample
+from thinktime.engines.decode_rows import Rows
 from thinktime.engines.token_logprobs import LogprobRows
 
 TOP_P_CANDIDATES = 256  # top-p looks for its kept tokens among these first (fast.sample)
@@ -49,11 +50,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, cach
     positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
     cached = cache.get_seq_length()
     live = torch.arange(rows)
-    if first_logits is not None:
-        logits = first_logits
-    else:
-        logits = model(input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=positions[:, cached:],
-                       use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1]
+    logits = first_logits if first_logits is not None else model(
+        input_ids=input_ids[:, cached:], attention_mask=mask, position_ids=positions[:, cached:], use_cache=True,
+        logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1]
     if lean is not None and not lean_step.serves(cache):
         lean = None
     shared = cache.layers[0].prefix_length if lean is not None else 0

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
@@ -20,18 +20,30 @@ from thinktime import models
 from thinktime.engines import cpu_attention, cpu_tuning, decode_loop, hf_batching
 from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
-from thinktime.engines.device import fp32_fits, pick_device, pick_dtype, refuse_cpu_for_large, stored_as_fp32
-from thinktime.engines.fast import Rows, draw_uniforms, env_flag, generation_config_blocker
+from thinktime.engines.decode_rows import Rows, env_flag
+from thinktime.engines.device import (
+    fp32_fits,
+    pick_device,
+    pick_dtype,
+    refuse_cpu_for_large,
+    stored_as_fp32,
+)
+from thinktime.engines.fast_support import generation_config_blocker
 from thinktime.engines.growing_cache import GrowingLayer, growing, new_growing_cache
-from thinktime.engines.lean_step import LeanStep
+from thinktime.engines.hf_outputs import completions
 from thinktime.engines.hf_streaming import CancelCriteria, QueueStreamer, StopStrings
+from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.onednn import pack_linears
-from thinktime.engines.prefix_cache import MIN_SHARED, PrefixCache, common_prefix_length
-from thinktime.engines.shared_prefix import shared_prefix_cache
-from thinktime.engines.token_logprobs import LogprobRows, check_logprob_params, record_generated
+from thinktime.engines.prefix_cache import PrefixCache, unpadded
+from thinktime.engines.token_logprobs import (
+    LogprobRows,
+    check_logprob_params,
+    record_generated,
+)
 from thinktime.errors import BadInputError, InsufficientMemoryError, ThinktimeError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta
+
 
 class TransformersEngine(Engine):
     name = "transformers"
@@ -53,7 +65,9 @@ class TransformersEngine(Engine):
         tuning = self._load(resolved, dtype, explicit_cpu, trust_remote_code, allow_bin, fast)
         # On the CPU, which kernels it runs and why: {"dtype", "onednn", "decode_attention", "shared_prefix",
         # "lean_step", "source": "measured" | "cached" | "env" | "default", ...}; None on a GPU.
-        self.cpu_kernels = self._settle_cpu_kernels(tuning, trust_remote_code)
+        self.cpu_kernels = cpu_tuning.settle(tuning, self.model, trust_remote_code)
+        if self.cpu_kernels is not None:
+            self.dtype = self.model.dtype
         self.stop_ids = stop_token_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.decode([min(self.stop_ids)])
@@ -78,7 +92,8 @@ class TransformersEngine(Engine):
         params_b = resolved.spec.params_b if resolved.spec else weight_bytes / 2e9
         refuse_cpu_for_large(self.model_name, params_b, self.device, explicit_cpu)
         self.dtype = pick_dtype(dtype, self.device, weight_bytes)
-        tuning = self._cpu_tuning(resolved.path, dtype, weight_bytes, trust_remote_code, fast)
+        tuning = cpu_tuning.for_load(self.device, resolved.path, None if dtype in (None, "", "auto") else self.dtype,
+                                     self.dtype, fp32_fits(weight_bytes), trust_remote_code, fast)
         if tuning is not None:
             self.dtype = tuning.load_dtype
         stored_bytes_per_param = 4 if stored_as_fp32(resolved.path) else 2
@@ -139,27 +154,6 @@ class TransformersEngine(Engine):
         if self.shared_prefix_decoding and kernels.get("lean_step") and \
                 LeanStep.unavailable_reason(self.model) is None:
             self.lean_step = LeanStep(self.model)
-
-    def _cpu_tuning(self, path, dtype: str | None, weight_bytes: int, trust_remote_code: bool,
-                    fast: bool | None) -> cpu_tuning.Tuning | None:
-        """On the CPU, where this machine's verdict on the kernels comes from (None on a GPU); a model with remote
-        code, or the fast decoder asked for, keeps the defaults."""
-        if self.device != "cpu":
-            return None
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        asked = None if dtype in (None, "", "auto") else self.dtype
-        return cpu_tuning.Tuning(config, asked, self.dtype, fp32_fits(weight_bytes),
-                                 measurable=not trust_remote_code and not fast)
-
-    def _settle_cpu_kernels(self, tuning: cpu_tuning.Tuning | None, trust_remote_code: bool) -> dict | None:
-        """The verdict (measured now if nothing gave one), with the model cast to its dtype."""
-        if tuning is None:
-            return None
-        kernels = tuning.settle(self.model, decode_loop=not trust_remote_code)
-        self.dtype = cpu_tuning.DTYPES[kernels["dtype"]]
-        if self.model.dtype != self.dtype:  # bf16 won, timed on the fp32 load: as from_pretrained would cast it
-            cpu_tuning.cast_parameters(self.model, self.dtype)
-        return kernels
 
     # --- the protocol -------------------------------------------------------------------------
 
@@ -257,9 +251,39 @@ class TransformersEngine(Engine):
                 keep_rows: bool = True) -> list[list[Completion]]:
         if cancel.is_set():  # cancelled before it began (or between chunks): nothing to prefill
             return [[Completion("", "cancelled", 0, 0, [], False) for _ in range(params.n)] for _ in texts]
+        enc, max_new = self._encode(texts, params)
+        kwargs = self._generate_kwargs(params, cancel, enc.input_ids.shape[1], max_new, streamer)
+        loop = self.fast is None and self.decode_loop and generation_config_blocker(self.model.generation_config) is None
+        # Log-probabilities come from the same logits the tokens were drawn from: the decoding loop's, or generate's.
+        recorder = None if params.logprobs is None else LogprobRows(len(texts) * params.n, params, self._token_text)
+        if recorder is not None and not loop:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        batcher = self.batcher if loop else None  # the batch other threads' calls decode in, when serving
+        new_tokens = out = job = None
+        with self._lock, torch.inference_mode():
+            self._check_open()  # closed by another thread while this call waited for the lock
+            inputs = self._start_inputs(enc, params, kwargs, loop, batcher is not None, reuse, keep_rows)
+            if batcher is not None:  # decoded by the batcher's worker, after this lock is let go
+                state = Rows(inputs[0].shape[0], set(self.stop_ids), self.tokenizer.pad_token_id, tuple(params.stop),
+                             self.tokenizer, streamer)
+                job = hf_batching.job_for(*inputs[:2], kwargs[self.prefix_cache.kwarg], params, max_new, state,
+                                          recorder, cancel)
+            else:
+                new_tokens, out = self._run_decoder(enc, inputs, kwargs, params, max_new, loop, streamer, recorder,
+                                                    cancel, reuse)
+        if job is not None:
+            new_tokens = batcher.decode(job)
+        stop_ids = self.stop_ids | {self.tokenizer.pad_token_id}
+        if recorder is not None and not loop:  # replayed after the fact: a row unsure at step s is cut there
+            kept = record_generated(recorder, out.logits, new_tokens, stop_ids)
+            new_tokens = [row[:length] for row, length in zip(new_tokens, kept)]
+        return completions(self.tokenizer, new_tokens, enc.attention_mask.sum(dim=1).tolist(), params, cancel,
+                           stop_ids, recorder)
+
+    def _encode(self, texts: list[str], params: SamplingParams):
+        """The prompts' token ids, left-padded to one width, and the new tokens the context leaves room for."""
         with self._tokenizer_lock:  # padding=True flips a setting of the shared fast tokenizer while it runs
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        prompt_lengths = enc.attention_mask.sum(dim=1).tolist()
         width = enc.input_ids.shape[1]
         max_new = params.max_new_tokens
         if self.context_length:
@@ -268,6 +292,11 @@ class TransformersEngine(Engine):
                     f"the prompt is {width} tokens but {self.model_name} takes at most {self.context_length}",
                     hint="shorten the question or the system prompt (--no-think drops the thinking prompt)")
             max_new = min(max_new, self.context_length - width)
+        return enc, max_new
+
+    def _generate_kwargs(self, params: SamplingParams, cancel: threading.Event, width: int, max_new: int,
+                         streamer: BaseStreamer | None) -> dict:
+        """generate()'s settings for this call (the decoding loop reads its cache from them too)."""
         kwargs = dict(
             max_new_tokens=max_new,
             eos_token_id=sorted(self.stop_ids),
@@ -282,76 +311,59 @@ class TransformersEngine(Engine):
             kwargs["stopping_criteria"].append(StopStrings(params.stop, self.tokenizer, width))
         if streamer is not None:
             kwargs["streamer"] = streamer
+        return kwargs
+
+    def _start_inputs(self, enc, params: SamplingParams, kwargs: dict, loop: bool, batched: bool, reuse: bool,
+                      keep_rows: bool):
+        """(input ids, attention mask, first logits or None) with each prompt repeated n times, and in kwargs the
+        cache they start from: a shared prefix, what the prefix cache holds of them, or an empty growing cache."""
         device = self.model.device
         # Each prompt repeated n times, rather than num_return_sequences, which greedy decoding refuses.
         input_ids = enc.input_ids.repeat_interleave(params.n, 0).to(device)
         attention_mask = enc.attention_mask.repeat_interleave(params.n, 0).to(device)
-        loop = self.fast is None and self.decode_loop and generation_config_blocker(self.model.generation_config) is None
-        # Log-probabilities come from the same logits the tokens were drawn from: the decoding loop's, or generate's.
-        recorder = None if params.logprobs is None else LogprobRows(len(texts) * params.n, params, self._token_text)
-        if recorder is not None and not loop:
-            kwargs.update(output_logits=True, return_dict_in_generate=True)
-        batcher = self.batcher if loop else None  # the batch other threads' calls decode in, when serving
-        batched, job = batcher is not None, None
-        with self._lock, torch.inference_mode():
-            self._check_open()  # closed by another thread while this call waited for the lock
-            shared = None
-            if loop and not batched and self.shared_prefix_decoding and (reuse or len(texts) > 1):
-                # The rows' common start is cached once and read once per step (engines/shared_prefix.py).
-                shared = self._shared_prefix_inputs(enc, params.n, keep_rows)
-            first_logits = None
-            if shared is not None:
-                kwargs[self.prefix_cache.kwarg], input_ids, attention_mask, first_logits = shared
-            # Without the fast decoder (which prefills per prompt), a batch of several prompts also goes
-            # through the prefix cache: their common start (the system prompt) is prefilled once.
-            elif self.fast is None and (reuse or len(texts) > 1 or batched):  # the fast decoder keeps its own
-                rows = _unpadded(enc)
-                cached = self.prefix_cache.batch_for(rows, params.n, keep_rows=keep_rows)
-                if cached is not None:
-                    kwargs[self.prefix_cache.kwarg] = growing(cached) if self.grow_cache_in_place else cached
-            if self.grow_cache_in_place and self.prefix_cache.kwarg not in kwargs:
-                # A cache that grows in place instead of copying itself at every step (engines/growing_cache.py).
-                kwargs[self.prefix_cache.kwarg] = new_growing_cache(self.model.config)
-            if params.seed is not None or params.seeds:
-                torch.manual_seed(params.seeds[0] if params.seeds else params.seed)
-            new_tokens = None
-            if batched:  # decoded by the batcher's worker, after this lock is let go
-                job = self._batch_job(input_ids, attention_mask, kwargs[self.prefix_cache.kwarg], params, max_new,
-                                      streamer, recorder, cancel)
-            elif self.fast is not None and recorder is None:  # None when it cannot serve this call (says why, once)
-                from thinktime.engines.fast import run_for_engine
+        several = enc.input_ids.shape[0] > 1
+        shared = None
+        if loop and not batched and self.shared_prefix_decoding and (reuse or several):
+            # The rows' common start is cached once and read once per step (engines/shared_prefix.py).
+            shared = self.prefix_cache.shared_inputs(enc, params.n, keep_rows, self.tokenizer.pad_token_id)
+        first_logits = None
+        if shared is not None:
+            kwargs[self.prefix_cache.kwarg], input_ids, attention_mask, first_logits = shared
+        # Without the fast decoder (which prefills per prompt), a batch of several prompts also goes
+        # through the prefix cache: their common start (the system prompt) is prefilled once.
+        elif self.fast is None and (reuse or several or batched):  # the fast decoder keeps its own
+            cached = self.prefix_cache.batch_for(unpadded(enc), params.n, keep_rows=keep_rows)
+            if cached is not None:
+                kwargs[self.prefix_cache.kwarg] = growing(cached) if self.grow_cache_in_place else cached
+        if self.grow_cache_in_place and self.prefix_cache.kwarg not in kwargs:
+            # A cache that grows in place instead of copying itself at every step (engines/growing_cache.py).
+            kwargs[self.prefix_cache.kwarg] = new_growing_cache(self.model.config)
+        if params.seed is not None or params.seeds:
+            torch.manual_seed(params.seeds[0] if params.seeds else params.seed)
+        return input_ids, attention_mask, first_logits
 
-                new_tokens = run_for_engine(self, enc, params, max_new, cancel, streamer, reuse)
-            if new_tokens is None and loop and not batched:
-                new_tokens = decode_loop.decode(
-                    self.model, input_ids, attention_mask, cache=kwargs[self.prefix_cache.kwarg],
-                    cache_kwarg=self.prefix_cache.kwarg, max_new_tokens=max_new, greedy=params.greedy,
-                    temperature=params.temperature, top_p=params.top_p,
-                    seed=list(params.seeds) if params.seeds else params.seed, stop_ids=self.stop_ids,
-                    pad_id=self.tokenizer.pad_token_id, stop_strings=params.stop, tokenizer=self.tokenizer,
-                    streamer=streamer, cancel=cancel, lean=self.lean_step,
-                    first_logits=first_logits, logprobs=recorder)
-            if new_tokens is None and not batched:
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                sequences = out.sequences if recorder is not None else out
-                new_tokens = sequences[:, width:].tolist()
-        if job is not None:
-            new_tokens = batcher.decode(job)
-        stop_ids = self.stop_ids | {self.tokenizer.pad_token_id}
-        if recorder is not None and not loop:  # replayed after the fact: a row unsure at step s is cut there
-            kept = record_generated(recorder, out.logits, new_tokens, stop_ids)
-            new_tokens = [row[:length] for row, length in zip(new_tokens, kept)]
-        return self._completions(new_tokens, prompt_lengths, params, cancel, stop_ids, recorder)
+    def _run_decoder(self, enc, inputs, kwargs: dict, params: SamplingParams, max_new: int, loop: bool, streamer,
+                     recorder: LogprobRows | None, cancel: threading.Event, reuse: bool):
+        """New tokens per row from the fast decoder, the decoding loop or generate (and generate's output)."""
+        input_ids, attention_mask, first_logits = inputs
+        if self.fast is not None and recorder is None:  # None when it cannot serve this call (says why, once)
+            from thinktime.engines.fast import run_for_engine
 
-    def _batch_job(self, input_ids, attention_mask, cache, params: SamplingParams, max_new: int, streamer,
-                   recorder: LogprobRows | None, cancel: threading.Event) -> hf_batching.Job:
-        """This call's rows as the batcher decodes them: what decode_loop.decode would run for the call alone."""
-        mode = "greedy" if params.greedy else ("top_p" if params.top_p < 1.0 else "sample")
-        state = Rows(input_ids.shape[0], set(self.stop_ids), self.tokenizer.pad_token_id, tuple(params.stop),
-                     self.tokenizer, streamer)
-        uniforms = draw_uniforms(list(params.seeds) if params.seeds else params.seed, input_ids.shape[0], max_new)
-        return hf_batching.Job(input_ids, attention_mask, cache, max_new, mode, params.temperature, params.top_p,
-                               uniforms, state, recorder, cancel)
+            new_tokens = run_for_engine(self, enc, params, max_new, cancel, streamer, reuse)
+            if new_tokens is not None:
+                return new_tokens, None
+        if loop:
+            return decode_loop.decode(
+                self.model, input_ids, attention_mask, cache=kwargs[self.prefix_cache.kwarg],
+                cache_kwarg=self.prefix_cache.kwarg, max_new_tokens=max_new, greedy=params.greedy,
+                temperature=params.temperature, top_p=params.top_p,
+                seed=list(params.seeds) if params.seeds else params.seed, stop_ids=self.stop_ids,
+                pad_id=self.tokenizer.pad_token_id, stop_strings=params.stop, tokenizer=self.tokenizer,
+                streamer=streamer, cancel=cancel, lean=self.lean_step,
+                first_logits=first_logits, logprobs=recorder), None
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        sequences = out.sequences if recorder is not None else out
+        return sequences[:, enc.input_ids.shape[1]:].tolist(), out
 
     def start_continuous_batching(self, max_rows: int) -> bool:
         """From now on, calls from several threads that the CPU decoding loop serves decode in one batch, rows
@@ -377,72 +389,9 @@ class TransformersEngine(Engine):
     def continuous_batching(self) -> bool:
         return self.batcher is not None
 
-    def _completions(self, new_tokens: list[list[int]], prompt_lengths: list[int], params: SamplingParams,
-                     cancel: threading.Event, stop_ids: set[int], recorder: LogprobRows | None
-                     ) -> list[list[Completion]]:
-        """Each row's tokens as a Completion: text up to its end, why it ended, what it used."""
-        completions: list[list[Completion]] = []
-        for p, prompt_len in enumerate(prompt_lengths):
-            row_completions = []
-            for r in range(p * params.n, (p + 1) * params.n):
-                row = new_tokens[r]
-                cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-                ids = row[:cut]
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                stop_at = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-                ended_turn = False
-                if stop_at >= 0:  # stop strings are not part of the output (OpenAI semantics)
-                    text, finish, used = text[:stop_at], "stop", len(ids)
-                elif cut < len(row):  # the model ended its turn; that token was generated too
-                    finish, used, ended_turn = "stop", len(ids) + 1, True
-                else:  # cut: a multi-byte character may be cut in two, decoded as U+FFFD; it is not text
-                    finish, used = ("cancelled" if cancel.is_set() else "length"), len(ids)
-                    if recorder is not None and recorder.unsure[r]:
-                        finish = "low_confidence"
-                    text = text.rstrip("\ufffd")
-                entries = recorder.entries[r][:used] if recorder is not None else None
-                row_completions.append(Completion(text, finish, int(prompt_len), used, ids, ended_turn, entries))
-            completions.append(row_completions)
-        return completions
-
     def _token_text(self, token: int) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode([token])
-
-    def _shared_prefix_inputs(self, enc, n: int, keep: bool):
-        """(cache, input_ids, attention_mask, first logits or None) for decoding the rows of `enc` (each n
-        times) over a cache of their common start, held once; None where they share too little or the
-        model's cache cannot."""
-        rows = _unpadded(enc)
-        device = self.model.device
-        if len(rows) == 1:  # one prompt: all of it is shared, and its logits give every row its first token
-            prefix, logits = self.prefix_cache.prefill_with_logits(rows[0], keep=keep)
-            cache = None if prefix is None or logits is None else shared_prefix_cache(prefix, self.model.config)
-            if cache is not None:
-                ids = torch.tensor(rows, device=device).repeat_interleave(n, 0)
-                return cache, ids, torch.ones_like(ids), logits[None].expand(n, -1)
-        # All but each row's last token can be shared: the first forward needs at least one token per row.
-        length = common_prefix_length([row[:-1] for row in rows])
-        if length < (1 if len(rows) == 1 else MIN_SHARED):
-            return None
-        prefix = self.prefix_cache.prefill(rows[0][:length], keep=keep or len(rows) > 1)
-        cache = None if prefix is None else shared_prefix_cache(prefix, self.model.config)
-        if cache is None:
-            return None
-        # [shared start][left padding][the row's own tokens]: positions come from the mask, so they run on
-        # across the padding, and the first forward takes everything after the shared start.
-        own = [row[length:] for row in rows]
-        width = max(len(tokens) for tokens in own)
-        pad = self.tokenizer.pad_token_id
-        ids = [rows[0][:length] + [pad] * (width - len(tokens)) + tokens for tokens in own]
-        mask = [[1] * length + [0] * (width - len(tokens)) + [1] * len(tokens) for tokens in own]
-        return (cache, torch.tensor(ids, device=device).repeat_interleave(n, 0),
-                torch.tensor(mask, device=device).repeat_interleave(n, 0), None)
-
-
-def _unpadded(enc) -> list[list[int]]:
-    """Each prompt's token ids without the left padding of the batch."""
-    return [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]
 
 
 def _should_reuse(prompts: Sequence[Prompt], params: SamplingParams) -> bool:

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from thinktime.engines.fast import Rows, sample
+from thinktime.engines.decode_ops import draw_uniforms, sample
+from thinktime.engines.decode_rows import Rows
 from thinktime.engines.token_logprobs import LogprobRows
 from thinktime.errors import ThinktimeError
+from thinktime.types import SamplingParams
 
 TOP_P_CANDIDATES = 256  # as decode_loop: top-p looks for its kept tokens among these first
 
@@ -45,6 +47,15 @@ class Job:
     @property
     def rows(self) -> int:
         return self.input_ids.shape[0]
+
+
+def job_for(input_ids, attention_mask, cache, params: SamplingParams, max_new: int, state: Rows,
+            recorder: LogprobRows | None, cancel: threading.Event) -> Job:
+    """A call's rows as the batcher decodes them: what decode_loop.decode would run for the call alone."""
+    mode = "greedy" if params.greedy else ("top_p" if params.top_p < 1.0 else "sample")
+    uniforms = draw_uniforms(list(params.seeds) if params.seeds else params.seed, input_ids.shape[0], max_new)
+    return Job(input_ids, attention_mask, cache, max_new, mode, params.temperature, params.top_p, uniforms, state,
+               recorder, cancel)
 
 
 class Batcher:

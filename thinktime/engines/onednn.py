@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from thinktime.engines.fast import env_flag
+from thinktime.engines.decode_rows import env_flag
 
 # The reorder takes the number of rows it should be best for; decoding n samples is the hot path.
 _ROWS_HINT = 8

@@ -22,6 +22,8 @@ from collections import OrderedDict
 import torch
 from transformers import DynamicCache
 
+from thinktime.engines.shared_prefix import shared_prefix_cache
+
 
 def cache_kwarg(model) -> str:
     """The name generate()/forward() take the cache by: `cache` in newer transformers, else `past_key_values`."""
@@ -147,3 +149,37 @@ class PrefixCache:
             ids, _ = self.entries.popitem(last=False)
             self.last_logits.pop(ids, None)
             total -= len(ids)
+
+    def shared_inputs(self, enc, n: int, keep: bool, pad: int):
+        """(cache, input_ids, attention_mask, first logits or None) for decoding the rows of `enc` (each n
+        times) over a cache of their common start, held once; None where they share too little or the
+        model's cache cannot."""
+        rows = unpadded(enc)
+        device = self.model.device
+        if len(rows) == 1:  # one prompt: all of it is shared, and its logits give every row its first token
+            prefix, logits = self.prefill_with_logits(rows[0], keep=keep)
+            cache = None if prefix is None or logits is None else shared_prefix_cache(prefix, self.model.config)
+            if cache is not None:
+                ids = torch.tensor(rows, device=device).repeat_interleave(n, 0)
+                return cache, ids, torch.ones_like(ids), logits[None].expand(n, -1)
+        # All but each row's last token can be shared: the first forward needs at least one token per row.
+        length = common_prefix_length([row[:-1] for row in rows])
+        if length < (1 if len(rows) == 1 else MIN_SHARED):
+            return None
+        prefix = self.prefill(rows[0][:length], keep=keep or len(rows) > 1)
+        cache = None if prefix is None else shared_prefix_cache(prefix, self.model.config)
+        if cache is None:
+            return None
+        # [shared start][left padding][the row's own tokens]: positions come from the mask, so they run on
+        # across the padding, and the first forward takes everything after the shared start.
+        own = [row[length:] for row in rows]
+        width = max(len(tokens) for tokens in own)
+        ids = [rows[0][:length] + [pad] * (width - len(tokens)) + tokens for tokens in own]
+        mask = [[1] * length + [0] * (width - len(tokens)) + [1] * len(tokens) for tokens in own]
+        return (cache, torch.tensor(ids, device=device).repeat_interleave(n, 0),
+                torch.tensor(mask, device=device).repeat_interleave(n, 0), None)
+
+
+def unpadded(enc) -> list[list[int]]:
+    """Each prompt's token ids without the left padding of the batch."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(enc.input_ids, enc.attention_mask)]

@@ -157,27 +157,32 @@ def solve(
         for i, question in enumerate(items):
             if len(items) > 1:
                 out.rule(f"question {i + 1}/{len(items)}")
-            result = None
-            view = StrategyView(err)  # live votes / search progress on stderr
-            try:
-                for event in thinker.stream(question):
-                    if event.kind == "delta":
-                        view.delta(event)
-                    elif event.kind == "result":
-                        result = event.result
-                    else:
-                        view.show(event)
-            finally:
-                view.close()
-            if view.index is None and result is not None and result.text:
-                # Multi-chain strategies stream votes or search progress, not text: the chosen chain is
-                # shown once chosen, so the reasoning behind the answer is always there to read.
-                err.rule("the chosen chain", style="dim")
-                sys.stdout.write(result.text)
-            sys.stdout.write("\n")
-            _print_answer(result)
-            if show_tree:
-                print_tree(out, result)
+            _stream_answer(thinker, question, show_tree)
+
+
+def _stream_answer(thinker, question: str, show_tree: bool) -> None:
+    """One question: its reasoning streamed live (votes or search progress on stderr), then its answer."""
+    result = None
+    view = StrategyView(err)  # live votes / search progress on stderr
+    try:
+        for event in thinker.stream(question):
+            if event.kind == "delta":
+                view.delta(event)
+            elif event.kind == "result":
+                result = event.result
+            else:
+                view.show(event)
+    finally:
+        view.close()
+    if view.index is None and result is not None and result.text:
+        # Multi-chain strategies stream votes or search progress, not text: the chosen chain is
+        # shown once chosen, so the reasoning behind the answer is always there to read.
+        err.rule("the chosen chain", style="dim")
+        sys.stdout.write(result.text)
+    sys.stdout.write("\n")
+    _print_answer(result)
+    if show_tree:
+        print_tree(out, result)
 
 
 @app.command()

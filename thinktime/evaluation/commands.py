@@ -83,10 +83,9 @@ def eval_command(
     """Measure accuracy against thinking time; resumable (rerun the same command after a crash)."""
     with friendly_errors(interrupted="run the same command again to resume where it stopped"):
         from thinktime.evaluation.datasets import load_dataset
-        from thinktime.evaluation.progress import EvalProgress
         from thinktime.evaluation.runner import (DEFAULT_SAMPLING_TEMPERATURE, Settings, build_config, check_settings,
-                                                 parse_ns, run_eval)
-        from thinktime.evaluation.store import RunStore, config_hash
+                                                 parse_ns)
+        from thinktime.evaluation.store import config_hash
 
         ns = parse_ns(n)
         if batch_problems is not None and batch_problems < 1:
@@ -106,17 +105,25 @@ def eval_command(
                                 **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
                                                  data_parallel_size, distributed_executor_backend))
         config = build_config(thinker, data, settings)
-        folder = output or default_folder(config, config_hash(config))
-        with RunStore(folder, config) as store:
-            done = len(store.done & {p.id for p in data.problems})
-            err.print(f"[dim]run folder: {folder}" + (f" · resuming, {done}/{len(data)} done" if done else "") + "[/]")
-            with EvalProgress(len(data), store.records, data.problems, err) as progress:
-                run_eval(thinker, data, store, settings, on_record=progress.update)
-            beyond = len(store.done - {p.id for p in data.problems})
-        _print_report([Path(folder)], None)
-        if beyond:
-            err.print(f"[yellow]The report covers the whole folder: {len(data) + beyond} problems, {beyond} of "
-                      f"them from an earlier eval with a larger --limit.[/]")
+        _run_and_report(thinker, data, settings, config, output or default_folder(config, config_hash(config)))
+
+
+def _run_and_report(thinker, data, settings, config: dict, folder: Path) -> None:
+    """Runs (or resumes) the eval in its folder with live progress, then prints the folder's report."""
+    from thinktime.evaluation.progress import EvalProgress
+    from thinktime.evaluation.runner import run_eval
+    from thinktime.evaluation.store import RunStore
+
+    with RunStore(folder, config) as store:
+        done = len(store.done & {p.id for p in data.problems})
+        err.print(f"[dim]run folder: {folder}" + (f" · resuming, {done}/{len(data)} done" if done else "") + "[/]")
+        with EvalProgress(len(data), store.records, data.problems, err) as progress:
+            run_eval(thinker, data, store, settings, on_record=progress.update)
+        beyond = len(store.done - {p.id for p in data.problems})
+    _print_report([Path(folder)], None)
+    if beyond:
+        err.print(f"[yellow]The report covers the whole folder: {len(data) + beyond} problems, {beyond} of "
+                  f"them from an earlier eval with a larger --limit.[/]")
 
 
 @app.command("report")

@@ -106,14 +106,43 @@ class ChatService:
         return max(0, usage["completion_tokens"] - sum(self.count_tokens(c) for c in contents if c))
 
     def prepare(self, req: ChatRequest):
+        """(base model, strategy, strategy context, prompt tokens) of a request, every setting checked."""
         base, strategy, suffix_n = parse_model(req.model, self.names)
+        strategy = self._strategy(req, strategy)
+        extra = self._strategy_options(req, strategy, suffix_n)
+        max_tokens = self._max_tokens(req)
+        self._check_n(req, strategy)
+        stop = req.stop_strings()
+        logprobs = self._logprobs(req, strategy)
+        question, history, system = self._conversation(req)
         options = req.thinktime
+        try:
+            ctx = self._thinker_for(req, system).context(
+                question, history=history, strategy=strategy,
+                budget_tokens=options.budget_tokens if options else None,
+                options=extra,
+                max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                stop=stop or None, logprobs=logprobs)
+        except ThinktimeError as exc:
+            raise APIError(400, exc.message, param="messages", code="invalid_value") from None
+        prompt_tokens = self._prompt_tokens(ctx)
+        _check_options(strategy, ctx.options)  # cot takes none: any option is refused, not ignored
+        return base, strategy, ctx, prompt_tokens
+
+    def _strategy(self, req: ChatRequest, from_model: str | None) -> str:
+        """The strategy: thinktime.strategy, else the model name's suffix, else the server's."""
+        options = req.thinktime
+        strategy = from_model
         if options and options.strategy is not None:
             strategy = resolve_strategy(options.strategy)
             if strategy is None:
                 raise APIError(400, f"unknown strategy '{options.strategy}'; choose one of: {', '.join(STRATEGIES)}",
                                param="thinktime.strategy", code="invalid_value")
-        strategy = strategy or self.thinker.strategy
+        return strategy or self.thinker.strategy
+
+    def _strategy_options(self, req: ChatRequest, strategy: str, suffix_n: int | None) -> dict:
+        """The strategy's options from thinktime.* and the model suffix, typed and within the server's caps."""
+        options = req.thinktime
         extra = dict(options.model_extra or {}) if options else {}
         if options and options.n is not None:
             if strategy == "cot":
@@ -134,7 +163,10 @@ class ChatService:
                         else f"thinktime.{name}"
                     raise APIError(400, f"{name} must be between {low} and {cap} on this server ({flag}), got {value}",
                                    param=where, code="invalid_value")
+        return extra
 
+    def _max_tokens(self, req: ChatRequest) -> int:
+        """The request's token limit, or the server's default scaled by the reasoning effort."""
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         effort = REASONING_EFFORT.get(req.reasoning_effort or "medium")
@@ -143,6 +175,9 @@ class ChatService:
         elif not 1 <= max_tokens <= self.max_tokens_limit:
             raise APIError(400, f"{param} must be between 1 and {self.max_tokens_limit}, got {max_tokens}",
                            param=param, code="invalid_value")
+        return max_tokens
+
+    def _check_n(self, req: ChatRequest, strategy: str) -> None:
         if not 1 <= req.n <= self.config.max_n:
             raise APIError(400, f"n must be between 1 and {self.config.max_n}, got {req.n}", param="n",
                            code="invalid_value")
@@ -150,19 +185,23 @@ class ChatService:
             raise APIError(400, f"n > 1 returns independent chains and needs the cot strategy; strategy "
                                 f"'{strategy}' draws its own samples: set thinktime.n (or a model suffix "
                                 f"like ':{strategy}-8') instead", param="n", code="invalid_value")
-        stop = req.stop_strings()
-        logprobs = None
-        if req.logprobs:
-            if strategy != "cot":
-                raise APIError(400, f"logprobs are returned for the cot strategy's chains, not for '{strategy}'",
-                               param="logprobs", code="invalid_value")
-            if not getattr(self.engine, "returns_logprobs", False):
-                raise APIError(400, f"the {self.engine.name} engine does not return log-probabilities; the "
-                                    "transformers and llamacpp engines do", param="logprobs",
-                               code="unsupported_parameter")
-            logprobs = req.top_logprobs or 0
 
-        question, history, system = self._conversation(req)
+    def _logprobs(self, req: ChatRequest, strategy: str) -> int | None:
+        """How many alternatives per token the request's logprobs ask for (None: no logprobs)."""
+        if not req.logprobs:
+            return None
+        if strategy != "cot":
+            raise APIError(400, f"logprobs are returned for the cot strategy's chains, not for '{strategy}'",
+                           param="logprobs", code="invalid_value")
+        if not getattr(self.engine, "returns_logprobs", False):
+            raise APIError(400, f"the {self.engine.name} engine does not return log-probabilities; the "
+                                "transformers and llamacpp engines do", param="logprobs",
+                           code="unsupported_parameter")
+        return req.top_logprobs or 0
+
+    def _thinker_for(self, req: ChatRequest, system: str | None) -> Thinker:
+        """The server's thinker, or a copy with the request's system prompt, language or thinking turned off."""
+        options = req.thinktime
         thinker = self.thinker
         no_thinking = req.reasoning_effort in ("none", "minimal")
         if system is not None or (options and options.lang) or no_thinking:
@@ -173,23 +212,17 @@ class ChatService:
                 thinker.lang = options.lang
             if no_thinking:  # plain chat: no deep-thinking system prompt
                 thinker.think = False
-        try:
-            ctx = thinker.context(
-                question, history=history, strategy=strategy,
-                budget_tokens=options.budget_tokens if options else None,
-                options=extra,
-                max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                stop=stop or None, logprobs=logprobs)
-        except ThinktimeError as exc:
-            raise APIError(400, exc.message, param="messages", code="invalid_value") from None
+        return thinker
+
+    def _prompt_tokens(self, ctx) -> int:
+        """The rendered prompt's length in tokens, refused when it fills the context."""
         rendered = self.engine.render(ctx.prompt)
         if self.context_length and len(rendered) > self.context_length * 32:  # surely over: skip counting
             raise self._too_long(None)
         prompt_tokens = self.count_tokens(rendered)
         if self.context_length and prompt_tokens >= self.context_length:
             raise self._too_long(prompt_tokens)
-        _check_options(strategy, ctx.options)  # cot takes none: any option is refused, not ignored
-        return base, strategy, ctx, prompt_tokens
+        return prompt_tokens
 
     def _too_long(self, tokens: int | None) -> APIError:
         size = f"{tokens} tokens" if tokens is not None else "far longer than that"

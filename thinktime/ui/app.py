@@ -58,69 +58,89 @@ class ChatSession:
         chat = chat + [{"role": "user", "content": question},
                        {"role": "assistant", "content": "",
                         "metadata": {"title": "Thinking…", "status": "pending"}}]
-        thinking = chat[-1]
-        answer: dict[str, Any] | None = None
-        splitter = ReasoningStream(self.think_tags)
-        view = CandidateView()
+        turn = _Turn(chat, strategy, self.think_tags)
         options = {N_OPTION[strategy]: int(n)} if strategy in N_OPTION else {}
-        board = ""
-        yield chat, history, board
+        yield chat, history, turn.board
         stream = thinker.stream(question, history=history, strategy=strategy, options=options,
                                 budget_tokens=int(budget) if budget else None, cancel=cancel,
                                 max_new_tokens=int(max_new_tokens) if max_new_tokens else None,
                                 temperature=float(temperature))
-        result = None
         try:
             for event in stream:
-                if event.kind == "delta":
-                    if strategy == "cot":
-                        reasoning, content = splitter.feed(event.text)
-                    else:
-                        reasoning, content = view.delta(event.index, event.text), ""
-                    thinking["content"] += reasoning
-                    if content:
-                        if answer is None:
-                            answer = {"role": "assistant", "content": ""}
-                            chat.append(answer)
-                        answer["content"] += content
-                elif event.kind == "candidate_finished" and strategy != "cot":
-                    thinking["content"] += view.finish(event.index, event.data)
-                    board = _board_progress(event, board)
-                elif event.kind == "progress":
-                    board = _progress(event.data) or board
-                    if strategy != "cot":
-                        thinking["content"] += view.progress(event.data)
-                elif event.kind == "result":
-                    result = event.result
-                else:
-                    continue
-                yield chat, history, board
+                if turn.take(event):
+                    yield chat, history, turn.board
         except Exception as exc:  # shown in the chat; the UI keeps going
-            thinking["metadata"] = {"title": "Stopped by an error", "status": "done"}
+            turn.thinking["metadata"] = {"title": "Stopped by an error", "status": "done"}
             chat.append({"role": "assistant", "content": f"⚠️ {type(exc).__name__}: {exc}"})
-            yield chat, history, board
+            yield chat, history, turn.board
             return
-        if result is None:  # stopped
-            thinking["metadata"] = {"title": "Thinking (stopped)", "status": "done"}
-            yield chat, history, board
+        if turn.result is None:  # stopped
+            turn.thinking["metadata"] = {"title": "Thinking (stopped)", "status": "done"}
+            yield chat, history, turn.board
             return
-        reasoning, content = reply_split(result.text, result.finish_reason, self.think_tags)
-        if strategy == "cot":
-            thinking["content"] = reasoning  # the closing statement moves below the panel, as the answer
+        content = turn.finish(cancel)
+        history = history + [{"role": "user", "content": question},
+                             {"role": "assistant", "content": content or turn.result.text[-2000:]}]
+        yield chat, history, turn.board
+
+
+class _Turn:
+    """One answer as it grows: the thinking panel (the chat's last message), the answer below it, the board."""
+
+    def __init__(self, chat: list[dict], strategy: str, think_tags: bool):
+        self.chat, self.thinking = chat, chat[-1]
+        self.strategy, self.think_tags = strategy, think_tags
+        self.answer: dict[str, Any] | None = None
+        self.splitter = ReasoningStream(think_tags)
+        self.view = CandidateView()
+        self.board = ""
+        self.result = None
+
+    def answer_message(self) -> dict[str, Any]:
+        if self.answer is None:
+            self.answer = {"role": "assistant", "content": ""}
+            self.chat.append(self.answer)
+        return self.answer
+
+    def take(self, event) -> bool:
+        """Folds one event into the panel, the answer and the board; False when it changes nothing shown."""
+        strategy, view = self.strategy, self.view
+        if event.kind == "delta":
+            if strategy == "cot":
+                reasoning, content = self.splitter.feed(event.text)
+            else:
+                reasoning, content = view.delta(event.index, event.text), ""
+            self.thinking["content"] += reasoning
+            if content:
+                self.answer_message()["content"] += content
+        elif event.kind == "candidate_finished" and strategy != "cot":
+            self.thinking["content"] += view.finish(event.index, event.data)
+            self.board = _board_progress(event, self.board)
+        elif event.kind == "progress":
+            self.board = _progress(event.data) or self.board
+            if strategy != "cot":
+                self.thinking["content"] += view.progress(event.data)
+        elif event.kind == "result":
+            self.result = event.result
         else:
-            thinking["content"] += view.flush(result)
+            return False
+        return True
+
+    def finish(self, cancel: threading.Event | None) -> str:
+        """The panel closed with its time and tokens, the answer written out; returns the answer's text."""
+        result = self.result
+        reasoning, content = reply_split(result.text, result.finish_reason, self.think_tags)
+        if self.strategy == "cot":
+            self.thinking["content"] = reasoning  # the closing statement moves below the panel, as the answer
+        else:
+            self.thinking["content"] += self.view.flush(result)
         tokens = result.usage.completion_tokens
         stopped = result.finish_reason == "cancelled" or (cancel is not None and cancel.is_set())
-        thinking["metadata"] = {"title": f"{'Stopped after' if stopped else 'Thought for'} {result.seconds:.1f} s · "
-                                         f"{tokens} tokens", "status": "done"}
-        if answer is None:
-            answer = {"role": "assistant", "content": ""}
-            chat.append(answer)
-        answer["content"] = _answer_text(result, content, stopped)
-        board = _board(result) or board
-        history = history + [{"role": "user", "content": question},
-                             {"role": "assistant", "content": content or result.text[-2000:]}]
-        yield chat, history, board
+        self.thinking["metadata"] = {"title": f"{'Stopped after' if stopped else 'Thought for'} "
+                                              f"{result.seconds:.1f} s · {tokens} tokens", "status": "done"}
+        self.answer_message()["content"] = _answer_text(result, content, stopped)
+        self.board = _board(result) or self.board
+        return content
 
 
 def _answer_text(result, content: str, stopped: bool = False) -> str:
@@ -166,13 +186,16 @@ def _board(result) -> str:
             "| # | answer | votes | score | tokens |\n|---|---|---|---|---|\n" + "\n".join(rows))
 
 
-def build(thinker: Thinker) -> gr.Blocks:
-    session = ChatSession(thinker)
-    cancels: dict[str, threading.Event] = {}
-    strategies = list(STRATEGIES)
+class _Turns:
+    """The running turn of each browser session, and what Send, Stop and Clear do to it."""
 
-    def respond(question, chat, history, strategy, n, budget, lang, max_new_tokens, temperature,
+    def __init__(self, session: ChatSession):
+        self.session = session
+        self.cancels: dict[str, threading.Event] = {}
+
+    def respond(self, question, chat, history, strategy, n, budget, lang, max_new_tokens, temperature,
                 request: gr.Request):
+        cancels = self.cancels
         key = getattr(request, "session_hash", None) or "default"
         cancel = cancels.get(key)  # reserved when the question was sent (see reserve)
         if cancel is None or cancel.is_set():
@@ -183,8 +206,9 @@ def build(thinker: Thinker) -> gr.Blocks:
             cancel = cancels[key] = threading.Event()
         cleared = False
         try:
-            for chat_out, history_out, board in session.respond(question, chat or [], history or [], strategy, n,
-                                                                budget, lang, max_new_tokens, temperature, cancel):
+            for chat_out, history_out, board in self.session.respond(question, chat or [], history or [], strategy,
+                                                                     n, budget, lang, max_new_tokens, temperature,
+                                                                     cancel):
                 # The box is emptied once, as the question is taken; later updates leave what is typed meanwhile.
                 yield chat_out, history_out, board, gr.update() if cleared else ""
                 cleared = True
@@ -193,20 +217,25 @@ def build(thinker: Thinker) -> gr.Blocks:
             if cancels.get(key) is cancel:
                 del cancels[key]  # one entry per running turn, not per browser session ever seen
 
-    def reserve(request: gr.Request):
+    def reserve(self, request: gr.Request):
         """Runs at once when a question is sent, before its turn waits in the queue, so that Stop can also
         stop a turn that has not started."""
-        cancels.setdefault(getattr(request, "session_hash", None) or "default", threading.Event())
+        self.cancels.setdefault(getattr(request, "session_hash", None) or "default", threading.Event())
 
-    def stop(request: gr.Request):
+    def stop(self, request: gr.Request):
         """Stops the engine; the turn then ends as usual, its panel titled "Stopped after ..."."""
-        event = cancels.get(getattr(request, "session_hash", None) or "default")
+        event = self.cancels.get(getattr(request, "session_hash", None) or "default")
         if event is not None:
             event.set()
 
-    def clear_all(request: gr.Request):
-        stop(request)
+    def clear_all(self, request: gr.Request):
+        self.stop(request)
         return [], [], "", ""
+
+
+def build(thinker: Thinker) -> gr.Blocks:
+    turns = _Turns(ChatSession(thinker))
+    strategies = list(STRATEGIES)
 
     with gr.Blocks(title="thinktime", analytics_enabled=False, fill_height=True) as demo:
         gr.Markdown(f"### thinktime · `{thinker.model_name}` · the thinking streams in the panel, "
@@ -237,14 +266,14 @@ def build(thinker: Thinker) -> gr.Blocks:
         outputs = [chatbot, history, board, question]
         # One event for Enter and Send: while a turn runs, another is not taken (trigger_mode "once"), so no turn
         # starts from a conversation that is still being written.
-        gr.on([question.submit, send.click], reserve, None, None, queue=False)
-        turn = gr.on([question.submit, send.click], respond, inputs, outputs, trigger_mode="once")
+        gr.on([question.submit, send.click], turns.reserve, None, None, queue=False)
+        turn = gr.on([question.submit, send.click], turns.respond, inputs, outputs, trigger_mode="once")
         # Stop runs beside the turn (not queued behind it) and only stops the engine: the turn then finishes
         # its panel. Clear and the chat's own trash icon also cancel the turn, so it cannot write the old
         # conversation back, and empty the model's history with the screen.
-        stop_btn.click(stop, None, None, queue=False)
+        stop_btn.click(turns.stop, None, None, queue=False)
         for trigger in (clear.click, chatbot.clear):
-            trigger(clear_all, None, [chatbot, history, board, question], cancels=[turn], queue=False)
+            trigger(turns.clear_all, None, [chatbot, history, board, question], cancels=[turn], queue=False)
     demo.queue(default_concurrency_limit=1)  # one engine: requests take turns
     return demo
 

@@ -21,13 +21,7 @@ from thinktime.engines import cpu_attention, cpu_tuning, decode_loop, hf_batchin
 from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
 from thinktime.engines.decode_rows import Rows, env_flag
-from thinktime.engines.device import (
-    fp32_fits,
-    pick_device,
-    pick_dtype,
-    refuse_cpu_for_large,
-    stored_as_fp32,
-)
+from thinktime.engines.device import fp32_fits, pick_device, pick_dtype, refuse_cpu_for_large, stored_as_fp32
 from thinktime.engines.fast_support import generation_config_blocker
 from thinktime.engines.growing_cache import GrowingLayer, growing, new_growing_cache
 from thinktime.engines.hf_outputs import completions
@@ -35,11 +29,7 @@ from thinktime.engines.hf_streaming import CancelCriteria, QueueStreamer, StopSt
 from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.onednn import pack_linears
 from thinktime.engines.prefix_cache import PrefixCache, unpadded
-from thinktime.engines.token_logprobs import (
-    LogprobRows,
-    check_logprob_params,
-    record_generated,
-)
+from thinktime.engines.token_logprobs import LogprobRows, check_logprob_params, record_generated
 from thinktime.errors import BadInputError, InsufficientMemoryError, ThinktimeError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta

@@ -30,7 +30,10 @@ from thinktime.bootstrap.training import (
     TrainSettings,
     _check_output,
     _dtype_name,
-    cpu_has_bf16,
+    cpu_autocast,
+    load_tokenizer,
+    lora_config,
+    save_model,
 )
 from thinktime.errors import BadInputError
 
@@ -270,10 +273,8 @@ def train_grpo(model: str, output: str | Path, settings: GrpoSettings | None = N
     settings.check()
     output = Path(output)
     _check_output(output)
-    from transformers import AutoTokenizer
-
     from thinktime import models
-    from thinktime.engines.hf import pick_device
+    from thinktime.engines.device import pick_device
 
     started = time.perf_counter()
     resolved = models.resolve(model)
@@ -283,12 +284,9 @@ def train_grpo(model: str, output: str | Path, settings: GrpoSettings | None = N
     record = run_record(source, settings)
     checkpoint = resume_point(scratch, record)
     dtype = _dtype_name(settings.dtype, device)
-    autocast = device == "cpu" and dtype == "float32" and (
-        settings.cpu_autocast_bf16 if settings.cpu_autocast_bf16 is not None else cpu_has_bf16())
+    autocast = cpu_autocast(settings, device, dtype)
     generation, path_line = generation_path(settings, device)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(source)
     log(f"grpo: {len(rows)} problems of {settings.dataset}, groups of {settings.num_generations}, "
         f"{settings.batch_size * settings.grad_accum // settings.num_generations} problems a step, "
         f"{'LoRA r=' + str(settings.lora_r) if settings.lora else 'full'} on {device} in {dtype}"
@@ -317,12 +315,7 @@ def _trainer(source: str, settings: GrpoSettings, rows, tokenizer, config):
     from transformers.utils import logging as hf_logging
     from trl import GRPOTrainer
 
-    peft_config = None
-    if settings.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = lora_config(settings, "CAUSAL_LM")
     funcs, _ = reward_functions(settings)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # generation-config notes on loading say nothing useful here
@@ -348,13 +341,7 @@ def _train_keeping_checkpoints(trainer, checkpoint: str | None, scratch: Path, l
 
 def _save(trainer, tokenizer, output: Path, settings: GrpoSettings, source: str, device: str, dtype: str,
           autocast: bool, path_line: str) -> dict:
-    trained = trainer.accelerator.unwrap_model(trainer.model)
-    if settings.lora:
-        trained = trained.merge_and_unload()
-    if output.exists():
-        shutil.rmtree(output)
-    trained.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    save_model(trainer, tokenizer, output, settings.lora)
     return {"method": "grpo", "base": source, "dataset": settings.dataset, "settings": asdict(settings),
             "learning_rate": settings.lr("grpo"), "device": device, "dtype": dtype, "cpu_autocast_bf16": autocast,
             "generation": path_line, "steps": trainer.state.global_step}

@@ -132,10 +132,46 @@ def _check_config(out: Path, config: BootstrapConfig) -> None:
 def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
     """Run (or resume) the loop; returns the summary written to OUT/summary.json."""
     from thinktime import models
-    from thinktime.api import Thinker
-    from thinktime.bootstrap.plot import plot_against_time, plot_rounds
-    from thinktime.engines import create_engine
 
+    _check_settings(config)
+    out = Path(config.output)
+    train_set, heldout = split_problems(config)
+    base = str(models.resolve(config.model).path) if config.train_model else config.model
+    _check_config(out, config)  # written only once the settings have passed every check
+    log(f"bootstrap: {len(train_set)} training problems, {len(heldout)} held out, {config.rounds} rounds -> {out}")
+    started = time.perf_counter()
+    summary: dict = {"config": config.to_dict(), "rounds": []}
+    current = config.model
+    compare_records: list[dict] = []
+    for r in range(config.rounds + 1):
+        entry, engine, thinker = _evaluate_round(config, r, current, heldout, out, log)
+        summary["rounds"].append(entry)
+        if r == config.rounds:
+            if config.compare_n > 0:
+                compare_records = _sample_for_comparison(config, engine, heldout, out, r, log)
+            _free(engine)
+            break
+        nxt = out / f"round-{r + 1}"
+        if config.method == "grpo":
+            _free(engine)
+            engine = thinker = None
+            current = _grpo_round(config, current, nxt / "model", r + 1, log)
+            continue
+        if not (nxt / "stats.json").is_file():
+            _sample_round(config, engine, thinker, train_set, nxt, r + 1, log)
+        _free(engine)
+        engine = thinker = None
+        if not config.train_model:
+            log(f"round {r + 1}: data only (--no-train), the model stays {current}")
+            continue
+        current = _train_round(config, base, current, out, r + 1, log)
+    if config.compare_n > 0 and config.train_model:
+        summary["reward_model"] = _reward_model_comparison(config, base, compare_records, out, log)
+    return _finish(summary, config, heldout, out, started, log)
+
+
+def _check_settings(config: BootstrapConfig) -> None:
+    """Every setting checked before the run folder records them, and before hours of sampling."""
     if config.restart not in RESTARTS:
         raise BadInputError(f"unknown --from {config.restart!r}", hint="use base (STaR) or previous")
     if config.train_data not in TRAIN_DATA:
@@ -159,100 +195,97 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
     if config.train_model and config.engine.startswith("openai"):
         raise BadInputError("a remote server cannot sample from the models trained here",
                             hint="use --engine transformers or vllm, or --no-train to write the data only")
-    out = Path(config.output)
-    train_set, heldout = split_problems(config)
-    base = str(models.resolve(config.model).path) if config.train_model else config.model
-    _check_config(out, config)  # written only once the settings have passed every check above
-    log(f"bootstrap: {len(train_set)} training problems, {len(heldout)} held out, {config.rounds} rounds -> {out}")
-    started = time.perf_counter()
-    summary: dict = {"config": config.to_dict(), "rounds": []}
-    current = config.model
-    engine = None
-    compare_records: list[dict] = []
-    for r in range(config.rounds + 1):
-        folder = out / f"round-{r}"
-        entry: dict = {"round": r, "model": current}
-        if r > 0 and (folder / "stats.json").is_file():  # STaR rounds sample data; GRPO rounds sample in training
-            entry["data"] = json.loads((folder / "stats.json").read_text())
-            info = folder / "model" / TRAIN_INFO
-            if info.is_file():
-                entry["train"] = {k: v for k, v in json.loads(info.read_text()).items() if k != "settings"}
-        engine = create_engine(config.engine, current, device=config.device, dtype=config.dtype,
-                               **config.engine_options)
-        log(f"round {r}: {current} on the {engine.name} engine" + (
-            " (pass --gguf q8_0 to sample trained rounds on llama.cpp)"
-            if r and config.engine == "auto" and engine.name == "transformers" and not config.gguf else ""))
-        thinker = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
-                          temperature=0.0, seed=config.sampling.seed,
-                          system_prompt=config.grpo.system_prompt if config.method == "grpo" else None)
-        t = time.perf_counter()
-        entry["eval"] = _evaluate(thinker, heldout, folder / "eval", config, log)
-        ev = entry["eval"]
-        log(f"round {r}: held-out accuracy {ev['correct']}/{ev['total']} = {100 * ev['accuracy']:.1f}% "
-            f"(95% CI {100 * ev['ci'][0]:.1f}-{100 * ev['ci'][1]:.1f}%), {time.perf_counter() - t:.0f} s")
-        summary["rounds"].append(entry)
-        if r == config.rounds:
-            if config.compare_n > 0:
-                from thinktime.bootstrap.compare import sample_heldout
 
-                t = time.perf_counter()
-                sampler = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
-                                  temperature=config.sampling.temperature, seed=config.sampling.seed)
-                # one folder per final model and N: a run extended by rounds or given another N samples afresh
-                samples_dir = out / "compare" / f"samples-round{r}-n{config.compare_n}"
-                compare_records = sample_heldout(sampler, heldout, config.compare_n, samples_dir,
-                                                 seed=config.sampling.seed)
-                log(f"compare: {config.compare_n} samples per held-out problem, {time.perf_counter() - t:.0f} s")
-            break
-        nxt = out / f"round-{r + 1}"
-        if config.method == "grpo":
-            _free(engine)
-            engine = thinker = None
-            current = _grpo_round(config, current, nxt / "model", r + 1, log)
-            continue
-        if not (nxt / "stats.json").is_file():
-            t = time.perf_counter()
-            done = {"sample": 0, "rationalise": 0}
 
-            def progress(stage: str, k: int, r=r) -> None:
-                done[stage] += k
-                log(f"round {r + 1} {stage}: {done[stage]} problems done")
+def _evaluate_round(config: BootstrapConfig, r: int, current: str, heldout, out: Path, log):
+    """Round r's entry (its data and training facts, where on disk) and its model's held-out evaluation;
+    returns the entry with the engine and thinker, which the round's sampling goes on with."""
+    from thinktime.api import Thinker
+    from thinktime.engines import create_engine
 
-            result = run_round(engine, thinker.messages, train_set, config.sampling, round_index=r + 1,
-                               on_progress=progress)
-            data.write_jsonl(nxt / "sft.jsonl", result.sft)
-            data.write_jsonl(nxt / "pairs.jsonl", result.pairs)
-            data.write_jsonl(nxt / "samples.jsonl", result.sample_rows(train_set))
-            data.write_json(nxt / "stats.json", result.stats.to_dict())
-            s = result.stats
-            log(f"round {r + 1} data: {s.correct_samples}/{s.samples} samples correct, {s.kept} kept, "
-                f"{s.rationalised} rationalised ({s.rationalised_problems} problems, {s.quoted_hint} quoted the hint), "
-                f"{s.pairs} pairs, {time.perf_counter() - t:.0f} s")
-        _free(engine)
-        engine = thinker = None
-        if not config.train_model:
-            log(f"round {r + 1}: data only (--no-train), the model stays {current}")
-            continue
-        model_dir = nxt / "model"
-        if not (model_dir / TRAIN_INFO).is_file():
-            rounds_so_far = range(1, r + 2) if config.train_data == "all" else [r + 1]
-            files = [out / f"round-{k}" / "sft.jsonl" for k in rounds_so_far]
-            if not sum(len(data.read_jsonl(f)) for f in files):
-                raise BadInputError(f"round {r + 1} kept no rationale to train on",
-                                    hint="sample more (--samples), allow more tokens (--max-new-tokens), "
-                                         "or pick an easier --dataset level")
-            start_from = base if config.restart == "base" else current
-            shutil.rmtree(model_dir, ignore_errors=True)  # this run's own folder, left half-written by a crash
-            train("sft", start_from, files, model_dir, config.training, log=log)
-        if config.gguf and not (model_dir / "model.gguf").is_file():
-            from thinktime.convert import convert
+    folder = out / f"round-{r}"
+    entry: dict = {"round": r, "model": current}
+    if r > 0 and (folder / "stats.json").is_file():  # STaR rounds sample data; GRPO rounds sample in training
+        entry["data"] = json.loads((folder / "stats.json").read_text())
+        info = folder / "model" / TRAIN_INFO
+        if info.is_file():
+            entry["train"] = {k: v for k, v in json.loads(info.read_text()).items() if k != "settings"}
+    engine = create_engine(config.engine, current, device=config.device, dtype=config.dtype, **config.engine_options)
+    log(f"round {r}: {current} on the {engine.name} engine" + (
+        " (pass --gguf q8_0 to sample trained rounds on llama.cpp)"
+        if r and config.engine == "auto" and engine.name == "transformers" and not config.gguf else ""))
+    thinker = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
+                      temperature=0.0, seed=config.sampling.seed,
+                      system_prompt=config.grpo.system_prompt if config.method == "grpo" else None)
+    t = time.perf_counter()
+    entry["eval"] = ev = _evaluate(thinker, heldout, folder / "eval", config, log)
+    log(f"round {r}: held-out accuracy {ev['correct']}/{ev['total']} = {100 * ev['accuracy']:.1f}% "
+        f"(95% CI {100 * ev['ci'][0]:.1f}-{100 * ev['ci'][1]:.1f}%), {time.perf_counter() - t:.0f} s")
+    return entry, engine, thinker
 
-            log(f"round {r + 1}: writing the model as a {config.gguf} GGUF for llama.cpp")
-            convert(model_dir, config.gguf)
-        current = str(model_dir)
-    _free(engine)
-    if config.compare_n > 0 and config.train_model:
-        summary["reward_model"] = _reward_model_comparison(config, base, compare_records, out, log)
+
+def _sample_for_comparison(config: BootstrapConfig, engine, heldout, out: Path, r: int, log) -> list[dict]:
+    """N samples per held-out problem from the final model, for best-of-N against maj@N."""
+    from thinktime.api import Thinker
+    from thinktime.bootstrap.compare import sample_heldout
+
+    t = time.perf_counter()
+    sampler = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
+                      temperature=config.sampling.temperature, seed=config.sampling.seed)
+    # one folder per final model and N: a run extended by rounds or given another N samples afresh
+    samples_dir = out / "compare" / f"samples-round{r}-n{config.compare_n}"
+    records = sample_heldout(sampler, heldout, config.compare_n, samples_dir, seed=config.sampling.seed)
+    log(f"compare: {config.compare_n} samples per held-out problem, {time.perf_counter() - t:.0f} s")
+    return records
+
+
+def _sample_round(config: BootstrapConfig, engine, thinker, train_set, folder: Path, r: int, log) -> None:
+    """STaR round r's data: sample, filter and rationalise the training problems, written into `folder`."""
+    t = time.perf_counter()
+    done = {"sample": 0, "rationalise": 0}
+
+    def progress(stage: str, k: int) -> None:
+        done[stage] += k
+        log(f"round {r} {stage}: {done[stage]} problems done")
+
+    result = run_round(engine, thinker.messages, train_set, config.sampling, round_index=r, on_progress=progress)
+    data.write_jsonl(folder / "sft.jsonl", result.sft)
+    data.write_jsonl(folder / "pairs.jsonl", result.pairs)
+    data.write_jsonl(folder / "samples.jsonl", result.sample_rows(train_set))
+    data.write_json(folder / "stats.json", result.stats.to_dict())
+    s = result.stats
+    log(f"round {r} data: {s.correct_samples}/{s.samples} samples correct, {s.kept} kept, "
+        f"{s.rationalised} rationalised ({s.rationalised_problems} problems, {s.quoted_hint} quoted the hint), "
+        f"{s.pairs} pairs, {time.perf_counter() - t:.0f} s")
+
+
+def _train_round(config: BootstrapConfig, base: str, current: str, out: Path, r: int, log) -> str:
+    """STaR round r's model: SFT on the round's rationales (or every round's), from the base or the last model."""
+    model_dir = out / f"round-{r}" / "model"
+    if not (model_dir / TRAIN_INFO).is_file():
+        rounds_so_far = range(1, r + 1) if config.train_data == "all" else [r]
+        files = [out / f"round-{k}" / "sft.jsonl" for k in rounds_so_far]
+        if not sum(len(data.read_jsonl(f)) for f in files):
+            raise BadInputError(f"round {r} kept no rationale to train on",
+                                hint="sample more (--samples), allow more tokens (--max-new-tokens), "
+                                     "or pick an easier --dataset level")
+        start_from = base if config.restart == "base" else current
+        shutil.rmtree(model_dir, ignore_errors=True)  # this run's own folder, left half-written by a crash
+        train("sft", start_from, files, model_dir, config.training, log=log)
+    if config.gguf and not (model_dir / "model.gguf").is_file():
+        from thinktime.convert import convert
+
+        log(f"round {r}: writing the model as a {config.gguf} GGUF for llama.cpp")
+        convert(model_dir, config.gguf)
+    return str(model_dir)
+
+
+def _finish(summary: dict, config: BootstrapConfig, heldout, out: Path, started: float, log) -> dict:
+    """The summary's totals written to OUT/summary.json, and the two plots."""
+    import resource
+
+    from thinktime.bootstrap.plot import plot_against_time, plot_rounds
+
     summary["rounds"] = [_fill(e, out) for e in summary["rounds"]]
     elapsed = 0.0
     for entry in summary["rounds"]:  # the x axis of accuracy against training wall time
@@ -265,8 +298,6 @@ def run_bootstrap(config: BootstrapConfig, log=print) -> dict:
         "intervals_disjoint": last["ci"][0] > first["ci"][1],
     }
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    import resource
-
     usage = resource.getrusage(resource.RUSAGE_SELF)
     # CPU time of this process (all rounds in it): on shared machines wall time says little
     summary["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)

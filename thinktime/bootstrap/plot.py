@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from thinktime.evaluation.report import pyplot, save_figure
+
 
 def plot_rounds(rounds: list[dict], path: str | Path, title: str = "") -> Path:
     """`rounds`: the summary entries of a bootstrap run (round, eval{accuracy, ci}, data{sample_accuracy})."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xs = [r["round"] for r in rounds if r.get("eval")]
     acc = [100 * r["eval"]["accuracy"] for r in rounds if r.get("eval")]
     low = [max(0.0, a - 100 * r["eval"]["ci"][0]) for a, r in zip(acc, [r for r in rounds if r.get("eval")])]
     high = [max(0.0, 100 * r["eval"]["ci"][1] - a) for a, r in zip(acc, [r for r in rounds if r.get("eval")])]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2), dpi=120)
     ax.errorbar(xs, acc, yerr=[low, high], marker="o", capsize=4, label="held-out accuracy (greedy, 95% CI)")
     for x, y in zip(xs, acc):
         ax.annotate(f"{y:.0f}%", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
@@ -30,26 +27,12 @@ def plot_rounds(rounds: list[dict], path: str | Path, title: str = "") -> Path:
     ax.set_xticks(xs)
     top = max([*acc, *(y for _, y in sampled), *(a + h for a, h in zip(acc, high)), 0.0])
     ax.set_ylim(0, min(100.0, max(50.0, top + 10)))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def plot_against_time(runs: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
     """`runs`: label -> the summary rounds of a bootstrap run (eval{accuracy, ci}, training_seconds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2), dpi=120)
     top = 50.0
     for label, rounds in runs.items():
         points = [r for r in rounds if r.get("eval")]
@@ -62,13 +45,12 @@ def plot_against_time(runs: dict[str, list[dict]], path: str | Path, title: str 
     ax.set_xlabel("training wall time (minutes; sampling included)")
     ax.set_ylabel("held-out accuracy (%, greedy, 95% CI)")
     ax.set_ylim(0, min(100.0, top + 10))
+    return _save(fig, ax, path, title)
+
+
+def _save(fig, ax, path: str | Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

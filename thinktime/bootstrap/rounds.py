@@ -101,14 +101,28 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
               round_index: int = 1, on_progress: Callable[[str, int], None] | None = None) -> RoundResult:
     """Sample, filter, rationalise and pair over `problems`; `messages(question)` builds the chat
     (deep-thinking system prompt + question), as Thinker.messages does."""
-    from thinktime.prompts import detect_language
-
     started = time.perf_counter()
     stats = RoundStats(round=round_index, problems=len(problems))
     seed = settings.seed + 100_003 * round_index
     plain = [messages(p.question) for p in problems]
     outputs = _sample(engine, [Prompt.of(m) for m in plain], settings, settings.samples, seed,
                       on_progress and (lambda k: on_progress("sample", k)))
+    graded, kept = _keep_correct(problems, outputs, settings, stats)
+    failed = [p for p in problems if not kept[p.id]]
+    rationalised: dict[str, list[str]] = {}
+    hinted_samples: dict[str, list[Sample]] = {}
+    if settings.rationalise and failed:
+        rationalised, hinted_samples = _rationalise(engine, messages, failed, settings, seed + 50_000, stats,
+                                                    on_progress and (lambda k: on_progress("rationalise", k)))
+    sft, pairs = _training_rows(problems, plain, graded, kept, rationalised, settings, round_index)
+    stats.sft_rows, stats.pairs = len(sft), len(pairs)
+    stats.seconds = time.perf_counter() - started
+    return RoundResult(stats, sft, pairs, graded, hinted_samples)
+
+
+def _keep_correct(problems: Sequence[Problem], outputs: list[list], settings: RoundSettings,
+                  stats: RoundStats) -> tuple[dict[str, list[Sample]], dict[str, list[str]]]:
+    """Each problem's samples graded, and the distinct correct rationales kept (counted into `stats`)."""
     graded: dict[str, list[Sample]] = {}
     kept: dict[str, list[str]] = {}
     for problem, completions in zip(problems, outputs):
@@ -123,29 +137,38 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
         stats.kept_problems += bool(kept[problem.id])
         stats.trimmed += sum(t not in {s.text for s in samples} for t in kept[problem.id])
         stats.completion_tokens += sum(c.completion_tokens for c in completions)
+    return graded, kept
 
+
+def _rationalise(engine, messages: Callable[[str], list[dict]], failed: list[Problem], settings: RoundSettings,
+                 seed: int, stats: RoundStats, on_chunk: Callable[[int], None] | None
+                 ) -> tuple[dict[str, list[str]], dict[str, list[Sample]]]:
+    """The failed problems asked again with the gold answer as a hint; the rationales that derive it without
+    quoting the hint, and every hinted sample."""
+    from thinktime.prompts import detect_language
+
+    hinted = [messages(with_hint(p.question, p.gold, detect_language(p.question))) for p in failed]
+    outputs = _sample(engine, [Prompt.of(m) for m in hinted], settings, settings.hint_samples, seed, on_chunk)
     rationalised: dict[str, list[str]] = {}
     hinted_samples: dict[str, list[Sample]] = {}
-    failed = [i for i, p in enumerate(problems) if not kept[p.id]]
-    if settings.rationalise and failed:
-        hinted = [messages(with_hint(problems[i].question, problems[i].gold, detect_language(problems[i].question)))
-                  for i in failed]
-        hinted_out = _sample(engine, [Prompt.of(m) for m in hinted], settings, settings.hint_samples, seed + 50_000,
-                             on_progress and (lambda k: on_progress("rationalise", k)))
-        for i, completions in zip(failed, hinted_out):
-            problem = problems[i]
-            samples = grade_texts([c.text for c in completions], problem.gold,
-                                  [c.finish_reason for c in completions])
-            hinted_samples[problem.id] = samples
-            texts, quoted = keep_rationalised(samples, problem.gold, problem.question, settings.keep)
-            stats.quoted_hint += quoted
-            stats.completion_tokens += sum(c.completion_tokens for c in completions)
-            if texts:
-                stats.trimmed += sum(t not in {s.text for s in samples} for t in texts)
-                rationalised[problem.id] = texts
-                stats.rationalised_problems += 1
-                stats.rationalised += len(texts)
+    for problem, completions in zip(failed, outputs):
+        samples = grade_texts([c.text for c in completions], problem.gold, [c.finish_reason for c in completions])
+        hinted_samples[problem.id] = samples
+        texts, quoted = keep_rationalised(samples, problem.gold, problem.question, settings.keep)
+        stats.quoted_hint += quoted
+        stats.completion_tokens += sum(c.completion_tokens for c in completions)
+        if texts:
+            stats.trimmed += sum(t not in {s.text for s in samples} for t in texts)
+            rationalised[problem.id] = texts
+            stats.rationalised_problems += 1
+            stats.rationalised += len(texts)
+    return rationalised, hinted_samples
 
+
+def _training_rows(problems: Sequence[Problem], plain: list[list[dict]], graded: dict[str, list[Sample]],
+                   kept: dict[str, list[str]], rationalised: dict[str, list[str]], settings: RoundSettings,
+                   round_index: int) -> tuple[list[dict], list[dict]]:
+    """SFT rows (kept, then rationalised rationales) and preference pairs (a chosen one against a wrong one)."""
     sft, pairs = [], []
     for problem, prompt in zip(problems, plain):
         for text in kept[problem.id]:
@@ -155,6 +178,4 @@ def run_round(engine, messages: Callable[[str], list[dict]], problems: Sequence[
         chosen = kept[problem.id] or rationalised.get(problem.id, [])
         for good, bad in make_pairs(chosen, incorrect(graded[problem.id], problem.gold), settings.max_pairs):
             pairs.append(data.pair_row(prompt, good, bad, id=problem.id, round=round_index))
-    stats.sft_rows, stats.pairs = len(sft), len(pairs)
-    stats.seconds = time.perf_counter() - started
-    return RoundResult(stats, sft, pairs, graded, hinted_samples)
+    return sft, pairs

@@ -34,6 +34,7 @@ STEP_METHODS = ("prm", "ppm")  # step-level reward models: thinktime.bootstrap.r
 DEFAULT_LR = {"sft": (3e-5, 2e-4), "dpo": (1e-6, 5e-6), "rm": (1e-5, 1e-4), "grpo": (1e-5, 1e-4),
               "prm": (2e-5, 1e-4), "ppm": (1e-5, 1e-4)}
 TRAIN_INFO = "thinktime-train.json"
+LORA_TASKS = {"rm": "SEQ_CLS", "ppm": "SEQ_CLS", "prm": "TOKEN_CLS"}  # peft's task type (else CAUSAL_LM)
 
 
 @dataclass
@@ -226,80 +227,23 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     output = Path(output)
     _check_output(output)
     import torch
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from thinktime import models
-    from thinktime.engines.hf import pick_device
+    from thinktime.engines.device import pick_device
 
     started = time.perf_counter()
     source = models.resolve(model).path
     device = pick_device(settings.device)
     dtype = _dtype_name(settings.dtype, device)
     rows = load_rows(method, data, settings.completion_only)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(source)
     check_lengths(method, rows, tokenizer, settings.max_length, log)
-    output = Path(output)
     scratch = output.parent / f".{output.name}.checkpoints"
-    checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None \
-        else device.startswith("cuda")
-    steps_per_epoch = math.ceil(len(rows) / (settings.batch_size * settings.grad_accum))
-    autocast = device == "cpu" and dtype == "float32" and (
-        settings.cpu_autocast_bf16 if settings.cpu_autocast_bf16 is not None else cpu_has_bf16())
-    common = dict(
-        output_dir=str(scratch), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
-        learning_rate=settings.lr(method), lr_scheduler_type="linear", warmup_steps=0,
-        logging_steps=max(1, steps_per_epoch // 4), save_strategy="no", report_to="none", seed=settings.seed,
-        use_cpu=device == "cpu", bf16=(dtype == "bfloat16" and device.startswith("cuda")) or autocast,
-        fp16=dtype == "float16", model_init_kwargs={"dtype": dtype}, gradient_checkpointing=checkpointing,
-        max_length=settings.max_length, disable_tqdm=True, dataloader_num_workers=0,
-    )
-    peft_config = None
-    if settings.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                                 target_modules="all-linear", task_type={"rm": "SEQ_CLS", "ppm": "SEQ_CLS", "prm": "TOKEN_CLS"}.get(method, "CAUSAL_LM"))
-    if method == "sft":
-        from trl import SFTConfig as Config, SFTTrainer as Trainer
-    elif method == "dpo":
-        from trl import DPOConfig as Config, DPOTrainer as Trainer
-
-        common["beta"] = settings.beta
-    elif method in STEP_METHODS:
-        from thinktime.bootstrap.reward_training import trainer_for
-
-        Config, Trainer = trainer_for(method)
-    else:
-        from trl import RewardConfig as Config, RewardTrainer as Trainer
-    if "activation_checkpointing" in {f.name for f in fields(Config)}:  # the newer name (transformers 5.2x)
-        common["activation_checkpointing"] = common.pop("gradient_checkpointing")
-    log(f"{method}: {len(rows)} rows, {steps_per_epoch} steps/epoch x {settings.epochs} epochs, "
-        f"{'LoRA r=' + str(settings.lora_r) if settings.lora else 'full'} on {device} in {dtype}"
-        f"{' (bf16 autocast)' if autocast else ''}, "
-        f"lr {settings.lr(method):g}")
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new score head and the like show up as loading warnings
-    try:
-        trainer = Trainer(model=str(source), args=Config(**common), train_dataset=rows, processing_class=tokenizer,
-                          peft_config=peft_config)
-        _report_through(trainer, log, method)
-        result = trainer.train()
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)  # a failed run leaves no scratch folder behind
-        raise
-    finally:
-        hf_logging.set_verbosity(level)
-    trained = trainer.accelerator.unwrap_model(trainer.model)
-    if settings.lora:
-        trained = trained.merge_and_unload()
-    if output.exists():
-        shutil.rmtree(output)
-    trained.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    autocast = cpu_autocast(settings, device, dtype)
+    Config, Trainer, args = _trainer_setup(method, settings, len(rows), scratch, device, dtype, autocast, log)
+    trainer, result = _fit(Trainer, Config, args, source, rows, tokenizer,
+                           lora_config(settings, LORA_TASKS.get(method, "CAUSAL_LM")), log, method)
+    trained = save_model(trainer, tokenizer, output, settings.lora)
     losses = [{"step": e["step"], "loss": round(e["loss"], 5)} for e in trainer.state.log_history if "loss" in e]
     info = {"method": method, "base": str(source), "data": [str(d) for d in data], "rows": len(rows),
             "settings": asdict(settings), "learning_rate": settings.lr(method), "device": device, "dtype": dtype,
@@ -318,3 +262,95 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
         torch.cuda.empty_cache()
     log(f"{method}: {info['steps']} steps, loss {info['train_loss']}, {info['seconds']} s -> {output}")
     return info
+
+
+def _trainer_setup(method: str, settings: TrainSettings, rows: int, scratch: Path, device: str, dtype: str,
+                   autocast: bool, log) -> tuple[type, type, dict]:
+    """The method's TRL (or transformers) config and trainer classes, and the config's arguments."""
+    checkpointing = settings.gradient_checkpointing if settings.gradient_checkpointing is not None \
+        else device.startswith("cuda")
+    steps_per_epoch = math.ceil(rows / (settings.batch_size * settings.grad_accum))
+    args = dict(
+        output_dir=str(scratch), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr(method), lr_scheduler_type="linear", warmup_steps=0,
+        logging_steps=max(1, steps_per_epoch // 4), save_strategy="no", report_to="none", seed=settings.seed,
+        use_cpu=device == "cpu", bf16=(dtype == "bfloat16" and device.startswith("cuda")) or autocast,
+        fp16=dtype == "float16", model_init_kwargs={"dtype": dtype}, gradient_checkpointing=checkpointing,
+        max_length=settings.max_length, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    if method == "sft":
+        from trl import SFTConfig as Config, SFTTrainer as Trainer
+    elif method == "dpo":
+        from trl import DPOConfig as Config, DPOTrainer as Trainer
+
+        args["beta"] = settings.beta
+    elif method in STEP_METHODS:
+        from thinktime.bootstrap.reward_training import trainer_for
+
+        Config, Trainer = trainer_for(method)
+    else:
+        from trl import RewardConfig as Config, RewardTrainer as Trainer
+    if "activation_checkpointing" in {f.name for f in fields(Config)}:  # the newer name (transformers 5.2x)
+        args["activation_checkpointing"] = args.pop("gradient_checkpointing")
+    log(f"{method}: {rows} rows, {steps_per_epoch} steps/epoch x {settings.epochs} epochs, "
+        f"{'LoRA r=' + str(settings.lora_r) if settings.lora else 'full'} on {device} in {dtype}"
+        f"{' (bf16 autocast)' if autocast else ''}, "
+        f"lr {settings.lr(method):g}")
+    return Config, Trainer, args
+
+
+def _fit(Trainer, Config, args: dict, source, rows, tokenizer, peft_config, log, method: str):
+    """The trainer made and trained; a failed run leaves no scratch folder (args' output_dir) behind."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new score head and the like show up as loading warnings
+    try:
+        trainer = Trainer(model=str(source), args=Config(**args), train_dataset=rows, processing_class=tokenizer,
+                          peft_config=peft_config)
+        _report_through(trainer, log, method)
+        return trainer, trainer.train()
+    except BaseException:
+        shutil.rmtree(args["output_dir"], ignore_errors=True)
+        raise
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_tokenizer(source):
+    """The model's tokenizer, padding with its end-of-sequence token where it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def cpu_autocast(settings, device: str, dtype: str) -> bool:
+    """bf16 autocast over fp32 weights on a CPU: the setting, else where the CPU has bf16 instructions."""
+    return device == "cpu" and dtype == "float32" and (
+        settings.cpu_autocast_bf16 if settings.cpu_autocast_bf16 is not None else cpu_has_bf16())
+
+
+def lora_config(settings, task_type: str):
+    """peft's LoRA config over every linear layer, or None for full fine-tuning."""
+    if not settings.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules="all-linear", task_type=task_type)
+
+
+def save_model(trainer, tokenizer, output: Path, lora: bool):
+    """The trained model (LoRA adapters merged in) and its tokenizer written to `output`, replacing it."""
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        trained = trained.merge_and_unload()
+    if output.exists():
+        shutil.rmtree(output)
+    trained.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return trained

@@ -262,14 +262,29 @@ def markdown(summaries: list[RunSummary], plot_name: str | None = PLOT) -> str:
     return "\n".join(lines)
 
 
-def plot(summaries: list[RunSummary], path: str | Path) -> Path:
-    """Accuracy (with 95% intervals) against average completion tokens per problem, one line per run."""
+def pyplot():
+    """matplotlib's pyplot, drawing into files (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lays the figure out, writes it (its folder made where missing) and closes it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
+def plot(summaries: list[RunSummary], path: str | Path) -> Path:
+    """Accuracy (with 95% intervals) against average completion tokens per problem, one line per run."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5), dpi=120)
     xs_all = []
     for s in summaries:
         points = [p for p in s.points if p.problems]
@@ -293,12 +308,7 @@ def plot(summaries: list[RunSummary], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     if xs_all:
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(folders: list[str | Path], output: str | Path | None = None) -> tuple[list[RunSummary], Path, Path]:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 from thinktime import models, prompts
 from thinktime.engines import Engine, create_engine
 from thinktime.errors import BadInputError
 from thinktime.strategies import Budget, Context, check_options, get_strategy
 from thinktime.strategies.base import make_result, to_candidate
+from thinktime.strategies.cot import generate_batch
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Event, Prompt, Result, SamplingParams
 
@@ -149,19 +149,11 @@ class Thinker:
 
     def _solve_batch(self, questions: Sequence[str], **kwargs) -> list[Result]:
         contexts = [self.context(q, **kwargs) for q in questions]
-        if not contexts:
-            return []
-        # One batch, one max_new_tokens: each question's budget caps it, as cot.run does one at a time.
-        params = contexts[0].params
-        params = replace(params, max_new_tokens=min(c.budget.cap(params.max_new_tokens) for c in contexts))
-        if params.max_new_tokens < 1:
+        outputs = generate_batch(contexts)
+        if outputs is None:
             return [self.solve(q, **kwargs) for q in questions]  # no room: each says so on its own
-        if params.seed is not None:  # each question draws what it would alone with the seed, not by its place
-            params = replace(params, seed=None, seeds=(params.seed,) * len(contexts))
-        completions = self.engine.generate([c.prompt for c in contexts], params)
         results = []
-        for ctx, (completion,) in zip(contexts, completions):
-            ctx.budget.charge([completion], completion.prompt_tokens)
+        for ctx, (completion,) in zip(contexts, outputs):
             candidate = to_candidate(completion)
             results.append(make_result(ctx, candidate, "cot", [candidate], ctx.budget.used))
         return results

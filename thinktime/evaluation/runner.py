@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from thinktime.errors import BadInputError
@@ -129,15 +129,17 @@ def check_settings(settings: Settings, temperature: float) -> None:
 
 def _sampled_records(thinker, chunk: list[Problem], settings: Settings) -> list[dict]:
     from thinktime.strategies.base import to_candidate
+    from thinktime.strategies.cot import generate_batch
     from thinktime.voting import majority, vote_answers
 
     contexts = [thinker.context(p.question) for p in chunk]
+    started = time.perf_counter()
     # Each problem draws from its own seed, so its samples do not depend on which problems share its call
     # (--limit, --batch-problems, or where a resumed run starts).
-    params = replace(contexts[0].params, n=settings.max_n, seed=None,
-                     seeds=tuple(problem_seed(settings.seed, p.id) for p in chunk))
-    started = time.perf_counter()
-    outputs = thinker.engine.generate([c.prompt for c in contexts], params)
+    outputs = generate_batch(contexts, n=settings.max_n, seeds=[problem_seed(settings.seed, p.id) for p in chunk])
+    if outputs is None:  # only a Thinker made with budget_tokens caps the chains here
+        raise BadInputError(f"the thinker's budget_tokens leaves no room for {settings.max_n} chains",
+                            hint="make the Thinker without budget_tokens for an n-list run")
     generation = time.perf_counter() - started
     chunk_tokens = sum(c.completion_tokens for completions in outputs for c in completions) or 1
     records = []

@@ -12,6 +12,7 @@ from thinktime.cli_common import (ApiKeyOpt, BaseUrlOpt, DataParallelOpt, Device
                            TensorParallelOpt, TopPOpt, TrustOpt, make_thinker, app, engine_options, err,
                            friendly_errors, out)
 from thinktime.errors import BadInputError
+from thinktime.strategies import STRATEGIES
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -52,8 +53,9 @@ def _print_report(folders: list[Path], output: Optional[Path]) -> None:
 def eval_command(
     dataset: str = typer.Option(..., "--dataset", "-d", help="gsm8k, math500, aime24, aime25, cmath, arith "
                                 "(arith:1 .. arith:5 for one level), or a .jsonl file."),
-    strategy: str = typer.Option("cot", "--strategy", "-s", help="cot and self-consistency sample once at the "
-                                 "largest n; other strategies run through the registry once per n."),
+    strategy: str = typer.Option("cot", "--strategy", "-s", help=f"{', '.join(STRATEGIES)} (`thinktime "
+                                 "strategies` lists each one's options). cot and self-consistency sample once at "
+                                 "the largest n; other strategies run through the registry once per n."),
     n: str = typer.Option("1", "-n", help="Samples per problem, a comma list: 1,4,16."),
     limit: Optional[int] = typer.Option(None, "--limit", "-k", help="Only the first K problems."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (each problem derives its own from it)."),
@@ -66,7 +68,8 @@ def eval_command(
                                                 help="Default: 0 (greedy) for -n 1, 0.7 when sampling more."),
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Token cap per problem for "
                                                 "registry strategies."),
-    option: list[str] = typer.Option([], "--option", help="Strategy option key=value (repeatable)."),
+    option: list[str] = typer.Option([], "--option", help="Strategy option key=value (repeatable; `thinktime "
+                                     "strategies` lists them with types and defaults)."),
     scale_option: Optional[str] = typer.Option(None, "--scale-option", help="The strategy option that -n sets "
                                                "(default: n, rounds, max_tokens, width or iterations by strategy)."),
     batch_problems: Optional[int] = typer.Option(None, "--batch-problems", help="Problems per engine call "

@@ -157,7 +157,8 @@ def test_pair_rules_on_a_hand_made_tree(tmp_path):
 
 def _command(folder: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "thinktime.cli", "tree-pairs", "-d", "arith:1", "-n", "3", "-i", "1",
-            "--step-tokens", "8", "--rollout-tokens", "8", "--eval-problems", "0", "--no-think", "--model", "smollm2-135m",
+            "--step-tokens", "8", "--rollout-tokens", "8", "--eval-problems", "0", "--no-think",
+            "--model", "smollm2-135m",
             "-o", str(folder), *extra]
 
 

@@ -116,8 +116,10 @@ class TreeProgress:
 
 def _print_summary(summary: dict, folder: Path) -> None:
     out.print(f"[green]{folder}[/]: {summary['problems']} trees, {summary['solved']} solved, "
-              f"{summary['pairs']} pairs from {summary['problems_with_pairs']} problems, {summary['sft_rows']} SFT rows, "
+              f"{summary['pairs']} pairs from {summary['problems_with_pairs']} problems, "
+              f"{summary['sft_rows']} SFT rows, "
               f"{summary['completion_tokens']} tokens")
     if summary["stopped"]:
         out.print(f"[yellow]stopped:[/] {summary['stopped']} (raise --budget and run the same command to go on)")
-    out.print(f"SFT rows: {folder / 'sft.jsonl'} (thinktime train sft --data ...); step pairs: {folder / 'pairs.jsonl'}")
+    out.print(f"SFT rows: {folder / 'sft.jsonl'} (thinktime train sft --data ...); "
+              f"step pairs: {folder / 'pairs.jsonl'} (thinktime train ppm --data ...)")

@@ -54,7 +54,8 @@ def run_config(thinker, run: TreeRun) -> dict:
     probe = "|".join(m["content"] for q in ("1+1=?", "一加一等于几?") for m in thinker.messages(q)[:-1])
     engine = thinker.engine
     return {"kind": "tree-pairs", "model": thinker.model_name, "engine": getattr(engine, "name", type(engine).__name__),
-            "dtype": str(getattr(engine, "dtype", "")), "system_prompt_sha": hashlib.sha256(probe.encode()).hexdigest()[:12],
+            "dtype": str(getattr(engine, "dtype", "")),
+            "system_prompt_sha": hashlib.sha256(probe.encode()).hexdigest()[:12],
             "lang": thinker.lang, "top_p": thinker.top_p, "dataset": run.dataset, "split": run.split,
             "data_seed": run.data_seed, "search": run.search.to_dict(), "grader": GRADER_VERSION}
 

@@ -302,25 +302,24 @@ def _failure_line(job: Job) -> str | None:
 def _chain_chunks(item: StreamDelta, splitter: ReasoningStream, tally: _Tally, chunk):
     """The chunks of one cot chain's delta: its reasoning and answer text, and its end."""
     if item.text:
-        reasoning, content = splitter.feed(item.text)
-        if reasoning:
-            yield chunk([_delta(item.index, reasoning_content=reasoning)])
-        if content:
-            tally.add_content(item.index, content)
-            yield chunk([_delta(item.index, content=content)])
+        yield from _text_chunks(item.index, *splitter.feed(item.text), tally, chunk)
     if item.completion is not None:
         c = item.completion
-        reasoning, content = splitter.finish(c.finish_reason)
-        if reasoning:
-            yield chunk([_delta(item.index, reasoning_content=reasoning)])
-        if content:
-            tally.add_content(item.index, content)
-            yield chunk([_delta(item.index, content=content)])
+        yield from _text_chunks(item.index, *splitter.finish(c.finish_reason), tally, chunk)
         tally.usage["prompt_tokens"] = c.prompt_tokens
         tally.usage["completion_tokens"] += c.completion_tokens
         tally.finished.add(item.index)
         yield chunk([{**_delta(item.index, finish_reason(c.finish_reason)), "logprobs": logprobs_field(c)}],
                     thinktime=cot_extension([c]))
+
+
+def _text_chunks(index: int, reasoning: str, content: str, tally: _Tally, chunk):
+    """A chain's reasoning, then its answer text (counted into the tally), as chunks."""
+    if reasoning:
+        yield chunk([_delta(index, reasoning_content=reasoning)])
+    if content:
+        tally.add_content(index, content)
+        yield chunk([_delta(index, content=content)])
 
 
 def _strategy_chunks(item: Event, view: CandidateView, tally: _Tally, chunk, think_tags):

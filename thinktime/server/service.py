@@ -8,7 +8,7 @@ import json
 import re
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from thinktime.api import Thinker
@@ -17,6 +17,7 @@ from thinktime.server.protocol import REASONING_EFFORT, APIError, ChatRequest
 from thinktime.server.scheduler import Job, Scheduler
 from thinktime.server.streaming import reply_split
 from thinktime.strategies import SCALE_OPTION, STRATEGIES, get_strategy, resolve_strategy
+from thinktime.strategies.cot import chain_params
 from thinktime.types import Event
 
 
@@ -247,7 +248,7 @@ class ChatService:
     def make_job(self, loop: asyncio.AbstractEventLoop, strategy: str, ctx, n: int, stream_to=None) -> Job:
         future = loop.create_future()
         if strategy == "cot":
-            params = replace(ctx.params, n=n, max_new_tokens=ctx.budget.cap(ctx.params.max_new_tokens, n))
+            params = chain_params(ctx, n)  # cot's own sizing: n chains that fit the budget
             if params.max_new_tokens < 1:
                 raise APIError(400, f"budget_tokens leaves no room for {n} chains", param="thinktime.budget_tokens",
                                code="invalid_value")

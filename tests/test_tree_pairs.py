@@ -210,7 +210,7 @@ def test_a_bootstrap_round_from_tree_search_writes_its_rows_and_step_pairs(searc
     from thinktime.bootstrap.tree_round import tree_round
 
     search = replace(RUN.search, iterations=1, step_tokens=8, rollout_tokens=12)
-    stats = tree_round(searched["thinker"], searched["problems"], tmp_path, search, keep=1, round_index=2,
+    stats = tree_round(searched["thinker"], searched["problems"], tmp_path, search, round_index=2, keep=1,
                        log=lambda message: None)
     assert stats["round"] == 2 and stats["problems"] == 1
     trees = _rows(tmp_path / "tree" / TREES)
@@ -230,3 +230,22 @@ def test_round_data_settings_that_cannot_work_are_refused():
                           (("tree", "star", 4), "--compare-n")):
         with pytest.raises(BadInputError, match=message):
             check_round_data(*args)
+
+
+def test_bootstrap_takes_a_round_s_data_from_tree_search(tmp_path):
+    base = [sys.executable, "-m", "thinktime.cli", "bootstrap", "-d", "arith:1", "--round-data", "tree"]
+    refused = subprocess.run([*base, "--method", "grpo", "-o", str(tmp_path / "g")], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "GRPO samples its own" in refused.stderr
+    assert not (tmp_path / "g" / "config.json").exists()
+    out = tmp_path / "run"
+    result = subprocess.run([*base, "--rounds", "1", "--no-train", "--train-problems", "1", "--eval-problems", "1",
+                             "--tree-iterations", "1", "--max-new-tokens", "12", "--model", "smollm2-135m",
+                             "-o", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "data (tree search)" in result.stderr
+    round_1 = out / "round-1"
+    assert len(_rows(round_1 / "tree" / TREES)) == 1
+    stats = json.loads((round_1 / "stats.json").read_text())
+    assert stats["data"] == "tree" and stats["problems"] == 1
+    assert json.loads((out / "config.json").read_text())["round_data"] == "tree"

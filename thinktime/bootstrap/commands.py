@@ -74,6 +74,11 @@ BootstrapMethodOpt = typer.Option("star", "--method", help="star: sample, filter
                                   "--grpo-steps GRPO steps a round (groups of --samples, --batch-size completions a "
                                   "step, graded answers as the reward).")
 GrpoStepsOpt = typer.Option(20, "--grpo-steps", help="grpo: GRPO steps per round (held-out evaluation after each).")
+RoundDataOpt = typer.Option("star", "--round-data", help="star: each round samples, filters and rationalises; tree: "
+                            "each round searches the training problems with MCTS (rollouts graded against the gold, "
+                            "as `thinktime tree-pairs`), trains on the trees' best correct chains, keeps their step "
+                            "pairs.")
+TreeItersOpt = typer.Option(16, "--tree-iterations", help="--round-data tree: MCTS rounds per problem.")
 
 
 def _log(message: str) -> None:
@@ -186,10 +191,10 @@ def bootstrap_command(
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
     tensor_parallel_size: Optional[int] = TensorParallelOpt, pipeline_parallel_size: Optional[int] = PipelineParallelOpt,
     data_parallel_size: Optional[int] = DataParallelOpt, distributed_executor_backend: Optional[str] = ExecutorOpt,
-    method: str = BootstrapMethodOpt, grpo_steps: int = GrpoStepsOpt,
+    method: str = BootstrapMethodOpt, grpo_steps: int = GrpoStepsOpt, round_data: str = RoundDataOpt,
     format_reward: float = typer.Option(0.0, "--format-reward", help="grpo: weight of the \\boxed{} reward."),
     length_penalty: float = typer.Option(0.0, "--length-penalty", help="grpo: weight of the length penalty."),
-    system_prompt: Optional[Path] = SystemPromptOpt,
+    system_prompt: Optional[Path] = SystemPromptOpt, tree_iterations: int = TreeItersOpt,
 ) -> None:
     """STaR or GRPO: the model learns from its own graded answers, round after round; plots held-out accuracy."""
     with friendly_errors():
@@ -216,7 +221,7 @@ def bootstrap_command(
                                    hint_samples=hint_samples, rationalise=rationalise, max_pairs=max_pairs, seed=seed),
             training=TrainSettings(epochs=epochs, learning_rate=lr, **trained),
             reward_training=TrainSettings(epochs=2.0, **trained),
-            method=method, grpo_steps=grpo_steps,
+            method=method, grpo_steps=grpo_steps, round_data=round_data, tree_iterations=tree_iterations,
             grpo=GrpoSettings(learning_rate=lr, batch_size=batch_size, lora=lora, lora_r=lora_r, lora_alpha=2 * lora_r,
                               num_generations=samples, temperature=temperature, format_reward=format_reward,
                               length_penalty=length_penalty, seed=seed,

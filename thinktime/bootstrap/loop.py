@@ -38,6 +38,7 @@ from thinktime.bootstrap.grpo import GrpoSettings, train_grpo
 from thinktime.bootstrap.problems import split_problems, training_split
 from thinktime.bootstrap.rounds import RoundSettings, RoundStats, run_round
 from thinktime.bootstrap.training import TRAIN_INFO, TrainSettings, train
+from thinktime.bootstrap.tree_round import check_round_data, tree_round, tree_settings
 from thinktime.errors import BadInputError
 
 METHODS = ("star", "grpo")
@@ -71,10 +72,14 @@ class BootstrapConfig:
     method: str = "star"  # grpo: each round is `grpo_steps` GRPO steps from the last round's model
     grpo: GrpoSettings | None = None
     grpo_steps: int = 20
+    round_data: str = "star"  # tree: a round's SFT rows and step pairs come from tree search (bootstrap.tree_round)
+    tree_iterations: int = 16  # tree: MCTS rounds per problem (steps and rollouts sampled as `sampling` says)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["engine_options"] = {k: v for k, v in self.engine_options.items() if k != "api_key"}
+        if self.round_data == "star":  # runs from before the option existed keep their configuration
+            d.pop("round_data"), d.pop("tree_iterations")
         return d
 
 
@@ -182,6 +187,7 @@ def _check_settings(config: BootstrapConfig) -> None:
         raise BadInputError("--method grpo trains every round: it needs training on and --grpo-steps of 1 or more")
     if config.rounds < 0:
         raise BadInputError("--rounds must be at least 0")
+    check_round_data(config.round_data, config.method, config.compare_n)
     if config.gguf is not None:
         from thinktime.convert import OUTTYPES
 
@@ -242,6 +248,12 @@ def _sample_for_comparison(config: BootstrapConfig, engine, heldout, out: Path, 
 def _sample_round(config: BootstrapConfig, engine, thinker, train_set, folder: Path, r: int, log) -> None:
     """STaR round r's data: sample, filter and rationalise the training problems, written into `folder`."""
     t = time.perf_counter()
+    if config.round_data == "tree":
+        search = tree_settings(config.sampling, config.tree_iterations)
+        s = tree_round(thinker, train_set, folder, search, r, config.sampling.keep, log=log)
+        log(f"round {r} data (tree search): {s['solved']}/{s['problems']} problems solved, {s['sft_rows']} SFT rows, "
+            f"{s['step_pairs']} step pairs, {time.perf_counter() - t:.0f} s")
+        return
     done = {"sample": 0, "rationalise": 0}
 
     def progress(stage: str, k: int) -> None:

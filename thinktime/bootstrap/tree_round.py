@@ -8,7 +8,8 @@ step preference pairs beside them:
     OUT/round-R/sft.jsonl          the best correct chains, as STaR's SFT rows (kind "tree", round R)
     OUT/round-R/step-pairs.jsonl   step pairs sharing their prefix, the rows `thinktime train ppm` reads
     OUT/round-R/pairs.jsonl        empty: the trees give step pairs, not whole-chain ones
-    OUT/round-R/stats.json         the round's counts, as summary.json of the tree folder
+    OUT/round-R/stats.json         the round's counts: STaR's kept (SFT rows), pairs (step pairs) and sample_accuracy
+                                   (the share of rollouts that reached the gold), and the tree folder's summary
 """
 from __future__ import annotations
 
@@ -17,13 +18,20 @@ from pathlib import Path
 
 from thinktime.bootstrap import data
 from thinktime.treesearch.pairs import PairFilter
-from thinktime.treesearch.run import TreeRun, tree_run
+from thinktime.treesearch.run import TREES, TreeRun, tree_run
 from thinktime.treesearch.search import TreeSettings
 
 ROUND_DATA = ("star", "tree")
 
 
-def tree_round(thinker, problems, folder: Path, search: TreeSettings, keep: int, round_index: int,
+def tree_settings(sampling, iterations: int) -> TreeSettings:
+    """A round's search from its sampling settings (bootstrap.rounds.RoundSettings): steps and rollouts at its
+    temperature, rollouts up to its max_new_tokens, its seed."""
+    return TreeSettings(iterations=iterations, rollout_tokens=sampling.max_new_tokens,
+                        temperature=sampling.temperature, seed=sampling.seed)
+
+
+def tree_round(thinker, problems, folder: Path, search: TreeSettings, round_index: int, keep: int = 1,
                rules: PairFilter = PairFilter(), log=print) -> dict:
     """Search `problems` with `thinker`'s model and write the round's files into `folder`; the round's stats."""
     # each round draws other trees than the last (its own seeds), as STaR rounds draw other samples
@@ -41,8 +49,12 @@ def tree_round(thinker, problems, folder: Path, search: TreeSettings, keep: int,
     data.write_jsonl(folder / "sft.jsonl", sft)
     data.write_jsonl(folder / "step-pairs.jsonl", pairs)
     data.write_jsonl(folder / "pairs.jsonl", [])
-    stats = {"round": round_index, "data": "tree", **summary, "sft_rows": len(sft), "step_pairs": len(pairs),
-             "kept_problems": len({row["id"] for row in sft})}
+    outcomes = [o["correct"] for tree in data.read_jsonl(folder / "tree" / TREES) for node in tree["tree"]
+                for o in node.get("outcomes", ())]
+    # the keys of a STaR round's stats that the summary table and plot read, then the tree's own counts
+    stats = {"round": round_index, "data": "tree", "kept": len(sft), "rationalised": 0, "pairs": len(pairs),
+             "sample_accuracy": round(sum(outcomes) / len(outcomes), 4) if outcomes else 0.0, **summary,
+             "sft_rows": len(sft), "step_pairs": len(pairs), "kept_problems": len({row["id"] for row in sft})}
     data.write_json(folder / "stats.json", stats)
     return stats
 

@@ -80,14 +80,17 @@ def _label(strategy: str, k: int, ns: list[int], sampled: bool, scale: str | Non
 
 
 # Strategies that sample several chains at this temperature when the run's is 0 (thinktime/sampling.py).
-_SAMPLE_THEMSELVES = {"best-of-n", "beam", "mcts"}
+_SAMPLE_THEMSELVES = {"best-of-n", "beam", "mcts", "allocation"}
 
 
 def run_name(config: dict) -> str:
     from thinktime.sampling import DEFAULT_SAMPLING_TEMPERATURE
 
     temperature = config.get("temperature", 0)
-    if not temperature and config.get("strategy") in _SAMPLE_THEMSELVES:
+    strategy = config.get("strategy")
+    # self-consistency given options runs through the registry, which samples it the same way
+    registry_sc = strategy == "self-consistency" and config.get("options")
+    if not temperature and (strategy in _SAMPLE_THEMSELVES or registry_sc):
         temperature = DEFAULT_SAMPLING_TEMPERATURE
     decoding = "greedy" if not temperature else f"T={temperature:g}"
     return f"{config.get('strategy')} · {config.get('model')} · {config.get('dataset')} · {decoding}"

@@ -195,9 +195,9 @@ class ChatService:
             raise APIError(400, f"logprobs are returned for the cot strategy's chains, not for '{strategy}'",
                            param="logprobs", code="invalid_value")
         if not getattr(self.engine, "returns_logprobs", False):
-            raise APIError(400, f"the {self.engine.name} engine does not return log-probabilities; the "
-                                "transformers and llamacpp engines do", param="logprobs",
-                           code="unsupported_parameter")
+            raise APIError(400, f"the {self.engine.name} engine does not return log-probabilities; the transformers, "
+                                "llamacpp and vllm engines do, and the openai engine where its server sends them",
+                           param="logprobs", code="unsupported_parameter")
         return req.top_logprobs or 0
 
     def _thinker_for(self, req: ChatRequest, system: str | None) -> Thinker:

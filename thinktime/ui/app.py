@@ -30,8 +30,8 @@ LANGS = ("auto", "en", "zh")
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
          {"left": "\\(", "right": "\\)", "display": False}]
 CSS = "#answer-box {min-height: 2em} footer {display: none !important}"
-# What the N slider sets: each strategy's size (SCALE_OPTION), except budget forcing's, which is thinking tokens.
-N_OPTION = {strategy: option for strategy, option in SCALE_OPTION.items() if strategy != "budget"}
+# What the N slider sets: each strategy's size (SCALE_OPTION), except those counted in tokens (budget forcing, allocation).
+N_OPTION = {strategy: option for strategy, option in SCALE_OPTION.items() if strategy not in ("budget", "allocation")}
 
 
 class ChatSession:

@@ -227,6 +227,7 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     output = Path(output)
     _check_output(output)
     import torch
+    import transformers
 
     from thinktime import models
     from thinktime.engines.device import pick_device
@@ -241,6 +242,7 @@ def train(method: str, model: str, data: Sequence[str | Path], output: str | Pat
     scratch = output.parent / f".{output.name}.checkpoints"
     autocast = cpu_autocast(settings, device, dtype)
     Config, Trainer, args = _trainer_setup(method, settings, len(rows), scratch, device, dtype, autocast, log)
+    transformers.set_seed(settings.seed)  # a new score head is drawn at load: the same seed, the same head
     trainer, result = _fit(Trainer, Config, args, source, rows, tokenizer,
                            lora_config(settings, LORA_TASKS.get(method, "CAUSAL_LM")), log, method)
     trained = save_model(trainer, tokenizer, output, settings.lora)

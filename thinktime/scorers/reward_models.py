@@ -171,6 +171,17 @@ class _TransformersScorer(Scorer):
         """A score in [0, 1] for every token position, shape (batch, width)."""
         raise NotImplementedError
 
+    def _load_body_and_head(self, path: Path, prefix: str, make_head) -> None:
+        """The model without its head, and the head (make_head(hidden size, weights)) from the checkpoint's
+        `prefix` weights: no remote code needed for the head."""
+        from transformers import AutoModel
+
+        self.tokenizer, self.model = _load_base(path, self.dtype, self.device, AutoModel)
+        weights = _read_weights(path, prefix)
+        self.head = make_head(self.model.config.hidden_size, weights)
+        self.head.load_state_dict(weights)
+        self.head.to(device=self.device, dtype=self.dtype).eval()
+
     def close(self) -> None:
         del self.model
 
@@ -179,15 +190,9 @@ class QwenMathPRM(_TransformersScorer):
     family = "qwen-prm"
 
     def __init__(self, path: Path, *, device: str, dtype: torch.dtype):
-        from transformers import AutoModel
-
         super().__init__(path, device=device, dtype=dtype)
-        self.tokenizer, self.model = _load_base(path, dtype, device, AutoModel)
-        head = _read_weights(path, "score.")
-        hidden = self.model.config.hidden_size
-        self.head = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
-        self.head.load_state_dict(head)
-        self.head.to(device=device, dtype=dtype).eval()
+        self._load_body_and_head(path, "score.", lambda hidden, _: torch.nn.Sequential(
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2)))
         self.step_id = self.tokenizer.convert_tokens_to_ids(QWEN_STEP_TOKEN)
         if self.step_id is None or self.step_id == self.tokenizer.unk_token_id:
             raise BadInputError(f"{path}'s tokenizer has no {QWEN_STEP_TOKEN} token: not a Qwen2.5-Math-PRM")
@@ -208,13 +213,8 @@ class SkyworkPRM(_TransformersScorer):
     family = "skywork-prm"
 
     def __init__(self, path: Path, *, device: str, dtype: torch.dtype):
-        from transformers import AutoModel
-
         super().__init__(path, device=device, dtype=dtype)
-        self.tokenizer, self.model = _load_base(path, dtype, device, AutoModel)
-        self.head = torch.nn.Linear(self.model.config.hidden_size, 1)
-        self.head.load_state_dict(_read_weights(path, "v_head.summary."))
-        self.head.to(device=device, dtype=dtype).eval()
+        self._load_body_and_head(path, "v_head.summary.", lambda hidden, _: torch.nn.Linear(hidden, 1))
         self.newline_id = self.tokenizer.encode("\n", add_special_tokens=False)[-1]
 
     def encode(self, question, steps):
@@ -285,14 +285,9 @@ class ThinktimePPM(_TransformersScorer):
     family = "thinktime-ppm"
 
     def __init__(self, path: Path, *, device: str, dtype: torch.dtype):
-        from transformers import AutoModel
-
         super().__init__(path, device=device, dtype=dtype)
-        self.tokenizer, self.model = _load_base(path, dtype, device, AutoModel)
-        weights = _read_weights(path, "score.")
-        self.head = torch.nn.Linear(self.model.config.hidden_size, 1, bias="bias" in weights)
-        self.head.load_state_dict(weights)
-        self.head.to(device=device, dtype=dtype).eval()
+        self._load_body_and_head(path, "score.", lambda hidden, weights: torch.nn.Linear(hidden, 1,
+                                                                                          bias="bias" in weights))
         self.delimiter = read_reward_info(path)["delimiter"]
 
     def encode(self, question, steps):

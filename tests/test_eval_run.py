@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from kill_resume import ENV, kill_after_first_line, resume
 from typer.testing import CliRunner
 
 from thinktime import Thinker
@@ -217,29 +215,11 @@ def _eval_command(folder: Path, max_new_tokens: int = 8) -> list[str]:
 def test_a_killed_eval_resumes_without_loss_or_duplicates(tmp_path):
     folder = tmp_path / "run"
     records = folder / RECORDS
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_eval_command(folder), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if records.is_file() and records.read_bytes().count(b"\n") >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"eval ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        assert records.is_file(), "no record written within the deadline"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    before = records.read_bytes()
-    kept = before[: before.rfind(b"\n") + 1]
+    kept = kill_after_first_line(_eval_command(folder), records)
     done_before = kept.count(b"\n")
     assert 1 <= done_before < 5
 
-    resumed = subprocess.run(_eval_command(folder), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = resume(_eval_command(folder))
     assert f"resuming, {done_before}/5 done" in resumed.stderr
     after = records.read_bytes()
     assert after.startswith(kept)  # nothing recorded before the kill was redone or rewritten
@@ -247,10 +227,10 @@ def test_a_killed_eval_resumes_without_loss_or_duplicates(tmp_path):
     assert ids == [f"arith-L2-{i:04d}" for i in range(5)]  # no loss, no duplicates, in order
     assert "report:" in resumed.stdout and (folder / PLOT).is_file()
 
-    again = subprocess.run(_eval_command(folder), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(_eval_command(folder), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and records.read_bytes() == after  # a finished run redoes nothing
 
-    changed = subprocess.run(_eval_command(folder, max_new_tokens=9), cwd=ROOT, env=env, capture_output=True,
+    changed = subprocess.run(_eval_command(folder, max_new_tokens=9), cwd=ROOT, env=ENV, capture_output=True,
                              text=True, timeout=300)
     assert changed.returncode == 2
     assert "different configuration" in changed.stderr and "max_new_tokens: 8 -> 9" in changed.stderr

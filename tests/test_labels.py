@@ -3,14 +3,11 @@ after SIGKILL), label noise between two labellings, and a scorer's step-level F1
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from kill_resume import kill_after_first_line, resume
 from typer.testing import CliRunner
 
 from thinktime import Thinker
@@ -191,28 +188,10 @@ def _label_command(folder: Path) -> list[str]:
 def test_a_killed_labelling_resumes_without_loss_or_duplicates(tmp_path):
     folder = tmp_path / "run"
     labels = folder / LABELS
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_label_command(folder), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if labels.is_file() and labels.read_bytes().count(b"\n") >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"labelling ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    before = labels.read_bytes()
-    kept = before[: before.rfind(b"\n") + 1]
-    with open(labels, "ab") as f:  # as if the kill had torn a line in the middle of its write
-        f.write(b'{"id": "arith-L2-0002", "chain": 1, "prom')
+    kept = kill_after_first_line(_label_command(folder), labels, torn=b'{"id": "arith-L2-0002", "chain": 1, "prom')
     done_before = kept.count(b"\n")
     assert 1 <= done_before < 6
-    resumed = subprocess.run(_label_command(folder), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = resume(_label_command(folder))
     assert f"resuming, {done_before}/6 chains done" in resumed.stderr
     after = labels.read_bytes()
     assert after.startswith(kept)  # nothing written before the kill was redone or rewritten
@@ -239,7 +218,11 @@ def _chain(text: str, finish: str, gold: str = "85"):
 
 
 def test_binary_search_measures_few_prefixes_and_infers_the_rest():
-    from thinktime.labels.montecarlo import label_by_binary_search, label_every_step, start
+    from thinktime.labels.montecarlo import (
+        label_by_binary_search,
+        label_every_step,
+        start,
+    )
 
     steps = [f"step {i}" for i in range(1, 9)] + ["So \\boxed{84}."]  # nine steps, ending wrong
     shares = {1: 1.0, 2: 0.75, 3: 0.5, 4: 0.25, 5: 0.0, 6: 0.25, 7: 0.0, 8: 0.0}

@@ -4,22 +4,26 @@ refused), the token budget, and the pair rules on a hand-made tree."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from kill_resume import kill_after_first_line, resume
 
 from thinktime import Thinker
 from thinktime.errors import BadInputError
 from thinktime.evaluation.datasets import load_dataset
 from thinktime.evaluation.grading import grade
 from thinktime.strategies.base import to_candidate
-from thinktime.treesearch.pairs import PairFilter, best_chains, similarity, step_pairs, steps_to
+from thinktime.treesearch.pairs import (
+    PairFilter,
+    best_chains,
+    similarity,
+    step_pairs,
+    steps_to,
+)
 from thinktime.treesearch.rollout import chain_text
 from thinktime.treesearch.run import TREES, TreeRun, tree_run
 from thinktime.treesearch.search import TreeSettings
@@ -175,28 +179,10 @@ def test_bad_settings_are_refused_before_the_model_loads(tmp_path):
 def test_a_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     folder = tmp_path / "run"
     trees = folder / TREES
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_command(folder), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if trees.is_file() and trees.read_bytes().count(b"\n") >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    before = trees.read_bytes()
-    kept = before[: before.rfind(b"\n") + 1]
-    with open(trees, "ab") as f:  # as if the kill had torn a line in the middle of its write
-        f.write(b'{"id": "arith-L1-0002", "tre')
+    kept = kill_after_first_line(_command(folder), trees, torn=b'{"id": "arith-L1-0002", "tre')
     done = kept.count(b"\n")
     assert 1 <= done < 3
-    resumed = subprocess.run(_command(folder), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = resume(_command(folder))
     assert f"resuming, {done}/3 trees done" in resumed.stderr
     after = trees.read_bytes()
     assert after.startswith(kept)  # nothing recorded before the kill was redone or rewritten

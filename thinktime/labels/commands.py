@@ -53,8 +53,10 @@ def label_command(
     trust_remote_code: bool = TrustOpt, source: Optional[str] = SourceOpt,
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
 ) -> None:
-    """Monte Carlo step labels: sample chains, roll out K completions from each step prefix, label each step by
-    the share reaching the gold answer. Resumable (rerun the same command after a crash)."""
+    """Monte Carlo step labels from rollouts; resumable (rerun the same command after a crash).
+
+    Samples chains, rolls out K completions from each step prefix, and labels each step by the share of them
+    that reach the gold answer."""
     with friendly_errors(interrupted="run the same command again to resume where it stopped"):
         from thinktime.labels.run import LabelSettings, check_settings
 

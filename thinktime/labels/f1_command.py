@@ -30,8 +30,10 @@ def label_f1_command(
     dtype: Optional[str] = DtypeOpt, lang: str = LangOpt, system_prompt: Optional[Path] = SystemPromptOpt,
     no_think: bool = NoThinkOpt, seed: int = typer.Option(0, "--seed", help="self with --judges > 1: seed."),
 ) -> None:
-    """Step-level F1 of a scorer's first wrong step against rollout labels (ProcessBench): accuracy on chains
-    with a wrong step (the step must be named) and on chains without (none must be), and their harmonic mean."""
+    """Step-level F1 of a scorer's first wrong step against rollout labels (ProcessBench).
+
+    Accuracy on chains with a wrong step (the step must be named) and on chains without (none must be), and
+    their harmonic mean."""
     with friendly_errors():
         from thinktime.labels.f1 import evaluate_scorer
         from thinktime.labels.store import read_labels

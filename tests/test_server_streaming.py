@@ -38,8 +38,7 @@ def test_think_tags_split_anywhere_match_the_final_split(seed):
 
 
 def test_template_opened_think_and_tags_held_back_only_briefly():
-    text = "I reason here</think>Answer: 5"
-    pieces = ["I reason", " here</", "think>", "Answer", ": 5"]
+    pieces = ["I reason", " here</", "think>", "Answer", ": 5"]  # "I reason here</think>Answer: 5"
     stream = ReasoningStream(think_tags=True)
     assert stream.feed(pieces[0]) == ("I reason", "")
     assert stream.feed(pieces[1]) == (" here", "")  # "</" might start the tag: held back

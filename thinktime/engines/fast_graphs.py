@@ -75,7 +75,7 @@ class CompiledSteps:
                 if not self.use_compile:
                     raise
                 # Blame compile only if eager kernels then capture; otherwise compile stays on for other steps.
-                fns, error = self._fns, self.compile_error
+                fns = self._fns
                 self._fns = dict(self._eager)
                 try:
                     graph = self._capture(rows, window, mode)

@@ -11,9 +11,9 @@ from kill_resume import kill_after_first_line, resume
 from typer.testing import CliRunner
 
 from thinktime import Thinker
-from thinktime.bootstrap.problems import split_problems
 from thinktime.cli import app
 from thinktime.errors import BadInputError
+from thinktime.evaluation.splits import split_problems
 from thinktime.labels.agreement import compare_labels, first_wrong
 from thinktime.labels.chains import chains_from_folder, select_problems
 from thinktime.labels.f1 import evaluate_scorer, processbench_f1

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from thinktime.bootstrap.problems import split_problems, training_split
 from thinktime.bootstrap.training import (
     TRAIN_INFO,
     TrainSettings,
@@ -36,6 +35,7 @@ from thinktime.bootstrap.training import (
     save_model,
 )
 from thinktime.errors import BadInputError
+from thinktime.evaluation.splits import split_problems, training_split
 
 GENERATIONS = ("auto", "transformers", "vllm", "vllm-server")
 RUN_INFO = "thinktime-grpo.json"  # the settings of the run that wrote a checkpoint folder

@@ -35,11 +35,11 @@ from pathlib import Path
 
 from thinktime.bootstrap import data
 from thinktime.bootstrap.grpo import GrpoSettings, train_grpo
-from thinktime.bootstrap.problems import split_problems, training_split
 from thinktime.bootstrap.rounds import RoundSettings, RoundStats, run_round
 from thinktime.bootstrap.training import TRAIN_INFO, TrainSettings, train
 from thinktime.bootstrap.tree_round import check_round_data, tree_round, tree_settings
 from thinktime.errors import BadInputError
+from thinktime.evaluation.splits import split_problems, training_split
 
 METHODS = ("star", "grpo")
 RESTARTS = ("base", "previous")

@@ -31,7 +31,7 @@ def fingerprint(problems: list[Problem]) -> str:
 
 def select_problems(dataset: str, part: str, train_problems: int, eval_problems: int, data_seed: int):
     """(dataset name, problems of `part`): the training problems, or the held-out ones, as bootstrap splits them."""
-    from thinktime.bootstrap.problems import split_problems
+    from thinktime.evaluation.splits import split_problems
 
     if part not in PARTS:
         raise BadInputError(f"unknown --problems {part!r}", hint="use train (the default) or heldout")

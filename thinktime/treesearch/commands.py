@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from thinktime.cli_common import (DeviceOpt, DtypeOpt, EngineOpt, LangOpt, ModelOpt, NoThinkOpt, SystemPromptOpt,
-                                  app, err, friendly_errors, make_thinker, out)
+from thinktime.cli_common import (DeviceOpt, DtypeOpt, EngineOpt, LangOpt, ModelOpt, NoThinkOpt, SystemPromptOpt, app,
+                                  err, friendly_errors, make_thinker, out)
 
 
 @app.command("tree-pairs")
@@ -69,19 +69,12 @@ def _problems(dataset: str, split: Optional[str], count: int, held_out: int, dat
     """The first `count` problems of the set, none of its last `held_out` (which `thinktime bootstrap` and
     `thinktime label` hold out for evaluation): from the train split where the set has one."""
     from thinktime.errors import BadInputError
-    from thinktime.evaluation.datasets import SPECS, load_dataset
+    from thinktime.evaluation.splits import load_for_training, training_problems
 
     if count < 1 or held_out < 0:
         raise BadInputError("--problems must be at least 1 and --eval-problems 0 or more")
-    spec = SPECS.get(dataset.strip().lower())
-    if split is None and spec is not None and ("train" in spec.files or "train" in spec.hub):
-        split = "train"  # training data from a test split would leave a later eval contaminated
-    full = load_dataset(dataset, split=split, limit=count + held_out, data_seed=data_seed).problems
-    if len(full) < count + held_out:
-        raise BadInputError(f"{dataset} has {len(full)} problems; {count} searched and {held_out} held out need more",
-                            hint="lower --problems or --eval-problems")
-    held = {p.question for p in full[len(full) - held_out:]} if held_out else set()
-    return [p for p in full[:count] if p.question not in held]
+    full = load_for_training(dataset, split, count, held_out, data_seed, hint="lower --problems or --eval-problems")
+    return training_problems(full, count, held_out)
 
 
 class TreeProgress:

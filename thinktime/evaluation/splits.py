@@ -1,4 +1,4 @@
-"""Which problems a run trains on and which it holds out (STaR and GRPO share the split).
+"""Which problems a run trains on and which it holds out (STaR, GRPO, step labels and tree search share the split).
 
 The dataset's train split where it has one (gsm8k); otherwise its only split (arith, a file, math500).
 The held-out problems are the last `eval_problems` of the set and never trained on; the training problems
@@ -21,21 +21,35 @@ def training_split(dataset: str) -> str | None:
     return "train" if spec is not None and ("train" in spec.files or "train" in spec.hub) else None
 
 
+def load_for_training(dataset: str, split: str | None, count: int, held_out: int, data_seed: int, hint: str):
+    """The set's first count + held_out problems (its train split unless `split` names one), refused when short."""
+    from thinktime.evaluation.datasets import load_dataset
+
+    full = load_dataset(dataset, split=split if split is not None else training_split(dataset),
+                        limit=count + held_out, data_seed=data_seed)
+    if len(full) < count + held_out:
+        raise BadInputError(f"{dataset} has {len(full)} problems; {count} for training and {held_out} held out need "
+                            "more", hint=hint)
+    return full
+
+
+def training_problems(full, count: int, held_out: int) -> list:
+    """The first `count` problems of `full`, none whose question is also among its last `held_out`."""
+    held = {p.question for p in full.problems[len(full) - held_out:]} if held_out else set()
+    return [p for p in full.problems[:count] if p.question not in held]
+
+
 def split_problems(config):
     """(training problems, held-out Dataset): disjoint, the held-out ones from the end of the set.
     `config` names dataset, train_problems, eval_problems and data_seed (a bootstrap or GRPO setting)."""
-    from thinktime.evaluation.datasets import Dataset, load_dataset
+    from thinktime.evaluation.datasets import Dataset
 
     if config.train_problems < 1 or config.eval_problems < 1:
         raise BadInputError("--train-problems and --eval-problems must be at least 1")
-    full = load_dataset(config.dataset, split=training_split(config.dataset),
-                        limit=config.train_problems + config.eval_problems, data_seed=config.data_seed)
-    if len(full) < config.train_problems + config.eval_problems:
-        raise BadInputError(f"{config.dataset} has {len(full)} problems; {config.train_problems} for training and "
-                            f"{config.eval_problems} held out need more", hint="lower --train-problems/--eval-problems")
+    full = load_for_training(config.dataset, None, config.train_problems, config.eval_problems, config.data_seed,
+                             hint="lower --train-problems/--eval-problems")
     held = full.problems[len(full) - config.eval_problems:]
-    held_questions = {p.question for p in held}
-    train_set = [p for p in full.problems[:config.train_problems] if p.question not in held_questions]
+    train_set = training_problems(full, config.train_problems, config.eval_problems)
     fingerprint = hashlib.sha256(json.dumps([[p.id, p.question, p.gold] for p in held]).encode()).hexdigest()[:16]
     heldout = Dataset(f"{full.name}-heldout", full.split, full.source, held, fingerprint)
     return train_set, heldout

@@ -4,12 +4,14 @@
     .venv/bin/python benchmarks/adaptive_thinking.py --dataset gsm8k --limit 50 --out runs/adaptive-gsm8k
 
 Samples 16 chains per problem once on the llama.cpp engine (the embedded model, thinking prompt, T=0.7,
-seeded, top-5 log-probabilities per token; resumable: OUT/chains.jsonl), then replays each rule over
+seeded, top-5 log-probabilities per token; resumable: OUT/chains.jsonl), probes every chain for its answer
+every 32 tokens as Dynasor-CoT does (OUT/probes.jsonl), then replays each rule over
 those same chains: a rule that stops a chain early counts its tokens up to the stop, one that samples
 fewer chains counts those it drew. Rules: maj@k (k = 1..16); adaptive consistency (rounds of 4, the
 Beta rule at 0.95, as `-s self-consistency -o round=4`); DeepConf confidence-weighted voting over 16;
 DeepConf online (4 warm-up chains, later ones stopped below the threshold they set; keep 0.9 and 0.1),
-alone and with adaptive consistency; and per-question allocation (4 chains each, then rounds of 4 to
+alone and with adaptive consistency; probing (a chain stops once two successive probes agree; every probe's
+tokens count), over 16 and with adaptive consistency; and per-question allocation (4 chains each, then rounds of 4 to
 the questions whose vote is least settled, until a third of SC@16's tokens is spent). Prints accuracy
 (95% Wilson interval) and tokens per problem for each, the ratio to SC@16's tokens, and whether the
 accuracy is within SC@16's interval; writes OUT/report.md and OUT/accuracy_vs_tokens.png.
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 N, ROUND, WARM, WINDOW, TOP = 16, 4, 4, 32, 5
+PROBE_EVERY, PROBE_AGREE = 32, 2  # the probing rule as `-s self-consistency -o probe=32` runs it
 
 
 def sample(args, out: Path) -> list[dict]:
@@ -56,13 +59,50 @@ def sample(args, out: Path) -> list[dict]:
                     chains.append({"answer": candidate.answer, "method": candidate.answer_method,
                                    "finish": completion.finish_reason, "tokens": completion.completion_tokens,
                                    "correct": grade(candidate.answer, problem.gold).correct,
-                                   "conf": [round(token_confidence(t.top), 4) for t in completion.logprobs]})
+                                   "conf": [round(token_confidence(t.top), 4) for t in completion.logprobs],
+                                   "pieces": [t.text for t in completion.logprobs]})
                 f.write(json.dumps({"id": problem.id, "gold": problem.gold, "chains": chains}) + "\n")
                 f.flush()
                 bar.update(1)
+    probe(thinker, problems, out)
     thinker.engine.close()
     records = {r["id"]: r for r in map(json.loads, path.open())}
-    return [records[p.id] for p in problems if p.id in records]
+    probes = {r["id"]: r["probes"] for r in map(json.loads, (out / "probes.jsonl").open())}
+    return [{**records[p.id], "probes": probes[p.id]} for p in problems if p.id in records and p.id in probes]
+
+
+def probe(thinker, problems, out: Path) -> None:
+    """Dynasor's probes of every chain, every PROBE_EVERY tokens while it is still thinking: the chain's text so far
+    and "the final answer is \\boxed{", answered greedily as strategies/probing.py asks (resumable: OUT/probes.jsonl)."""
+    from tqdm import tqdm
+
+    from thinktime.answers import extract_answer
+    from thinktime.evaluation.grading import grade
+    from thinktime.strategies.probing import PROBE_TOKENS, PROBES
+    from thinktime.types import Prompt, SamplingParams
+
+    path = out / "probes.jsonl"
+    done = {json.loads(line)["id"] for line in path.open()} if path.is_file() else set()
+    chains = {r["id"]: r for r in map(json.loads, (out / "chains.jsonl").open())}
+    todo = [p for p in problems if p.id in chains and p.id not in done]
+    params = SamplingParams(max_new_tokens=PROBE_TOKENS, temperature=0.0, stop=("}",))
+    with path.open("a") as f, tqdm(total=len(problems), initial=len(problems) - len(todo), desc="probing") as bar:
+        for problem in todo:
+            record, asks = chains[problem.id], []
+            for c, chain in enumerate(record["chains"]):
+                asks += [(c, at) for at in range(PROBE_EVERY, chain["tokens"], PROBE_EVERY)]
+            base = Prompt.of(thinker.messages(problem.question))
+            prompts = [Prompt(base.messages, base.prefix + "".join(record["chains"][c]["pieces"][:at]) + PROBES["en"])
+                       for c, at in asks]
+            answers = thinker.engine.generate(prompts, params) if prompts else []
+            probes: list[list] = [[] for _ in record["chains"]]
+            for (c, at), (completion,) in zip(asks, answers):
+                answer = extract_answer(PROBES["en"] + completion.text + "}").value
+                probes[c].append([at, answer, completion.completion_tokens,
+                                  answer is not None and grade(answer, problem.gold).correct])
+            f.write(json.dumps({"id": problem.id, "probes": probes}) + "\n")
+            f.flush()
+            bar.update(1)
 
 
 # --- replaying the rules over stored chains ------------------------------------------------------------
@@ -129,11 +169,30 @@ def online(record: dict, keep: float, adaptive: bool) -> tuple[bool, int]:
     return vote(chains, True, keep)[0], sum(c.tokens for c in chains)
 
 
-def adaptive(record: dict) -> tuple[bool, int]:
+def probed(d: dict, probes: list) -> Chain:
+    """A chain stopped at its first `PROBE_AGREE` agreeing probes (the last one its answer); all probe tokens count."""
+    from thinktime.answers import equivalent
+
+    chain = Chain(d)
+    for i in range(PROBE_AGREE - 1, len(probes)):
+        recent = [p[1] for p in probes[i - PROBE_AGREE + 1:i + 1]]
+        if recent[0] is not None and all(equivalent(recent[0], a) for a in recent[1:]):
+            chain.answer, chain.answer_method, chain.correct = recent[-1], "boxed", probes[i][3]
+            chain.finish_reason, chain.tokens = "stop", probes[i][0] + sum(p[2] for p in probes[:i + 1])
+            return chain
+    chain.tokens += sum(p[2] for p in probes)
+    return chain
+
+
+def adaptive(record: dict, probing: bool = False) -> tuple[bool, int]:
+    def make(c: int) -> Chain:
+        d = record["chains"][c]
+        return probed(d, record["probes"][c]) if probing else Chain(d)
+
     chains: list[Chain] = []
     for start in range(0, N, ROUND):
-        chains += [Chain(d) for d in record["chains"][start:start + ROUND]]
-        correct, groups = vote(chains)
+        chains += [make(c) for c in range(start, min(N, start + ROUND))]
+        groups = vote(chains)[1]
         if len(chains) < N and settled(groups, N - len(chains)):
             break
     return vote(chains)[0], sum(c.tokens for c in chains)
@@ -174,6 +233,9 @@ def replay(records: list[dict]) -> list[dict]:
         add(f"maj@{k}" if k > 1 else "one chain", [(vote([Chain(d) for d in r["chains"][:k]])[0],
                                                    sum(d["tokens"] for d in r["chains"][:k])) for r in records])
     add("adaptive consistency (round 4, 0.95)", [adaptive(r) for r in records])
+    probed_all = [[probed(d, p) for d, p in zip(r["chains"], r["probes"])] for r in records]
+    add(f"probing every {PROBE_EVERY} @16", [(vote(chains)[0], sum(c.tokens for c in chains)) for chains in probed_all])
+    add(f"probing every {PROBE_EVERY} + adaptive", [adaptive(r, probing=True) for r in records])
     add("DeepConf weighted vote @16", [(vote([Chain(d) for d in r["chains"]], True)[0],
                                         sum(d["tokens"] for d in r["chains"])) for r in records])
     for keep in (0.9, 0.1):

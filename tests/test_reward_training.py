@@ -125,3 +125,52 @@ def test_cli_refuses_unlabeled_steps(tmp_path):
     result = subprocess.run([sys.executable, "-m", "thinktime.cli", "train", "prm", "--data", str(path), "-o",
                              str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "line 1: no 'labels'" in result.stderr
+
+
+def test_compare_verifiers_picks_from_the_same_chains_and_pairs_each_rule_with_majority(prm_folder, engine, tmp_path):
+    from typer.testing import CliRunner
+
+    from thinktime import Thinker
+    from thinktime.cli import app
+    from thinktime.evaluation.datasets import load_dataset
+    from thinktime.evaluation.runner import Settings, build_config, run_eval
+    from thinktime.evaluation.store import RunStore
+    from thinktime.scorers import aggregate
+    from thinktime.strategies.steps import DEFAULT_DELIMITER, split_steps
+
+    data, thinker = load_dataset("arith:1", limit=3), Thinker(engine=engine, max_new_tokens=32, temperature=0.7)
+    runs = {"sc": Settings("self-consistency", [1, 4], seed=1),
+            "beam": Settings("beam", [2], seed=1, options={"scorer": f"prm:{prm_folder}", "depth": 2, "step_tokens": 24})}
+    for name, settings in runs.items():
+        with RunStore(tmp_path / name, build_config(thinker, data, settings)) as store:
+            run_eval(thinker, data, store, settings)
+    result = CliRunner().invoke(app, ["compare-verifiers", str(tmp_path / "sc"), "--scorer", f"prm:{prm_folder}",
+                                      "-n", "1,4", "--aggregate", "min", "--search", str(tmp_path / "beam"),
+                                      "--dtype", "fp32", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    rules = {r["rule"]: r for r in json.loads((tmp_path / "out" / "verifiers.json").read_text())["rules"]}
+    spec = f"prm:{prm_folder}"
+    assert [name.split(" ")[0] for name in rules] == ["maj@1", "pass@1", "maj@4", "best-of-4", "weighted@4", "pass@4",
+                                                      "beam"]
+    records = [json.loads(line) for line in (tmp_path / "sc" / "records.jsonl").read_text().splitlines()]
+    assert rules["maj@4"]["correct"] == sum(bool(r["by_k"]["4"]["correct"]) for r in records)
+    # best-of-4 is the chain the PRM rates highest by its weakest step, among the same four chains
+    scorer = load_reward_model(spec, device="cpu", dtype="fp32")
+    expected = 0
+    for r in records:
+        chains = [split_steps(c["text"], DEFAULT_DELIMITER) or [c["text"]] for c in r["candidates"]]
+        scores = [aggregate(s, "min") for s in scorer.score(r["question"], chains)]
+        expected += bool(r["candidates"][max(range(4), key=lambda i: (scores[i], -i))]["correct"])
+    scorer.close()
+    assert rules[f"best-of-4 ({spec})"]["correct"] == expected
+    assert all(rules["pass@4"]["correct"] >= r["correct"] for n, r in rules.items() if r["n"] == 4)
+    versus = rules[f"best-of-4 ({spec})"]["vs_majority"]
+    assert versus["wins"] - versus["losses"] == expected - rules["maj@4"]["correct"]
+    assert 0 < versus["sign_test_p"] <= 1 and rules["beam (beam)"]["problems"] == 3
+    assert (tmp_path / "out" / "verifiers.png").stat().st_size > 0 and "sign test p" in (
+        tmp_path / "out" / "verifiers.md").read_text()
+    # asking for an N the run did not vote at is refused with the ones it did
+    result = CliRunner().invoke(app, ["compare-verifiers", str(tmp_path / "sc"), "--scorer", spec, "-n", "8"])
+    assert result.exit_code == 2 and "the run voted at 1, 4" in result.output
+    result = CliRunner().invoke(app, ["compare-verifiers", str(tmp_path / "nowhere"), "--scorer", spec])
+    assert result.exit_code == 2 and "not an eval run folder" in result.output

@@ -309,6 +309,7 @@ def list_models() -> None:
 import thinktime.server.commands  # noqa: E402,F401  (serve)
 import thinktime.ui.commands  # noqa: E402,F401  (ui)
 import thinktime.evaluation.commands  # noqa: E402,F401  (eval, report)
+import thinktime.evaluation.verifiers_command  # noqa: E402,F401  (compare-verifiers)
 import thinktime.bootstrap.commands  # noqa: E402,F401  (bootstrap, train)
 import thinktime.labels.commands  # noqa: E402,F401  (label, label-compare, label-f1)
 import thinktime.treesearch.commands  # noqa: E402,F401  (tree-pairs)

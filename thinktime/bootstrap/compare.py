@@ -14,42 +14,26 @@ maj@N disagree in correctness (each side's wins), whatever the outcome.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 
 def compare_selection(records: list[dict], scores: list[list[float]], n: int) -> dict:
     """Accuracies of the selection rules on eval records (candidates with 'correct', 'answer')."""
     from thinktime.evaluation.metrics import wilson
-    from thinktime.voting import group_answers
+    from thinktime.evaluation.verifiers import paired, selections
 
-    wins = {"best_of_n": 0, "majority": 0}
-    totals = {"majority": 0, "best_of_n": 0, "weighted": 0, "pass": 0, "first_sample": 0}
-    for record, chain_scores in zip(records, scores):
-        candidates = record["candidates"][:n]
-        chain_scores = chain_scores[:n]
-        maj = bool(record["by_k"][str(n)]["correct"])
-        best = max(range(len(candidates)), key=lambda i: (chain_scores[i], -i))
-        bon = bool(candidates[best]["correct"])
-        groups = group_answers([c["answer"] for c in candidates], chain_scores)
-        weighted = bool(groups and candidates[max(groups[0].members, key=lambda i: (chain_scores[i], -i))]["correct"])
-        totals["majority"] += maj
-        totals["best_of_n"] += bon
-        totals["weighted"] += weighted
-        totals["pass"] += any(c["correct"] for c in candidates)
-        totals["first_sample"] += bool(candidates and candidates[0]["correct"])
-        wins["best_of_n"] += bon and not maj
-        wins["majority"] += maj and not bon
+    picked = selections(records, scores, n)
+    against = paired(picked["best"], picked["maj"])
     total = len(records)
-    result = {"n": n, "problems": total, "disagreements": wins}
-    for key, correct in totals.items():
+    result = {"n": n, "problems": total,
+              "disagreements": {"best_of_n": against["wins"], "majority": against["losses"]},
+              "sign_test_p": against["sign_test_p"]}
+    for key, name in (("maj", "majority"), ("best", "best_of_n"), ("weighted", "weighted"), ("pass", "pass"),
+                      ("first", "first_sample")):
+        correct = sum(picked[key])
         lo, hi = wilson(correct, total)
-        result[key] = {"correct": correct, "accuracy": correct / total if total else 0.0,
-                       "ci": [round(lo, 4), round(hi, 4)]}
-    # exact two-sided sign test (McNemar) on the discordant problems
-    b, c = wins["best_of_n"], wins["majority"]
-    k, m = min(b, c), b + c
-    result["sign_test_p"] = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
+        result[name] = {"correct": correct, "accuracy": correct / total if total else 0.0,
+                        "ci": [round(lo, 4), round(hi, 4)]}
     return result
 
 
@@ -65,16 +49,12 @@ def sample_heldout(thinker, heldout, n: int, folder: str | Path, seed: int = 0) 
 
 def score_records(records: list[dict], reward_model: str | Path, n: int, device: str | None = None) -> list[list[float]]:
     """The ORM's score of each chain, through the same scorer and step split the best-of-n strategy uses."""
+    from thinktime.evaluation.verifiers import score_chains
     from thinktime.scorers.reward_models import load_reward_model
-    from thinktime.strategies.steps import DEFAULT_DELIMITER, split_steps
 
     scorer = load_reward_model(f"orm:{reward_model}", device=device)
     try:
-        scores = []
-        for record in records:
-            chains = [split_steps(c["text"], DEFAULT_DELIMITER) or [c["text"]] for c in record["candidates"][:n]]
-            scores.append([s[-1] for s in scorer.score(record["question"], chains)])
-        return scores
+        return score_chains(records, scorer, "last", n)
     finally:
         scorer.close()
 

@@ -96,7 +96,7 @@ def run_name(config: dict) -> str:
     return f"{config.get('strategy')} · {config.get('model')} · {config.get('dataset')} · {decoding}"
 
 
-def _graded_record_problem(record: dict) -> str | None:
+def graded_record_problem(record: dict) -> str | None:
     """What keeps a record from being reported (None: nothing): the fields the runner writes and this reads."""
     missing = [key for key in ("gold", "by_k") if key not in record]
     if missing:
@@ -115,7 +115,7 @@ def summarize(folder: str | Path) -> RunSummary:
     folder = Path(folder)
     stored = read_config(folder)
     config = stored.get("config", {})
-    records = read_records(folder, check=_graded_record_problem)
+    records = read_records(folder, check=graded_record_problem)
     if not records:  # an accuracy of 0/0 would read as 0%
         raise BadInputError(f"{folder} has no finished problems yet",
                             hint="run (or resume) its eval first: the same `thinktime eval` command")

@@ -206,6 +206,20 @@ def test_an_empty_dataset_and_an_unusable_output_folder_are_bad_input(tmp_path):
     assert result.exit_code == 2 and "check the path" in result.output, result.output
 
 
+def test_eval_of_the_problems_training_holds_out(tmp_path):
+    from thinktime.evaluation.splits import select_problems
+
+    result = CliRunner().invoke(app, ["eval", "-d", "arith:2", "--problems", "heldout", "--train-problems", "6",
+                                      "--eval-problems", "4", "--limit", "2", "--max-new-tokens", "4", "--engine",
+                                      "llamacpp", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    _, held = select_problems("arith:2", "heldout", 6, 4, 0)
+    assert [r["id"] for r in read_records(tmp_path / "run")] == [p.id for p in held[:2]]
+    assert read_config(tmp_path / "run")["config"]["dataset"] == "arith:2-heldout"
+    result = CliRunner().invoke(app, ["eval", "-d", "arith:2", "--problems", "test", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "use all (the default), heldout or train" in result.output
+
+
 def _eval_command(folder: Path, max_new_tokens: int = 8) -> list[str]:
     # the console script, as users run it (`python -m thinktime.cli` would build a second app without area commands)
     return [str(Path(sys.executable).parent / "thinktime"), "eval", "-d", "arith:2", "--limit", "5", "--batch-problems", "1",

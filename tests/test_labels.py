@@ -15,7 +15,8 @@ from thinktime.cli import app
 from thinktime.errors import BadInputError
 from thinktime.evaluation.splits import split_problems
 from thinktime.labels.agreement import compare_labels, first_wrong
-from thinktime.labels.chains import chains_from_folder, select_problems
+from thinktime.evaluation.splits import select_problems
+from thinktime.labels.chains import chains_from_folder
 from thinktime.labels.f1 import evaluate_scorer, processbench_f1
 from thinktime.labels.run import LabelSettings, build_config, run_labels
 from thinktime.labels.store import LABELS, LabelStore, read_labels, row_problem

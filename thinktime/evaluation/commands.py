@@ -64,6 +64,11 @@ def eval_command(
                                             "(default: $THINKTIME_DATA_DIR, else the dataset's public home)."),
     split: Optional[str] = typer.Option(None, "--split", help="Dataset split (default: test)."),
     data_seed: int = typer.Option(0, "--data-seed", help="Seed of the generated arith set."),
+    problems: str = typer.Option("all", "--problems", help="all, or heldout / train: the problems `thinktime "
+                                 "bootstrap` and `label` hold out or train on (see --train-problems)."),
+    train_problems: int = typer.Option(120, "--train-problems", help="With --problems: training problems (the "
+                                       "first of the set)."),
+    eval_problems: int = typer.Option(100, "--eval-problems", help="With --problems: held out (the last)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t",
                                                 help="Default: 0 (greedy) for -n 1, 0.7 when sampling more."),
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Token cap per problem for "
@@ -85,7 +90,6 @@ def eval_command(
 ) -> None:
     """Measure accuracy against thinking time; resumable (rerun the same command after a crash)."""
     with friendly_errors(interrupted="run the same command again to resume where it stopped"):
-        from thinktime.evaluation.datasets import load_dataset
         from thinktime.evaluation.runner import (DEFAULT_SAMPLING_TEMPERATURE, Settings, build_config, check_settings,
                                                  parse_ns)
         from thinktime.evaluation.store import config_hash
@@ -97,7 +101,7 @@ def eval_command(
                             options=typed_options(strategy, option), budget_tokens=budget_tokens,
                             save_text=save_text,
                             scale_option=scale_option)
-        data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, data_seed=data_seed)
+        data = _problems(dataset, split, data_dir, limit, data_seed, problems, train_problems, eval_problems)
         if temperature is None:
             # An n-list samples n chains; a registry strategy's -n is its own size (max_tokens, rounds, width),
             # and those that sample several chains (best-of-n, beam, mcts) choose their temperature themselves.
@@ -109,6 +113,22 @@ def eval_command(
                                                  data_parallel_size, distributed_executor_backend))
         config = build_config(thinker, data, settings)
         _run_and_report(thinker, data, settings, config, output or default_folder(config, config_hash(config)))
+
+
+def _problems(dataset, split, data_dir, limit, data_seed, part, train_problems, eval_problems):
+    """The dataset, or the part of it that training holds out (or trains on)."""
+    from thinktime.evaluation.datasets import load_dataset
+
+    if part not in ("all", "train", "heldout"):
+        raise BadInputError(f"unknown --problems {part!r}", hint="use all (the default), heldout or train")
+    if part == "all":
+        return load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, data_seed=data_seed)
+    if split is not None or data_dir is not None:
+        raise BadInputError("--problems takes the split training uses; drop --split and --data-dir",
+                            hint="set THINKTIME_DATA_DIR for local copies")
+    from thinktime.evaluation.splits import part_dataset
+
+    return part_dataset(dataset, part, train_problems, eval_problems, data_seed, limit)
 
 
 def _run_and_report(thinker, data, settings, config: dict, folder: Path) -> None:

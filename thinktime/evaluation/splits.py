@@ -50,6 +50,39 @@ def split_problems(config):
                              hint="lower --train-problems/--eval-problems")
     held = full.problems[len(full) - config.eval_problems:]
     train_set = training_problems(full, config.train_problems, config.eval_problems)
-    fingerprint = hashlib.sha256(json.dumps([[p.id, p.question, p.gold] for p in held]).encode()).hexdigest()[:16]
-    heldout = Dataset(f"{full.name}-heldout", full.split, full.source, held, fingerprint)
+    heldout = Dataset(f"{full.name}-heldout", full.split, full.source, held, fingerprint(held))
     return train_set, heldout
+
+
+PARTS = ("train", "heldout")
+
+
+def fingerprint(problems) -> str:
+    return hashlib.sha256(json.dumps([[p.id, p.question, p.gold] for p in problems]).encode()).hexdigest()[:16]
+
+
+def select_problems(dataset: str, part: str, train_problems: int, eval_problems: int, data_seed: int):
+    """(dataset name, problems of `part`): the training problems, or the held-out ones, as bootstrap splits them."""
+    name, problems, _ = _part(dataset, part, train_problems, eval_problems, data_seed)
+    return name, problems
+
+
+def part_dataset(dataset: str, part: str, train_problems: int, eval_problems: int, data_seed: int,
+                 limit: int | None = None):
+    """The training or held-out problems as a Dataset of their own (named and fingerprinted by the part)."""
+    from thinktime.evaluation.datasets import Dataset
+
+    name, problems, heldout = _part(dataset, part, train_problems, eval_problems, data_seed)
+    problems = problems[:limit]
+    return Dataset(f"{name}-{part}", heldout.split, heldout.source, problems, fingerprint(problems))
+
+
+def _part(dataset: str, part: str, train_problems: int, eval_problems: int, data_seed: int):
+    from types import SimpleNamespace
+
+    if part not in PARTS:
+        raise BadInputError(f"unknown --problems {part!r}", hint="use train or heldout")
+    split = SimpleNamespace(dataset=dataset, train_problems=train_problems, eval_problems=eval_problems,
+                            data_seed=data_seed)
+    train, heldout = split_problems(split)
+    return heldout.name.removesuffix("-heldout"), (train if part == "train" else heldout.problems), heldout

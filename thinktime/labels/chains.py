@@ -2,19 +2,13 @@
 (`thinktime eval` records with their texts, or another labels folder: the same chains relabelled)."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 from thinktime.errors import BadInputError
 from thinktime.evaluation.datasets import Problem
 from thinktime.evaluation.runner import problem_seed
 from thinktime.strategies.steps import DEFAULT_DELIMITER
-
-PARTS = ("train", "heldout")
-
 
 @dataclass
 class Chain:
@@ -23,22 +17,6 @@ class Chain:
     text: str
     finish: str  # the engine's finish reason: "stop" when the chain ended, "length" when cut
     tokens: int = 0  # generated to sample it (0 for chains read from a folder)
-
-
-def fingerprint(problems: list[Problem]) -> str:
-    return hashlib.sha256(json.dumps([[p.id, p.question, p.gold] for p in problems]).encode()).hexdigest()[:16]
-
-
-def select_problems(dataset: str, part: str, train_problems: int, eval_problems: int, data_seed: int):
-    """(dataset name, problems of `part`): the training problems, or the held-out ones, as bootstrap splits them."""
-    from thinktime.evaluation.splits import split_problems
-
-    if part not in PARTS:
-        raise BadInputError(f"unknown --problems {part!r}", hint="use train (the default) or heldout")
-    split = SimpleNamespace(dataset=dataset, train_problems=train_problems, eval_problems=eval_problems,
-                            data_seed=data_seed)
-    train, heldout = split_problems(split)
-    return heldout.name.removesuffix("-heldout"), (train if part == "train" else heldout.problems)
 
 
 def sample_chains(thinker, problems: list[Problem], chains: int, seed: int) -> list[Chain]:

@@ -78,7 +78,8 @@ def label_command(
 
 def _work(dataset, from_folder, part, train_problems, eval_problems, data_seed, limit) -> tuple[dict, dict]:
     """What to label ({"problems": ...} or {"chains": ...}) and how the configuration names its source."""
-    from thinktime.labels.chains import chains_from_folder, fingerprint, select_problems
+    from thinktime.evaluation.splits import fingerprint, select_problems
+    from thinktime.labels.chains import chains_from_folder
 
     if limit is not None and limit < 1:
         raise BadInputError("--limit must be at least 1")

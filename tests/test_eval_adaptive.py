@@ -76,4 +76,8 @@ def test_self_consistency_with_options_runs_through_the_registry_once_per_n(llam
     for r in records:
         assert r["by_k"]["2"]["candidates"] == 2 and 2 <= r["by_k"]["4"]["candidates"] <= 4  # rounds may stop early
         assert r["completion_tokens"] == r["by_k"]["2"]["tokens"] + r["by_k"]["4"]["tokens"]
-    assert summarize(tmp_path / "run").config["options"] == settings.options
+    summary = summarize(tmp_path / "run")
+    assert summary.config["options"] == settings.options
+    # pass@4 only where every problem drew 4 chains: an early stop leaves no unbiased estimate
+    drew_all = all(len(r["candidates"]) >= 4 for r in records)
+    assert (summary.points[1].pass_at_k is not None) == drew_all

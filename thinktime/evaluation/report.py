@@ -125,9 +125,10 @@ def summarize(folder: str | Path) -> RunSummary:
     for k in ns:
         rows = [r["by_k"][str(k)] for r in records if str(k) in r.get("by_k", {})]
         estimate = None
-        if sampled and records:
+        # Unbiased only where every problem drew k chains: a rule that stopped early drew fewer on some.
+        if sampled and records and all(len(r["candidates"]) >= k for r in records):
             estimate = sum(pass_at_k(len(r["candidates"]), sum(c["correct"] for c in r["candidates"]), k)
-                           for r in records if len(r["candidates"]) >= k) / len(records)
+                           for r in records) / len(records)
         points.append(Point(_label(config.get("strategy", "?"), k, ns, sampled, config.get("scale_option"),
                                    config.get("temperature") or 0.0), k, len(rows),
                             sum(bool(r["correct"]) for r in rows), sum(bool(r["simple"]) for r in rows),

@@ -216,6 +216,11 @@ def test_eval_of_the_problems_training_holds_out(tmp_path):
     _, held = select_problems("arith:2", "heldout", 6, 4, 0)
     assert [r["id"] for r in read_records(tmp_path / "run")] == [p.id for p in held[:2]]
     assert read_config(tmp_path / "run")["config"]["dataset"] == "arith:2-heldout"
+    result = CliRunner().invoke(app, ["eval", "-d", "arith:2", "--problems", "heldout", "--train-problems", "6",
+                                      "--eval-problems", "4", "--limit", "3", "--max-new-tokens", "4", "--engine",
+                                      "llamacpp", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output  # a larger --limit extends the same run
+    assert [r["id"] for r in read_records(tmp_path / "run")] == [p.id for p in held[:3]]
     result = CliRunner().invoke(app, ["eval", "-d", "arith:2", "--problems", "test", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "use all (the default), heldout or train" in result.output
 

@@ -73,8 +73,8 @@ def part_dataset(dataset: str, part: str, train_problems: int, eval_problems: in
     from thinktime.evaluation.datasets import Dataset
 
     name, problems, heldout = _part(dataset, part, train_problems, eval_problems, data_seed)
-    problems = problems[:limit]
-    return Dataset(f"{name}-{part}", heldout.split, heldout.source, problems, fingerprint(problems))
+    # fingerprinted whole, as load_dataset does: a run extended with a larger --limit is the same run
+    return Dataset(f"{name}-{part}", heldout.split, heldout.source, problems[:limit], fingerprint(problems))
 
 
 def _part(dataset: str, part: str, train_problems: int, eval_problems: int, data_seed: int):

@@ -162,15 +162,17 @@ def test_retries_when_the_queue_is_full(server, caplog):
     caplog.set_level("INFO", logger="thinktime.engines.openai")
     queue = scheduler(server)
     old = queue.max_queue
-    queue.max_queue = 1
+    queue.max_queue = 0  # every request is refused until the queue opens again, half a second later
+    reopen = threading.Timer(0.5, lambda: setattr(queue, "max_queue", old))
     engine = OpenAIEngine(base_url=server.url + "/v1", api_key=KEY, max_parallel=6, max_retries=8)
+    reopen.start()
     try:
         prompts = [Prompt.of([{"role": "user", "content": f"Say the number {i}."}]) for i in range(6)]
         rows = engine.generate(prompts, SamplingParams(max_new_tokens=4))
         assert len(rows) == 6 and all(r[0].finish_reason in ("stop", "length") for r in rows)
         assert any("HTTP 429" in r.getMessage() for r in caplog.records)  # it was refused, then retried
     finally:
-        queue.max_queue = old
+        reopen.join()
         engine.close()
 
 

@@ -156,12 +156,20 @@ def test_compare_verifiers_picks_from_the_same_chains_and_pairs_each_rule_with_m
     assert rules["maj@4"]["correct"] == sum(bool(r["by_k"]["4"]["correct"]) for r in records)
     # best-of-4 is the chain the PRM rates highest by its weakest step, among the same four chains
     scorer = load_reward_model(spec, device="cpu", dtype="fp32")
-    expected = 0
+    expected, right, wrong = 0, [], []
     for r in records:
         chains = [split_steps(c["text"], DEFAULT_DELIMITER) or [c["text"]] for c in r["candidates"]]
         scores = [aggregate(s, "min") for s in scorer.score(r["question"], chains)]
         expected += bool(r["candidates"][max(range(4), key=lambda i: (scores[i], -i))]["correct"])
+        for c, score in zip(r["candidates"], scores):
+            (right if c["correct"] else wrong).append(score)
     scorer.close()
+    # AUROC: the share of (right, wrong) chain pairs in which the right one scores higher, ties half
+    separation = json.loads((tmp_path / "out" / "verifiers.json").read_text())["separation"][spec]
+    assert (separation["right"], separation["wrong"]) == (len(right), len(wrong))
+    if right and wrong:
+        pairs = [(a > b) + 0.5 * (a == b) for a in right for b in wrong]
+        assert separation["auroc"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-4)
     assert rules[f"best-of-4 ({spec})"]["correct"] == expected
     assert all(rules["pass@4"]["correct"] >= r["correct"] for n, r in rules.items() if r["n"] == 4)
     versus = rules[f"best-of-4 ({spec})"]["vs_majority"]

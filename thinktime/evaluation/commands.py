@@ -94,23 +94,20 @@ def eval_command(
                                                  parse_ns)
         from thinktime.evaluation.store import config_hash
 
-        ns = parse_ns(n)
         if batch_problems is not None and batch_problems < 1:
             raise BadInputError("--batch-problems must be at least 1")
-        settings = Settings(strategy=strategy, ns=ns, seed=seed, batch_problems=batch_problems,
+        settings = Settings(strategy=strategy, ns=parse_ns(n), seed=seed, batch_problems=batch_problems,
                             options=typed_options(strategy, option), budget_tokens=budget_tokens,
-                            save_text=save_text,
-                            scale_option=scale_option)
+                            save_text=save_text, scale_option=scale_option)
         data = _problems(dataset, split, data_dir, limit, data_seed, problems, train_problems, eval_problems)
-        if temperature is None:
-            # An n-list samples n chains; a registry strategy's -n is its own size (max_tokens, rounds, width),
-            # and those that sample several chains (best-of-n, beam, mcts) choose their temperature themselves.
+        if temperature is None:  # an n-list samples n chains; a registry strategy's -n is its own size, and
+            # those that sample several chains (best-of-n, beam, mcts) choose their temperature themselves
             temperature = DEFAULT_SAMPLING_TEMPERATURE if settings.sampled and settings.max_n > 1 else 0.0
         check_settings(settings, temperature)
         thinker = make_thinker(model, engine, device, dtype, lang, system_prompt, no_think, max_new_tokens,
-                                temperature, top_p, seed, trust_remote_code, source,
-                                **engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
-                                                 data_parallel_size, distributed_executor_backend))
+                               temperature, top_p, seed, trust_remote_code, source, **engine_options(
+                                   base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
+                                   data_parallel_size, distributed_executor_backend))
         config = build_config(thinker, data, settings)
         _run_and_report(thinker, data, settings, config, output or default_folder(config, config_hash(config)))
 

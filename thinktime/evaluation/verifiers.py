@@ -14,6 +14,7 @@ on the same problems join as rules of their own, paired with maj@N at the larges
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +105,20 @@ def selections(records: list[dict], scores: list[list[float]], n: int) -> dict[s
         picked["pass"].append(any(c["correct"] for c in candidates))
         picked["first"].append(bool(candidates and candidates[0]["correct"]))
     return picked
+
+
+def separation(records: list[dict], scores: list[list[float]], n: int) -> dict:
+    """How well the scores tell right chains from wrong ones over the first `n` of every problem: AUROC (the chance
+    that a right chain outscores a wrong one, ties half; 0.5 is chance) and each side's mean score."""
+    right = [s for r, chain in zip(records, scores) for c, s in zip(r["candidates"][:n], chain[:n]) if c["correct"]]
+    wrong = [s for r, chain in zip(records, scores) for c, s in zip(r["candidates"][:n], chain[:n]) if not c["correct"]]
+    if not right or not wrong:
+        return {"right": len(right), "wrong": len(wrong), "auroc": None}
+    ranked = sorted(wrong)
+    wins = sum(bisect.bisect_left(ranked, x) + 0.5 * (bisect.bisect_right(ranked, x) - bisect.bisect_left(ranked, x))
+               for x in right)
+    return {"right": len(right), "wrong": len(wrong), "auroc": round(wins / (len(right) * len(wrong)), 4),
+            "right_mean": round(sum(right) / len(right), 4), "wrong_mean": round(sum(wrong) / len(wrong), 4)}
 
 
 def compare_rules(records: list[dict], scored: dict[str, list[list[float]]], ns: list[int]) -> list[Rule]:

@@ -34,7 +34,7 @@ def compare_verifiers_command(
     with friendly_errors():
         from thinktime.evaluation.report import graded_record_problem
         from thinktime.evaluation.store import read_records
-        from thinktime.evaluation.verifiers import check_run, compare_rules, search_rules
+        from thinktime.evaluation.verifiers import check_run, compare_rules, search_rules, separation
         from thinktime.scorers.base import AGGREGATES
 
         ns = _parse_ns(n)
@@ -55,11 +55,14 @@ def compare_verifiers_command(
         folder = output or run
         folder.mkdir(parents=True, exist_ok=True)
         title = f"verifiers against maj@N on {len(records)} problems of {run.name}"
-        (folder / DATA).write_text(json.dumps({"run": str(run), "aggregate": aggregate, "rules": [
-            r.as_dict() for r in rules]}, indent=1) + "\n")
-        (folder / MARKDOWN).write_text(markdown(title, rules))
+        separations = {spec: separation(records, scores, max(ns)) for spec, scores in scored.items()}
+        (folder / DATA).write_text(json.dumps({"run": str(run), "aggregate": aggregate, "separation": separations,
+                                               "rules": [r.as_dict() for r in rules]}, indent=1) + "\n")
+        (folder / MARKDOWN).write_text(markdown(title, rules) + "\n" + "\n".join(_separation_lines(separations)) + "\n")
         plot(title, rules, folder / PLOT)
         out.print(table(title, rules))
+        for line in _separation_lines(separations):
+            out.print(line)
         out.print(f"[green]report:[/] {folder / MARKDOWN}\n[green]plot:[/]   {folder / PLOT}")
 
 
@@ -88,6 +91,18 @@ def _scores(spec: str, records: list[dict], aggregate: str, n: int, device, dtyp
             return score_chains(records, scorer, aggregate, n, lambda: progress.advance(task))
     finally:
         scorer.close()
+
+
+def _separation_lines(separations: dict) -> list[str]:
+    """A line per scorer: how well its scores tell right chains from wrong ones."""
+    lines = []
+    for spec, sep in separations.items():
+        if sep["auroc"] is None:
+            lines.append(f"- {spec}: {sep['right']} right and {sep['wrong']} wrong chains, no AUROC without both")
+        else:
+            lines.append(f"- {spec}: AUROC {sep['auroc']:.3f} over {sep['right']} right and {sep['wrong']} wrong "
+                         f"chains (mean score {sep['right_mean']:.3f} right, {sep['wrong_mean']:.3f} wrong)")
+    return lines
 
 
 def _cells(rule) -> list[str]:

@@ -267,18 +267,23 @@ def report(rows: list[dict], total: int, out: Path, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(8, 5))
     ax.axhspan(100 * low, 100 * high, color="0.9", label="SC@16's 95% interval")
-    for r in rows:
-        marker = "o" if r["rule"].startswith(("maj", "one")) else "s"
-        ax.scatter(r["tokens"], 100 * r["accuracy"], marker=marker)
-        ax.annotate(r["rule"], (r["tokens"], 100 * r["accuracy"]), fontsize=6, xytext=(3, 3),
+    fixed = [r for r in rows if r["rule"].startswith(("maj", "one"))]
+    ax.plot([r["tokens"] for r in fixed], [100 * r["accuracy"] for r in fixed], "-o", color="0.3", label="maj@k")
+    for r in fixed:
+        ax.annotate(r["rule"], (r["tokens"], 100 * r["accuracy"]), fontsize=7, xytext=(4, -10),
                     textcoords="offset points")
+    markers = "sDv^<>pPX*h"
+    for i, r in enumerate(r for r in rows if r not in fixed):
+        ax.scatter(r["tokens"], 100 * r["accuracy"], marker=markers[i % len(markers)], s=40, label=r["rule"])
     ax.set_xscale("log")
     ax.set_xlabel("generated tokens per problem")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_tokens.png", dpi=130)
     return text

@@ -30,7 +30,8 @@ PROBE_EVERY, PROBE_AGREE = 32, 2  # the probing rule as `-s self-consistency -o 
 
 
 def sample(args, out: Path) -> list[dict]:
-    """16 chains per problem with their token confidences, appended per problem (a rerun resumes)."""
+    """16 chains per problem with their token confidences, then their probes (see `probe`); both appended per
+    problem, so a rerun resumes. The records, each with its chains and probes."""
     from tqdm import tqdm
 
     from thinktime import Thinker

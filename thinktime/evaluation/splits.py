@@ -11,6 +11,8 @@ import json
 
 from thinktime.errors import BadInputError
 
+PARTS = ("train", "heldout")
+
 
 def training_split(dataset: str) -> str | None:
     """The dataset's train split where it has one (gsm8k): bootstrapping on its test split would leave a later
@@ -54,35 +56,28 @@ def split_problems(config):
     return train_set, heldout
 
 
-PARTS = ("train", "heldout")
-
-
 def fingerprint(problems) -> str:
     return hashlib.sha256(json.dumps([[p.id, p.question, p.gold] for p in problems]).encode()).hexdigest()[:16]
 
 
 def select_problems(dataset: str, part: str, train_problems: int, eval_problems: int, data_seed: int):
     """(dataset name, problems of `part`): the training problems, or the held-out ones, as bootstrap splits them."""
-    name, problems, _ = _part(dataset, part, train_problems, eval_problems, data_seed)
-    return name, problems
+    data = part_dataset(dataset, part, train_problems, eval_problems, data_seed)
+    return data.name.removesuffix(f"-{part}"), data.problems
 
 
 def part_dataset(dataset: str, part: str, train_problems: int, eval_problems: int, data_seed: int,
                  limit: int | None = None):
     """The training or held-out problems as a Dataset of their own (named and fingerprinted by the part)."""
-    from thinktime.evaluation.datasets import Dataset
-
-    name, problems, heldout = _part(dataset, part, train_problems, eval_problems, data_seed)
-    # fingerprinted whole, as load_dataset does: a run extended with a larger --limit is the same run
-    return Dataset(f"{name}-{part}", heldout.split, heldout.source, problems[:limit], fingerprint(problems))
-
-
-def _part(dataset: str, part: str, train_problems: int, eval_problems: int, data_seed: int):
     from types import SimpleNamespace
+
+    from thinktime.evaluation.datasets import Dataset
 
     if part not in PARTS:
         raise BadInputError(f"unknown --problems {part!r}", hint="use train or heldout")
-    split = SimpleNamespace(dataset=dataset, train_problems=train_problems, eval_problems=eval_problems,
-                            data_seed=data_seed)
-    train, heldout = split_problems(split)
-    return heldout.name.removesuffix("-heldout"), (train if part == "train" else heldout.problems), heldout
+    train, heldout = split_problems(SimpleNamespace(dataset=dataset, train_problems=train_problems,
+                                                    eval_problems=eval_problems, data_seed=data_seed))
+    problems = train if part == "train" else heldout.problems
+    # fingerprinted whole, as load_dataset does: a run extended with a larger --limit is the same run
+    return Dataset(heldout.name.removesuffix("-heldout") + f"-{part}", heldout.split, heldout.source,
+                   problems[:limit], fingerprint(problems))

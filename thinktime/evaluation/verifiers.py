@@ -128,9 +128,8 @@ def compare_rules(records: list[dict], scored: dict[str, list[list[float]]], ns:
         tokens = sum(r["by_k"][str(n)]["tokens"] for r in records) / len(records)
         majority = [bool(r["by_k"][str(n)]["correct"]) for r in records]
         rules.append(Rule(f"maj@{n}", n, majority, tokens))
-        for name, scores in scored.items():
-            if n == 1:
-                continue  # one chain: every rule picks it
+        judged = scored.items() if n > 1 else ()  # one chain: every rule picks it
+        for name, scores in judged:
             picked = selections(records, scores, n)
             rules.append(Rule(f"best-of-{n} ({name})", n, picked["best"], tokens, paired(picked["best"], majority)))
             rules.append(Rule(f"weighted@{n} ({name})", n, picked["weighted"], tokens,

@@ -25,8 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from thinktime.engines.base import Engine
+
 N, ROUND, WARM, WINDOW, TOP = 16, 4, 4, 32, 5
 PROBE_EVERY, PROBE_AGREE = 32, 2  # the probing rule as `-s self-consistency -o probe=32` runs it
+BATCH = 20  # problems sharing one allocation budget, as `thinktime eval --batch-problems` has it
+END = "<|im_end|>"  # the embedded model's end-of-turn piece, which the stored pieces keep
 
 
 def sample(args, out: Path) -> list[dict]:
@@ -199,31 +203,63 @@ def adaptive(record: dict, probing: bool = False) -> tuple[bool, int]:
     return vote(chains)[0], sum(c.tokens for c in chains)
 
 
-def allocate(records: list[dict], budget: float) -> tuple[int, float]:
-    """Per-question allocation: a first round of 4 chains each, then rounds of 4 to the least settled questions."""
-    drawn = {r["id"]: ROUND for r in records}
-    spent = sum(sum(d["tokens"] for d in r["chains"][:ROUND]) for r in records)
+class Replay(Engine):
+    """The stored chains as an engine, so that the allocation strategy's own code decides who gets what: each call
+    for a question hands out its next stored chains, cut to the call's token limit."""
 
-    def margin(r):  # the leader's lead over the runner-up, in votes, after what was drawn: small means unsettled
-        groups = vote([Chain(d) for d in r["chains"][:drawn[r["id"]]]])[1]
-        counts = sorted((len(g.members) for g in groups), reverse=True) + [0, 0]
-        return counts[0] - counts[1]
+    name, model_name, context_length, device = "replay", "replay", None, "cpu"
 
-    while True:
-        open_ = [r for r in records if drawn[r["id"]] < N]
-        if not open_:
-            break
-        r = min(open_, key=lambda r: (margin(r), drawn[r["id"]]))
-        cost = sum(d["tokens"] for d in r["chains"][drawn[r["id"]]:drawn[r["id"]] + ROUND])
-        if spent + cost > budget:
-            break
-        drawn[r["id"]] += ROUND
-        spent += cost
-    correct = sum(vote([Chain(d) for d in r["chains"][:drawn[r["id"]]]])[0] for r in records)
+    def __init__(self, records: list[dict], questions: dict[str, str]):
+        self.waiting = [(questions[r["id"]], r["chains"]) for r in records]
+        self.chains: dict[int, list] = {}  # by prompt: a set may ask the same question twice
+        self.drawn: dict[int, int] = {}
+
+    def render(self, prompt) -> str:
+        return prompt.prefix
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def generate(self, prompts, params, cancel=None):
+        from thinktime.types import Completion
+
+        rows = []
+        for prompt in prompts:
+            key = id(prompt)
+            if key not in self.chains:
+                at = next(i for i, (q, _) in enumerate(self.waiting) if q == prompt.messages[-1]["content"])
+                self.chains[key], self.drawn[key] = self.waiting.pop(at)[1], 0
+            start = self.drawn[key]
+            self.drawn[key] += params.n
+            row = []
+            for d in self.chains[key][start:start + params.n]:
+                pieces = d["pieces"][:params.max_new_tokens]
+                cut = len(pieces) < d["tokens"]
+                text = "".join(pieces).removesuffix(END)
+                row.append(Completion(text, "length" if cut else d["finish"], 0, len(pieces)))
+            rows.append(row)
+        return rows
+
+
+def allocate(records: list[dict], questions: dict[str, str], tokens: int, first: int, step: int,
+             max_new: int) -> tuple[int, float]:
+    """`thinktime eval -s allocation -n TOKENS -o first=.. -o step=..` replayed: batches of 20 problems sharing TOKENS
+    each, through Thinker.solve_allocated over the stored chains. Correct answers and tokens per problem."""
+    from thinktime import Thinker
+    from thinktime.evaluation.grading import grade
+
+    correct, spent = 0, 0
+    for start in range(0, len(records), BATCH):
+        batch = records[start:start + BATCH]
+        thinker = Thinker(engine=Replay(batch, questions), max_new_tokens=max_new)
+        results = thinker.solve_allocated([questions[r["id"]] for r in batch], tokens * len(batch), first=first,
+                                          step=step, most=N, temperature=0.7)
+        correct += sum(grade(res.answer, r["gold"]).correct for res, r in zip(results, batch))
+        spent += sum(res.usage.completion_tokens for res in results)
     return correct, spent / len(records)
 
 
-def replay(records: list[dict]) -> list[dict]:
+def replay(records: list[dict], questions: dict[str, str], max_new: int) -> list[dict]:
     rows = []
 
     def add(name, results):
@@ -243,8 +279,11 @@ def replay(records: list[dict]) -> list[dict]:
         add(f"DeepConf online, keep {keep}", [online(r, keep, False) for r in records])
         add(f"DeepConf online, keep {keep} + adaptive", [online(r, keep, True) for r in records])
     sc16 = next(row["tokens"] for row in rows if row["rule"] == "maj@16")
-    correct, tokens = allocate(records, sc16 * len(records) / 3)
-    rows.append({"rule": "per-question allocation (1/3 of SC@16's tokens)", "correct": correct, "tokens": tokens})
+    for first, step in ((4, 4), (2, 2)):
+        for share in (4, 3):
+            correct, tokens = allocate(records, questions, round(sc16 / share), first, step, max_new)
+            rows.append({"rule": f"allocation, first {first}, step {step}, 1/{share} of SC@16's tokens",
+                         "correct": correct, "tokens": tokens})
     return rows
 
 
@@ -304,8 +343,11 @@ def main() -> None:
     from cpu_engines import cpu_name
 
     started = time.perf_counter()
+    from thinktime.evaluation.datasets import load_dataset
+
     records = sample(args, args.out)
-    rows = replay(records)
+    questions = {p.id: p.question for p in load_dataset(args.dataset, limit=args.limit).problems}
+    rows = replay(records, questions, args.max_new_tokens)
     title = (f"{args.dataset}, {len(records)} problems, SmolLM2-135M (llama.cpp, Q4_1), 16 chains at T=0.7, "
              f"{cpu_name()}, {time.strftime('%Y-%m-%d')}")
     print(report(rows, len(records), args.out, title))

@@ -97,6 +97,28 @@ def test_one_budget_for_many_questions_goes_where_votes_are_unsettled(plain):
         plain.solve_allocated(questions, total_tokens=0)
 
 
+def test_later_rounds_go_only_to_the_least_settled_questions():
+    """A question whose chains agree waits while one whose chains split takes every later round the budget allows
+    (a greedy over the lead, batched): the splitting one ends with 6 chains, the agreeing ones keep their first 2."""
+    from strategy_doubles import ScriptedEngine
+
+    from thinktime import Thinker
+
+    def script(prompt, k):
+        split = "split" in prompt.messages[-1]["content"]
+        return f"The answer is \\boxed{{{1 + k % 2 if split else 7}}}."
+
+    questions = ["Agreeing: what is 3 + 4?", "A split: what is 1 or 2?", "Agreeing too: what is 2 + 5?"]
+    thinker = Thinker(engine=ScriptedEngine(script), think=False, max_new_tokens=32)
+    probe = thinker.solve_allocated(questions[:1], total_tokens=1000, first=1, step=1, most=1)[0]
+    chain = probe.usage.completion_tokens  # every scripted chain here is this long, and the cap says so up front
+    results = Thinker(engine=ScriptedEngine(script), think=False, max_new_tokens=chain).solve_allocated(
+        questions, total_tokens=10 * chain, first=2, step=2, most=6)
+    assert [r.details["samples"] for r in results] == [2, 6, 2]
+    assert sum(r.usage.completion_tokens for r in results) == 10 * chain
+    assert [r.answer for r in results] == ["7", "1", "7"]  # the split's tie goes to the answer sampled first
+
+
 def test_probing_stops_chains_whose_answers_agree(plain):
     result = plain.solve(QUESTION, strategy="self-consistency", seed=2, max_new_tokens=64,
                          options={"n": 3, "probe": 8, "probe_agree": 2, "confidence": 1.0})

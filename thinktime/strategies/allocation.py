@@ -3,9 +3,11 @@ scaling, Snell et al. 2024: easy questions settle with a few samples, hard ones 
 
 Every question first gets a cheap round of chains, all questions in one engine call. Then, round after
 round, the questions whose vote is least settled (the smallest lead of the leading answer over the
-runner-up, in votes; fewer chains first on a tie) get another round, batched in one call, while the
-budget lasts and until a question has `most` chains or its leader can no longer be overtaken. Each
-question's answer is its self-consistency vote (thinktime.voting) over the chains it got.
+runner-up, in votes), and only those, get another round, batched in one call, while the budget lasts
+and until a question has `most` chains or its leader can no longer be overtaken: as a greedy that
+gives each next chain to the least settled question would, so a question that leans one way waits
+until the split ones lean too. Each question's answer is its self-consistency vote (thinktime.voting)
+over the chains it got.
 
 As a registry strategy (`allocation`, `tokens` its size) it serves one question with `tokens`; `thinktime eval`
 gives each batch of problems `tokens` times their number (evaluation/runner.py), as Thinker.solve_allocated does.
@@ -58,10 +60,14 @@ class Question:
     candidates: list[Candidate] = field(default_factory=list)
     rounds: int = 0
 
+    _lead: tuple[int, int] = (-1, 0)  # (chains it was counted over, the lead): rounds ask it again and again
+
     def lead(self) -> int:
         """Votes between the leading answer and the runner-up (0 while nothing has an answer)."""
-        counts = sorted((len(g.members) for g in group_answers(vote_answers(self.candidates))), reverse=True)
-        return (counts[0] - (counts[1] if len(counts) > 1 else 0)) if counts else 0
+        if self._lead[0] != len(self.candidates):
+            counts = sorted((len(g.members) for g in group_answers(vote_answers(self.candidates))), reverse=True)
+            self._lead = (len(self.candidates), (counts[0] - (counts[1] if len(counts) > 1 else 0)) if counts else 0)
+        return self._lead[1]
 
     def settled(self, most: int) -> bool:
         return len(self.candidates) >= most or self.lead() > most - len(self.candidates)
@@ -83,10 +89,13 @@ def solve_allocated(contexts: Sequence[Context], total_tokens: int, *, first: in
         chosen = chosen[:room]
         if not chosen:
             break
+        drawn = sum(len(q.candidates) for q in chosen)
         spent += _draw(chosen, size, total_tokens - spent)
+        if sum(len(q.candidates) for q in chosen) == drawn:
+            break  # the engine returned nothing (cancelled): another round would not either
         size = step
-        open_ = [q for q in questions if not q.settled(most)]
-        chosen = sorted(open_, key=lambda q: (q.lead(), len(q.candidates)))
+        open_ = sorted((q for q in questions if not q.settled(most)), key=lambda q: (q.lead(), len(q.candidates)))
+        chosen = [q for q in open_ if q.lead() == open_[0].lead()]  # the least settled only, as a greedy would
     return [_result(q, spent, total_tokens, most) for q in questions]
 
 

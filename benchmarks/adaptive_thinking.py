@@ -11,8 +11,10 @@ fewer chains counts those it drew. Rules: maj@k (k = 1..16); adaptive consistenc
 Beta rule at 0.95, as `-s self-consistency -o round=4`); DeepConf confidence-weighted voting over 16;
 DeepConf online (4 warm-up chains, later ones stopped below the threshold they set; keep 0.9 and 0.1),
 alone and with adaptive consistency; probing (a chain stops once two successive probes agree; every probe's
-tokens count), over 16 and with adaptive consistency; and per-question allocation (4 chains each, then rounds of 4 to
-the questions whose vote is least settled, until a third of SC@16's tokens is spent). Prints accuracy
+tokens count), over 16 and with adaptive consistency; and per-question allocation at a quarter and a third of SC@16's
+tokens, first 4 / step 4 and first 2 / step 2, replayed through Thinker.solve_allocated itself over the stored chains
+(`Replay` hands each call its question's next chains, cut to the call's token limit; batches of 20 problems share a
+budget as in `thinktime eval -s allocation`). Prints accuracy
 (95% Wilson interval) and tokens per problem for each, the ratio to SC@16's tokens, and whether the
 accuracy is within SC@16's interval; writes OUT/report.md and OUT/accuracy_vs_tokens.png.
 """

@@ -60,7 +60,8 @@ class Question:
     candidates: list[Candidate] = field(default_factory=list)
     rounds: int = 0
 
-    _lead: tuple[int, int] = (-1, 0)  # (chains it was counted over, the lead): rounds ask it again and again
+    # (chains it was counted over, the lead): rounds ask it again and again
+    _lead: tuple[int, int] = field(default=(-1, 0), init=False, repr=False)
 
     def lead(self) -> int:
         """Votes between the leading answer and the runner-up (0 while nothing has an answer)."""

@@ -344,9 +344,9 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from cpu_engines import cpu_name
 
-    started = time.perf_counter()
     from thinktime.evaluation.datasets import load_dataset
 
+    started = time.perf_counter()
     records = sample(args, args.out)
     questions = {p.id: p.question for p in load_dataset(args.dataset, limit=args.limit).problems}
     rows = replay(records, questions, args.max_new_tokens)

@@ -105,12 +105,25 @@ def test_plain_arithmetic_is_compared_without_math_verify(monkeypatch):
     assert answers._as_number("1/0") is None  # not a number, and not an error
 
 
-def test_math_equal_works_off_the_main_thread():
-    """math-verify's signal timeouts fail off the main thread; we run it in a child process there."""
-    results = {}
+def test_math_verify_is_asked_once_per_pair(monkeypatch):
+    """Voting compares the same answers round after round: a pair's verdict is kept, not parsed again."""
     from thinktime import answers
 
-    answers._verdicts.clear()  # verdicts kept from the main thread would skip the worker
+    answers._math_equal.cache_clear()
+    real, calls = answers._verify_in_this_thread, []
+    monkeypatch.setattr(answers, "_verify_in_this_thread", lambda a, b, t: calls.append((a, b)) or real(a, b, t))
+    assert math_equal("\\frac{2}{4}", "\\frac{1}{2}") and math_equal("\\frac{2}{4}", "\\frac{1}{2}")
+    assert not math_equal("\\sqrt{2}", "1.5") and not math_equal("\\sqrt{2}", "1.5")
+    assert calls == [("\\frac{2}{4}", "\\frac{1}{2}"), ("\\sqrt{2}", "1.5")]
+    answers._math_equal.cache_clear()
+
+
+def test_math_equal_works_off_the_main_thread():
+    """math-verify's signal timeouts fail off the main thread; we run it in a child process there."""
+    from thinktime import answers
+
+    answers._math_equal.cache_clear()  # verdicts kept from the main thread would skip the worker
+    results = {}
 
     def worker():
         results["same"] = math_equal("\\frac{2}{4}", "\\frac{1}{2}")

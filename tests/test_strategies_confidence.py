@@ -119,6 +119,32 @@ def test_later_rounds_go_only_to_the_least_settled_questions():
     assert [r.answer for r in results] == ["7", "1", "7"]  # the split's tie goes to the answer sampled first
 
 
+def test_allocation_ends_when_the_engine_returns_nothing():
+    """An engine that returns no chains (a cancelled call) ends the rounds instead of asking again forever."""
+    import threading
+
+    from strategy_doubles import ScriptedEngine
+
+    from thinktime import Thinker
+
+    class Drying(ScriptedEngine):
+        def generate(self, prompts, params, cancel=None):
+            rows = super().generate(prompts, params, cancel)
+            return rows if len(self.calls) == 1 else [[] for _ in prompts]
+
+    engine = Drying(lambda prompt, k: f"The answer is \\boxed{{{k}}}.")  # every chain differs: never settled
+    thinker, results = Thinker(engine=engine, think=False, max_new_tokens=8), []
+
+    def solve():
+        results.extend(thinker.solve_allocated(["Pick a number."], total_tokens=1000, first=2, step=2, most=8))
+
+    worker = threading.Thread(target=solve, daemon=True)  # daemon: a loop that never ends must not hang pytest
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and len(engine.calls) == 2
+    assert results[0].details["samples"] == 2
+
+
 def test_probing_stops_chains_whose_answers_agree(plain):
     result = plain.solve(QUESTION, strategy="self-consistency", seed=2, max_new_tokens=64,
                          options={"n": 3, "probe": 8, "probe_agree": 2, "confidence": 1.0})

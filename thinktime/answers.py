@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import atexit
 import concurrent.futures as cf
+import functools
 import multiprocessing
 import re
 import signal
@@ -204,33 +205,29 @@ def _kill_pool() -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-_verdicts: dict[tuple[str, str], bool] = {}  # math-verify is slow and voting asks the same pairs round after round
-_VERDICTS_KEPT = 100_000
-
-
 def math_equal(a: str, b: str, timeout: float = 5.0) -> bool:
     """math-verify equivalence of two answer strings, bounded by `timeout` seconds on any thread."""
-    if (a, b) in _verdicts:
-        return _verdicts[(a, b)]
-    seconds = max(1, int(round(timeout)))
+    try:
+        return _math_equal(a, b, max(1, int(round(timeout))))
+    except cf.TimeoutError:
+        return False
+
+
+@functools.lru_cache(maxsize=100_000)  # math-verify is slow, and voting asks the same pairs round after round
+def _math_equal(a: str, b: str, seconds: int) -> bool:
     if threading.current_thread() is threading.main_thread():
         try:
-            verdict = _verify_in_this_thread(a, b, seconds)
+            return _verify_in_this_thread(a, b, seconds)
         except Exception:
-            verdict = False
-    else:
-        future = _worker_pool().submit(_verify_in_this_thread, a, b, seconds)
-        try:
-            verdict = bool(future.result(timeout=timeout + 5))
-        except cf.TimeoutError:
-            _kill_pool()
-            return False  # not kept: a busy machine may have been the cause
-        except Exception:
-            verdict = False
-    if len(_verdicts) >= _VERDICTS_KEPT:
-        _verdicts.clear()
-    _verdicts[(a, b)] = verdict
-    return verdict
+            return False
+    future = _worker_pool().submit(_verify_in_this_thread, a, b, seconds)
+    try:
+        return bool(future.result(timeout=seconds + 5))
+    except cf.TimeoutError:
+        _kill_pool()
+        raise  # not cached: a busy machine may have been the cause
+    except Exception:
+        return False
 
 
 def equivalent(a: str | None, b: str | None, timeout: float = 5.0) -> bool:

@@ -60,15 +60,10 @@ class Question:
     candidates: list[Candidate] = field(default_factory=list)
     rounds: int = 0
 
-    # (chains it was counted over, the lead): rounds ask it again and again
-    _lead: tuple[int, int] = field(default=(-1, 0), init=False, repr=False)
-
     def lead(self) -> int:
         """Votes between the leading answer and the runner-up (0 while nothing has an answer)."""
-        if self._lead[0] != len(self.candidates):
-            counts = sorted((len(g.members) for g in group_answers(vote_answers(self.candidates))), reverse=True)
-            self._lead = (len(self.candidates), (counts[0] - (counts[1] if len(counts) > 1 else 0)) if counts else 0)
-        return self._lead[1]
+        counts = sorted((len(g.members) for g in group_answers(vote_answers(self.candidates))), reverse=True)
+        return (counts[0] - (counts[1] if len(counts) > 1 else 0)) if counts else 0
 
     def settled(self, most: int) -> bool:
         return len(self.candidates) >= most or self.lead() > most - len(self.candidates)

@@ -128,10 +128,12 @@ def main() -> None:
     servers = {"as shipped": BackgroundServer(create_app(thinker, ServerConfig(max_queue=256))).start(),
                "one at a time": BackgroundServer(create_app(thinker, ServerConfig(max_queue=256,
                                                                                    max_batch=1))).start()}
-    report = {"cpu": cpu_name(), "engine": thinker.engine.name, "model": thinker.model_name, "tokens": args.tokens,
-              "date": time.strftime("%Y-%m-%d"), "rows": []}
-    print(f"# {report['cpu']}, {report['engine']} engine, {report['model']}, {args.tokens} new tokens per request, "
-          f"{report['date']}", flush=True)
+    weights = (getattr(thinker.engine, "gguf_type", None) or {}).get("type")  # the embedded GGUF's, on llama.cpp
+    report = {"cpu": cpu_name(), "engine": thinker.engine.name, "model": thinker.model_name, "weights": weights,
+              "tokens": args.tokens, "date": time.strftime("%Y-%m-%d"), "rows": []}
+    print(f"# {report['cpu']}, {report['engine']} engine, {report['model']}"
+          f"{f' ({weights} weights)' if weights else ''}, {args.tokens} new tokens per request, {report['date']}",
+          flush=True)
     one_request(__import__("openai").OpenAI(base_url=servers["as shipped"].url + "/v1", api_key="-"),
                 thinker.model_name, "warm up", 4, False, None)  # the system prompt's KV is cached from here on
     loads = [int(c) for c in args.clients.split(",")]

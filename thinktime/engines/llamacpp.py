@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 
 from thinktime import models
+from thinktime.engines import gguf_choice
 from thinktime.engines.base import Engine
 from thinktime.engines.llamacpp_native import Native, default_threads
 from thinktime.engines.llamacpp_rows import Request
@@ -48,9 +49,15 @@ class LlamaCppEngine(Engine):
         self.device = "cpu"
         path, self.spec = models.resolve_gguf(model, source=source)
         self.model_name = self.spec.alias if self.spec else str(model)
+        self.threads = threads or default_threads()
+        self.gguf_type = None  # the embedded model's: its weights in the type that runs fastest on this CPU
+        if self.spec is not None and self.spec.embedded:
+            path, self.gguf_type = gguf_choice.choose(path, self.threads)
+        # an eval run records it (its records come from one weights type); the shipped file's is the empty one
+        self.dtype = "" if self.gguf_type is None or self.gguf_type["type"] == gguf_choice.SHIPPED \
+            else self.gguf_type["type"]
         self.path = path
         models.check_fits(self.model_name, path.stat().st_size, "cpu")
-        self.threads = threads or default_threads()
         cache_seqs = 16
         cells = kv_cells or 32768
         self.native = Native(path, cells=cells, sequences=max_batch_rows + cache_seqs + 1, threads=self.threads)

@@ -24,6 +24,9 @@ from thinktime.types import TokenLogprob
 # A prompt shared by several new requests (a batch's system prompt) is cached on its own first when at
 # least this long: shorter ones cost less to prefill per row than to keep.
 MIN_SHARED = 32
+# New prompts are prefilled this many tokens per llama_decode, and each samples its first token as soon as its
+# prompt is in: when many requests arrive at once, the first ones start streaming before the last are read.
+PREFILL_TOKENS = 256
 RESERVED_CELLS = 8  # kept free: llama.cpp rounds its buffers, and a ubatch must never find the cache full
 
 
@@ -226,13 +229,13 @@ class Scheduler:
             own = request.tokens[held:]
             prefill.extend((token, held + i, rows[0].seq, rows if i == len(own) - 1 else None)
                            for i, token in enumerate(own))
-        self._run_items(prefill)
+        self._run_items(prefill, PREFILL_TOKENS)
         self._run_items([(row.pending, len(self.ledger.tokens(row.seq)), row.seq, [row])
                          for row in self.live if id(row) not in fresh and row.finish is None])
         self._retire()
 
-    def _run_items(self, items) -> None:
-        size = self.native.batch_tokens
+    def _run_items(self, items, size: int | None = None) -> None:
+        size = min(size or self.native.batch_tokens, self.native.batch_tokens)
         for at in range(0, len(items), size):
             chunk = items[at: at + size]
             self._decode([t for t, _, _, _ in chunk], [p for _, p, _, _ in chunk], [s for _, _, s, _ in chunk],

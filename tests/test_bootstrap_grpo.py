@@ -130,3 +130,22 @@ def test_bootstrap_grpo_rounds_evaluate_held_out_and_plot_against_time(tmp_path)
     assert again["rounds"][1]["eval"] == second["eval"]
     plot_against_time({"GRPO": summary["rounds"], "again": again["rounds"]}, tmp_path / "both.png")
     assert (tmp_path / "both.png").stat().st_size > 0
+
+
+def test_bootstrap_grpo_rounds_written_as_gguf_evaluate_on_llamacpp(tmp_path):
+    """--gguf with --method grpo: each GRPO round's model is written as a GGUF and the next evaluation runs it
+    on llama.cpp, as STaR rounds do."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'thinktime[llamacpp]'")
+    from thinktime.bootstrap.loop import BootstrapConfig, run_bootstrap
+    from thinktime.bootstrap.rounds import RoundSettings
+
+    grpo = GrpoSettings(**{k: v for k, v in TINY.items() if k not in ("dataset", "train_problems", "eval_problems",
+                                                                      "max_completion_length")})
+    out, lines = tmp_path / "run", []
+    config = BootstrapConfig(model="smollm2-135m", dataset="arith:1", rounds=1, output=str(out), train_problems=8,
+                             eval_problems=2, engine="auto", gguf="q8_0", method="grpo", grpo=grpo, grpo_steps=1,
+                             sampling=RoundSettings(max_new_tokens=12))
+    summary = run_bootstrap(config, log=lines.append)
+    assert (out / "round-1" / "model" / "model.gguf").is_file()
+    assert any("round 1:" in line and "llamacpp engine" in line for line in lines)
+    assert summary["rounds"][1]["eval"]["total"] == 2

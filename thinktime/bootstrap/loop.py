@@ -284,12 +284,17 @@ def _train_round(config: BootstrapConfig, base: str, current: str, out: Path, r:
         start_from = base if config.restart == "base" else current
         shutil.rmtree(model_dir, ignore_errors=True)  # this run's own folder, left half-written by a crash
         train("sft", start_from, files, model_dir, config.training, log=log)
+    _write_gguf(config, model_dir, r, log)
+    return str(model_dir)
+
+
+def _write_gguf(config: BootstrapConfig, model_dir: Path, r: int, log) -> None:
+    """With --gguf, the round's model also as a GGUF, so that the next round samples and evaluates on llama.cpp."""
     if config.gguf and not (model_dir / "model.gguf").is_file():
         from thinktime.convert import convert
 
         log(f"round {r}: writing the model as a {config.gguf} GGUF for llama.cpp")
         convert(model_dir, config.gguf)
-    return str(model_dir)
 
 
 def _finish(summary: dict, config: BootstrapConfig, heldout, out: Path, started: float, log) -> dict:
@@ -360,6 +365,7 @@ def _grpo_round(config: BootstrapConfig, current: str, model_dir: Path, r: int, 
                            eval_problems=config.eval_problems, max_completion_length=config.sampling.max_new_tokens,
                            lang=config.lang, device=config.device, dtype=config.dtype)  # the run's split and prompt
         train_grpo(current, model_dir, settings, log=log)
+    _write_gguf(config, model_dir, r, log)
     return str(model_dir)
 
 

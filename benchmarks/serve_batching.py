@@ -16,6 +16,7 @@ malformed requests arrive, and counts any 5xx (apart from the timed rows, which 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -51,13 +52,17 @@ def one_request(client, model: str, question: str, tokens: int, stream: bool, se
             "tokens": usage.completion_tokens, "prompt_tokens": usage.prompt_tokens}
 
 
+_ASKED = itertools.count(1)  # every load asks questions of its own: none is served from the last load's KV cache
+
+
 def run_load(server, thinker, clients: int, tokens: int) -> dict:
     import openai
 
     from thinktime.types import Prompt
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=3600)
-    questions = [f"Question {i}: what is {i + 11} plus {2 * i + 5}?" for i in range(clients)]
+    first = next(_ASKED) * 1000
+    questions = [f"Question {i}: what is {i + 11} plus {2 * i + 5}?" for i in range(first, first + clients)]
     expected = [thinker.engine.count_tokens(thinker.engine.render(Prompt.of(thinker.messages(q)))) for q in questions]
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:

@@ -13,9 +13,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The hand-tuned CPU kernels, not a timing of this (busy) machine: tests check those paths; the timing
 # itself is tested with THINKTIME_CPU_TUNING set back on (tests/test_engine_cpu_tuning.py).
 os.environ.setdefault("THINKTIME_CPU_TUNING", "0")
-# Likewise the embedded GGUF as shipped (Q4_1), not the type timed fastest here: llama.cpp's greedy tokens
-# then match the transformers engine's on the same weights; the timing is tested in tests/test_gguf_choice.py.
-os.environ.setdefault("THINKTIME_GGUF_TYPE", "shipped")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The embedded GGUF's type chosen by timing each candidate on this machine (engines/gguf_choice.py), for real.
+"""The embedded GGUF's type chosen, where asked, by timing each candidate on this machine (engines/gguf_choice.py).
 
 Which type wins is the machine's business: these tests check that every candidate is written and timed, that
 the verdict is kept and read back, that the engine runs the file it names, and that a bad setting is refused
@@ -79,6 +79,17 @@ def test_a_forced_type_is_written_and_run(timing, monkeypatch, kind):
     assert not list((timing / "gguf-types").glob("*.partial"))
 
 
+def test_the_shipped_file_runs_unless_asked(home, monkeypatch):
+    monkeypatch.setenv("THINKTIME_HOME", str(home))
+    monkeypatch.delenv("THINKTIME_GGUF_TYPE", raising=False)
+    engine = LlamaCppEngine("smollm2-135m")
+    try:
+        assert engine.gguf_type == {"type": "shipped", "source": "default"}
+        assert engine.path == models.embedded_gguf() and engine.dtype == ""
+    finally:
+        engine.close()
+
+
 def test_a_gguf_named_by_path_keeps_its_own_type(timing, embedded_gguf_path):
     engine = LlamaCppEngine(str(embedded_gguf_path))
     try:
@@ -93,11 +104,13 @@ def test_an_unknown_type_is_refused_before_loading(timing, monkeypatch):
         LlamaCppEngine("smollm2-135m")
 
 
-def test_a_candidate_must_win_overall_and_lose_nowhere():
+def test_the_type_that_runs_a_typical_job_fastest_wins_by_a_margin():
     shipped = {"prefill": 300.0, "1 row": 100.0, "8 rows": 200.0}
     figures = {"shipped": shipped,
                "Q8_0": {"prefill": 600.0, "1 row": 100.0, "8 rows": 240.0},
                "BF16": {"prefill": 900.0, "1 row": 70.0, "8 rows": 250.0}}
-    assert gguf_choice.pick(figures) == "Q8_0"  # BF16 is faster overall but slower for one chain
-    figures["Q8_0"] = {"prefill": 309.0, "1 row": 101.0, "8 rows": 202.0}
+    assert gguf_choice.pick(figures) == "Q8_0"  # BF16 reads prompts fastest, but its slow single chain costs more
+    figures["BF16"]["1 row"] = 100.0
+    assert gguf_choice.pick(figures) == "BF16"
+    figures = {"shipped": shipped, **{kind: {k: v * 1.02 for k, v in shipped.items()} for kind in gguf_choice.FTYPES}}
     assert gguf_choice.pick(figures) == "shipped"  # within the noise

@@ -1,19 +1,20 @@
-"""Which GGUF type the embedded model runs in on this CPU: timed once per CPU, threads and llama.cpp version.
+"""Which GGUF type the embedded model runs in on this CPU, where asked to: timed once per CPU, threads and
+llama.cpp version.
 
 Why: the embedded model ships as Q4_1, and llama.cpp multiplies Q4_1 with a dot product per row and column
 where Q8_0 and BF16 get GEMM kernels (tinyBLAS, AVX512-BF16): on one CPU Q8_0 prefills twice as fast and
 decodes a batch 1.5x faster, on another it may not. Q8_0 and BF16 copies of the Q4_1 weights keep them
-nearly exactly, so they are the candidates (Q4_0 would quantise again). Each candidate is written once
-under THINKTIME_HOME/gguf-types, a prompt's prefill and one-token steps of 1 and 8 rows are timed in a
-process of its own (a second llama.cpp context in a process runs slower), and a candidate is used only
-where it is clearly faster; the verdict is kept in THINKTIME_HOME/gguf-choice.json.
-THINKTIME_GGUF_TYPE=shipped keeps the shipped file, =Q8_0 or =BF16 forces a type, =refresh times again.
+within 0.6% and 0.14% (RMS), so they are the candidates (Q4_0 would quantise again); their next-token
+distributions still differ slightly (docs: performance), so the shipped file stays the default.
+THINKTIME_GGUF_TYPE=auto writes each candidate once under THINKTIME_HOME/gguf-types, times a prompt's
+prefill and one-token steps of 1 and 8 rows in a process of its own (a second llama.cpp context in a
+process runs slower), and runs the type that finishes a typical job clearly soonest; the verdict is kept
+in THINKTIME_HOME/gguf-choice.json. =refresh times again, =Q8_0 or =BF16 forces a type.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -29,8 +30,10 @@ CACHE_FILE = "gguf-choice.json"
 FTYPES = {"Q8_0": 7, "BF16": 32}  # llama_ftype of each candidate
 SHIPPED = "shipped"
 MEASURES = ("prefill", "1 row", "8 rows")
+# A typical job, in tokens of each measure: a thinking prompt read, one 200-token chain, eight sampled together
+JOB_TOKENS = {"prefill": 500, "1 row": 200, "8 rows": 1600}
 PROMPT_TOKENS, STEPS = 256, 12
-MARGIN = 1.03  # a candidate must be this much faster overall, and at no measure slower by as much
+MARGIN = 1.03  # a candidate must run the typical job this much faster than the shipped file: noise keeps it
 BUSY = 0.15  # the shipped file timed twice differs by more: the machine was busy, the verdict is not kept
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8")
 
@@ -53,13 +56,13 @@ def cpu_name() -> str:
 
 
 def requested() -> str:
-    """THINKTIME_GGUF_TYPE, checked: auto (the default), refresh, shipped, or a candidate type."""
-    value = os.environ.get("THINKTIME_GGUF_TYPE", "").strip() or "auto"
+    """THINKTIME_GGUF_TYPE, checked: shipped (the default), auto, refresh, or a candidate type."""
+    value = os.environ.get("THINKTIME_GGUF_TYPE", "").strip() or SHIPPED
     known = {"auto", "refresh", SHIPPED, *FTYPES}
     match = {name.lower(): name for name in known}.get(value.lower())
     if match is None:
         raise BadInputError(f"THINKTIME_GGUF_TYPE={value!r} is not one of {', '.join(sorted(known))}",
-                            hint="unset it to let thinktime time the types on this CPU")
+                            hint="auto times the types on this CPU; unset it for the shipped file")
     return match
 
 
@@ -114,7 +117,8 @@ def choose(source: Path, threads: int) -> tuple[Path, dict]:
     """The file to run for the shipped `source` on this CPU, and the verdict (type, figures, where it came from)."""
     wanted = requested()
     if wanted not in ("auto", "refresh"):
-        return typed_file(source, wanted), {"type": wanted, "source": "THINKTIME_GGUF_TYPE"}
+        origin = "THINKTIME_GGUF_TYPE" if os.environ.get("THINKTIME_GGUF_TYPE", "").strip() else "default"
+        return typed_file(source, wanted), {"type": wanted, "source": origin}
     key = cache_key(source, threads)
     verdict = read_cache().get(key) if wanted == "auto" else None
     if isinstance(verdict, dict) and verdict.get("type") in (SHIPPED, *FTYPES):
@@ -141,15 +145,18 @@ def race(source: Path, threads: int) -> dict:
 
 
 def pick(figures: dict[str, dict[str, float]]) -> str:
-    """The candidate with the best geometric mean of its speed-ups over the shipped file, where that mean is
-    at least MARGIN and no measure is slower by MARGIN; else the shipped file."""
-    best, best_gain = SHIPPED, MARGIN
+    """The type that runs a typical job (JOB_TOKENS) in the least time, if at least MARGIN faster than the shipped
+    file; else the shipped file."""
+    best, best_time = SHIPPED, job_seconds(figures[SHIPPED]) / MARGIN
     for kind in FTYPES:
-        ratios = [figures[kind][m] / figures[SHIPPED][m] for m in MEASURES]
-        gain = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-        if gain >= best_gain and min(ratios) >= 1 / MARGIN:
-            best, best_gain = kind, gain
+        seconds = job_seconds(figures[kind])
+        if seconds <= best_time:
+            best, best_time = kind, seconds
     return best
+
+
+def job_seconds(figures: dict[str, float]) -> float:
+    return sum(tokens / figures[measure] for measure, tokens in JOB_TOKENS.items())
 
 
 def time_file(path: Path, threads: int) -> dict[str, float]:

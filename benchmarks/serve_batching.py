@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
 
+    import httpx  # noqa: F401 - imported here, not first in the fuzzing thread while openai imports it too
     from cpu_engines import cpu_name
 
     from thinktime import Thinker

@@ -50,7 +50,7 @@ class LlamaCppEngine(Engine):
         path, self.spec = models.resolve_gguf(model, source=source)
         self.model_name = self.spec.alias if self.spec else str(model)
         self.threads = threads or default_threads()
-        self.gguf_type = None  # the embedded model's: its weights in the type that runs fastest on this CPU
+        self.gguf_type = None  # the embedded model's weights type and why (the shipped one unless asked)
         if self.spec is not None and self.spec.embedded:
             path, self.gguf_type = gguf_choice.choose(path, self.threads)
         # an eval run records it (its records come from one weights type); the shipped file's is the empty one

@@ -4,8 +4,8 @@ when they finish, whichever call they came from.
 One worker thread owns the context. A call submits its prompts as Requests and waits; the worker
 admits rows first come, first served while sequence slots and KV cells allow, prefills each prompt
 once (its start copied from any sequence that already holds it: a cached system prompt, an earlier
-step of the same chain, a sibling sample), copies it to its n rows, and then decodes every live row
-one token per step, new prompts' tokens in the same llama_batch. Finished rows stay in the KV cache
+step of the same chain, a sibling sample) in batches of its own before the step, copies it to its n rows,
+and then decodes every live row one token per step. Finished rows stay in the KV cache
 as cache entries (least recently used first out) so the next call that starts the same way prefills
 only what is new.
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import logging
 import os
 import statistics
@@ -30,6 +29,7 @@ from thinktime.engines.growing_cache import growing
 from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.prefix_cache import cache_kwarg
 from thinktime.engines.shared_prefix import shared_prefix_cache
+from thinktime.engines.timed_verdicts import cpu_model_and_flags, read_verdicts, write_verdict
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,8 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 def cpu_name() -> str:
     """The CPU's model name, what torch dispatches to, and the instruction sets that decide which kernels win."""
-    name, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for key, _, value in (line.partition(":") for line in f):
-                if key.strip() == "model name" and not name:
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:  # not Linux
-        import platform
-
-        name = platform.processor() or platform.machine()
-    return " ".join([name or "unknown CPU", torch.backends.cpu.get_cpu_capability(), *sorted(flags & set(_FLAGS))])
+    name, flags = cpu_model_and_flags()
+    return " ".join([name, torch.backends.cpu.get_cpu_capability(), *sorted(flags & set(_FLAGS))])
 
 
 def forced(dtype: torch.dtype | None) -> dict:
@@ -82,24 +71,11 @@ def cache_key(config, fixed: dict) -> str:
 
 
 def read_cache() -> dict:
-    """Verdicts by key; {} where the file is missing or unreadable (the next timing rewrites it)."""
-    try:
-        verdicts = json.loads((models.home() / CACHE_FILE).read_text()).get("verdicts")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return verdicts if isinstance(verdicts, dict) else {}
+    return read_verdicts(CACHE_FILE)
 
 
 def write_cache(key: str, verdict: dict) -> None:
-    path = models.home() / CACHE_FILE
-    verdicts = read_cache() | {key: {k: v for k, v in verdict.items() if k not in ("source", "forced")}}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps({"verdicts": verdicts}, indent=1, sort_keys=True))
-        partial.replace(path)  # atomic: a reader never sees half a file
-    except OSError as exc:
-        log.warning("thinktime: could not keep the CPU kernels' timing in %s: %s", path, exc)
+    write_verdict(CACHE_FILE, key, {k: v for k, v in verdict.items() if k not in ("source", "forced")})
 
 
 def cached(key: str, fixed: dict) -> dict | None:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from thinktime import models
+from thinktime.engines.timed_verdicts import cpu_model_and_flags, read_verdicts, write_verdict
 from thinktime.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -40,19 +41,8 @@ _FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_b
 
 def cpu_name() -> str:
     """The CPU's model name and the instruction sets that decide which of llama.cpp's kernels run."""
-    name, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for key, _, value in (line.partition(":") for line in f):
-                if key.strip() == "model name" and not name:
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:  # not Linux
-        import platform
-
-        name = platform.processor() or platform.machine()
-    return " ".join([name or "unknown CPU", *sorted(flags & set(_FLAGS))])
+    name, flags = cpu_model_and_flags()
+    return " ".join([name, *sorted(flags & set(_FLAGS))])
 
 
 def requested() -> str:
@@ -94,25 +84,6 @@ def cache_key(source: Path, threads: int) -> str:
            f"{source.name} {source.stat().st_size}"
 
 
-def read_cache() -> dict:
-    try:
-        verdicts = json.loads((models.home() / CACHE_FILE).read_text()).get("verdicts")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return verdicts if isinstance(verdicts, dict) else {}
-
-
-def write_cache(key: str, verdict: dict) -> None:
-    path = models.home() / CACHE_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps({"verdicts": read_cache() | {key: verdict}}, indent=1, sort_keys=True))
-        partial.replace(path)  # atomic: a reader never sees half a file
-    except OSError as exc:
-        log.warning("thinktime: could not keep the GGUF types' timing in %s: %s", path, exc)
-
-
 def choose(source: Path, threads: int) -> tuple[Path, dict]:
     """The file to run for the shipped `source` on this CPU, and the verdict (type, figures, where it came from)."""
     wanted = requested()
@@ -120,7 +91,7 @@ def choose(source: Path, threads: int) -> tuple[Path, dict]:
         origin = "THINKTIME_GGUF_TYPE" if os.environ.get("THINKTIME_GGUF_TYPE", "").strip() else "default"
         return typed_file(source, wanted), {"type": wanted, "source": origin}
     key = cache_key(source, threads)
-    verdict = read_cache().get(key) if wanted == "auto" else None
+    verdict = read_verdicts(CACHE_FILE).get(key) if wanted == "auto" else None
     if isinstance(verdict, dict) and verdict.get("type") in (SHIPPED, *FTYPES):
         return typed_file(source, verdict["type"]), {**verdict, "source": "cached"}
     log.warning("thinktime: timing the embedded model's GGUF types on this CPU (once, about 10 s)")
@@ -128,7 +99,7 @@ def choose(source: Path, threads: int) -> tuple[Path, dict]:
     if verdict["busy"]:
         log.warning("thinktime: the CPU was busy while timing GGUF types; using %s without keeping it", verdict["type"])
     else:
-        write_cache(key, verdict)
+        write_verdict(CACHE_FILE, key, verdict)
     log.info("thinktime GGUF type (%s): %s %s", cpu_name(), verdict["type"], verdict["figures"])
     return typed_file(source, verdict["type"]), {**verdict, "source": "timed"}
 

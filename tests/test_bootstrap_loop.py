@@ -2,6 +2,7 @@
 (a real TRL step), load the new model folder back, evaluate again, train the ORM, compare, plot."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -103,13 +104,20 @@ def test_trained_rounds_sample_on_llamacpp_when_written_as_gguf(tmp_path):
     from thinktime.bootstrap.training import TrainSettings
 
     out = tmp_path / "run"
+    short = "Solve the problem step by step, then give the final answer as \\boxed{N}."
     config = BootstrapConfig(
         model="smollm2-135m", dataset="arith:1", rounds=1, output=str(out), train_problems=3, eval_problems=2,
         engine="auto", gguf="q8_0", sampling=RoundSettings(samples=2, max_new_tokens=32, keep=1, max_pairs=1, seed=0),
-        training=TrainSettings(max_steps=1, batch_size=2, max_length=640))
+        training=TrainSettings(max_steps=1, batch_size=2, max_length=640), system_prompt=short)
     logs: list[str] = []
     summary = run_bootstrap(config, log=logs.append)
     assert (out / "round-1" / "model" / "model.gguf").is_file()
+    # the run's own system prompt, not the thinking prompt, in every SFT row and both held-out evaluations
+    rows = [json.loads(line) for line in (out / "round-1" / "sft.jsonl").read_text().splitlines()]
+    assert rows and all(row["messages"][0] == {"role": "system", "content": short} for row in rows)
+    shas = {json.loads((out / f"round-{r}" / "eval" / "config.json").read_text())["config"]["system_prompt_sha"]
+            for r in (0, 1)}
+    assert shas == {hashlib.sha256(f"{short}|{short}".encode()).hexdigest()[:12]}  # as eval hashes it, per language
     assert any("round 0:" in line and "llamacpp engine" in line for line in logs)
     assert any("round 1:" in line and "llamacpp engine" in line for line in logs)
     assert summary["rounds"][1]["eval"]["total"] == 2

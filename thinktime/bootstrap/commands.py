@@ -208,6 +208,7 @@ def bootstrap_command(
                          no_train, temperature)
         model = _default_model(model, device)
         output = output or _default_run_folder(dataset, model, rounds, samples)
+        prompt = load_system_prompt(system_prompt) if system_prompt else None
         trained = dict(batch_size=batch_size, max_length=max_length, lora=lora, lora_r=lora_r, lora_alpha=2 * lora_r,
                        seed=seed, device=device, dtype=dtype)
         config = BootstrapConfig(
@@ -222,10 +223,11 @@ def bootstrap_command(
             training=TrainSettings(epochs=epochs, learning_rate=lr, **trained),
             reward_training=TrainSettings(epochs=2.0, **trained),
             method=method, grpo_steps=grpo_steps, round_data=round_data, tree_iterations=tree_iterations,
+            system_prompt=prompt,
             grpo=GrpoSettings(learning_rate=lr, batch_size=batch_size, lora=lora, lora_r=lora_r, lora_alpha=2 * lora_r,
                               num_generations=samples, temperature=temperature, format_reward=format_reward,
                               length_penalty=length_penalty, seed=seed,
-                              system_prompt=load_system_prompt(system_prompt) if system_prompt else None),
+                              system_prompt=prompt),
         )
         summary = run_bootstrap(config, log=_log)
         _print_summary(summary, output)

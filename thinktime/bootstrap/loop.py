@@ -2,7 +2,7 @@
 
     OUT/config.json            the run's settings
     OUT/round-0/eval/          the starting model on the held-out problems (a thinktime eval run folder)
-    OUT/round-R/sft.jsonl      SFT rows (chat, deep-thinking system prompt), pairs.jsonl, stats.json,
+    OUT/round-R/sft.jsonl      SFT rows (chat, with the run's system prompt), pairs.jsonl, stats.json,
                                samples.jsonl (every sample of the round, graded, with and without the hint)
     OUT/round-R/model/         the fine-tuned model (every engine loads it with --model)
     OUT/round-R/eval/          its held-out evaluation
@@ -74,12 +74,15 @@ class BootstrapConfig:
     grpo_steps: int = 20
     round_data: str = "star"  # tree: a round's SFT rows and step pairs come from tree search (bootstrap.tree_round)
     tree_iterations: int = 16  # tree: MCTS rounds per problem (steps and rollouts sampled as `sampling` says)
+    system_prompt: str | None = None  # None: solve's deep-thinking prompt, for sampling, SFT rows and evaluation
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["engine_options"] = {k: v for k, v in self.engine_options.items() if k != "api_key"}
         if self.round_data == "star":  # runs from before the option existed keep their configuration
             d.pop("round_data"), d.pop("tree_iterations")
+        if self.system_prompt is None or self.method == "grpo":  # GRPO's settings record it already
+            d.pop("system_prompt")
         return d
 
 
@@ -203,6 +206,10 @@ def _check_settings(config: BootstrapConfig) -> None:
                             hint="use --engine transformers or vllm, or --no-train to write the data only")
 
 
+def _system_prompt(config: BootstrapConfig) -> str | None:
+    return config.grpo.system_prompt if config.method == "grpo" else config.system_prompt
+
+
 def _evaluate_round(config: BootstrapConfig, r: int, current: str, heldout, out: Path, log):
     """Round r's entry (its data and training facts, where on disk) and its model's held-out evaluation;
     returns the entry with the engine and thinker, which the round's sampling goes on with."""
@@ -222,7 +229,7 @@ def _evaluate_round(config: BootstrapConfig, r: int, current: str, heldout, out:
         if r and config.engine == "auto" and engine.name == "transformers" and not config.gguf else ""))
     thinker = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
                       temperature=0.0, seed=config.sampling.seed,
-                      system_prompt=config.grpo.system_prompt if config.method == "grpo" else None)
+                      system_prompt=_system_prompt(config))
     t = time.perf_counter()
     entry["eval"] = ev = _evaluate(thinker, heldout, folder / "eval", config, log)
     log(f"round {r}: held-out accuracy {ev['correct']}/{ev['total']} = {100 * ev['accuracy']:.1f}% "
@@ -237,7 +244,8 @@ def _sample_for_comparison(config: BootstrapConfig, engine, heldout, out: Path, 
 
     t = time.perf_counter()
     sampler = Thinker(engine=engine, lang=config.lang, max_new_tokens=config.sampling.max_new_tokens,
-                      temperature=config.sampling.temperature, seed=config.sampling.seed)
+                      temperature=config.sampling.temperature, seed=config.sampling.seed,
+                      system_prompt=_system_prompt(config))
     # one folder per final model and N: a run extended by rounds or given another N samples afresh
     samples_dir = out / "compare" / f"samples-round{r}-n{config.compare_n}"
     records = sample_heldout(sampler, heldout, config.compare_n, samples_dir, seed=config.sampling.seed)

@@ -354,3 +354,19 @@ def test_small_kv_caches_admit_what_fits_and_closed_engines_say_so(embedded_gguf
         small.close()
     with pytest.raises(ThinktimeError, match="closed"):
         small.count_tokens("hello")
+
+
+def test_a_llamacpp_process_on_a_cpu_build_of_torch_never_imports_torch():
+    """Importing torch takes about a second; the llama.cpp engine and the default-model choice do without it."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    if "+cpu" not in metadata.version("torch"):
+        pytest.skip("torch here is not a CPU build: it may see a GPU, so choosing a model imports it")
+    code = ("import sys\nfrom thinktime.api import Thinker\n"
+            "thinker = Thinker(engine='llamacpp', max_new_tokens=4)\n"
+            "print(thinker.engine.name, thinker.solve('What is 2 + 3?').usage.completion_tokens, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["llamacpp", "4", "False"]

@@ -5,7 +5,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from thinktime import models, prompts
-from thinktime.engines import Engine, create_engine
+from thinktime.engines import Engine, create_engine, cuda_visible
 from thinktime.errors import BadInputError
 from thinktime.strategies import Budget, Context, check_options, get_strategy
 from thinktime.strategies.base import make_result, to_candidate
@@ -39,9 +39,7 @@ class Thinker:
             self.engine = engine
         else:
             if model is None and not engine.startswith("openai"):  # a server names its own model
-                import torch
-
-                model = models.DEFAULT_GPU_MODEL if torch.cuda.is_available() else models.DEFAULT_CPU_MODEL
+                model = models.DEFAULT_GPU_MODEL if cuda_visible() else models.DEFAULT_CPU_MODEL
             self.engine = create_engine(engine, model, device=device, dtype=dtype,
                                         trust_remote_code=trust_remote_code, source=source, **engine_options)
         if lang not in ("auto", *prompts.LANGUAGES):

@@ -89,10 +89,9 @@ def _default_model(model: Optional[str], device: Optional[str]) -> str:
     if model:
         return model
     from thinktime import models
+    from thinktime.engines import cuda_visible
 
-    import torch
-
-    return models.DEFAULT_GPU_MODEL if torch.cuda.is_available() and device != "cpu" else models.DEFAULT_CPU_MODEL
+    return models.DEFAULT_GPU_MODEL if cuda_visible() and device != "cpu" else models.DEFAULT_CPU_MODEL
 
 
 @app.command("train")
@@ -214,8 +213,8 @@ def bootstrap_command(
         config = BootstrapConfig(
             model=model, dataset=dataset, rounds=rounds, output=str(output), engine=engine,
             train_problems=train_problems, eval_problems=eval_problems, data_seed=data_seed, restart=restart,
-            train_data=train_data,
-            lang=lang, device=device, dtype=dtype, train_model=not no_train, compare_n=compare_n, gguf=gguf,
+            train_data=train_data, lang=lang, device=device, dtype=dtype, train_model=not no_train,
+            compare_n=compare_n, gguf=gguf, system_prompt=prompt,
             engine_options=engine_options(base_url, api_key, tensor_parallel_size, pipeline_parallel_size,
                                           data_parallel_size, distributed_executor_backend),
             sampling=RoundSettings(samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, keep=keep,
@@ -223,11 +222,9 @@ def bootstrap_command(
             training=TrainSettings(epochs=epochs, learning_rate=lr, **trained),
             reward_training=TrainSettings(epochs=2.0, **trained),
             method=method, grpo_steps=grpo_steps, round_data=round_data, tree_iterations=tree_iterations,
-            system_prompt=prompt,
             grpo=GrpoSettings(learning_rate=lr, batch_size=batch_size, lora=lora, lora_r=lora_r, lora_alpha=2 * lora_r,
                               num_generations=samples, temperature=temperature, format_reward=format_reward,
-                              length_penalty=length_penalty, seed=seed,
-                              system_prompt=prompt),
+                              length_penalty=length_penalty, seed=seed, system_prompt=prompt),
         )
         summary = run_bootstrap(config, log=_log)
         _print_summary(summary, output)

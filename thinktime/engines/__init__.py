@@ -57,7 +57,7 @@ def pick_engine(model: str | None, device: str | None = None, dtype: str | None 
     if device not in (None, "", "auto", "cpu") or dtype not in (None, "", "auto") or not model \
             or models.gguf_file(model) is None:
         return "transformers"
-    if device in (None, "", "auto") and _cuda_visible():
+    if device in (None, "", "auto") and cuda_visible():
         return "transformers"
     if importlib.util.find_spec("llama_cpp") is None:
         _say_once(f"thinktime: {model} is a GGUF model; llama.cpp would run it several times faster on this "
@@ -66,10 +66,16 @@ def pick_engine(model: str | None, device: str | None = None, dtype: str | None 
     return "llamacpp"
 
 
-def _cuda_visible() -> bool:
+def cuda_visible() -> bool:
+    """A GPU torch can use. A CPU build of torch is known by its version, without the second that importing it
+    takes (a llama.cpp process on a CPU never needs torch)."""
+    from importlib import metadata
+
     try:
+        if "+cpu" in metadata.version("torch"):
+            return False
         import torch
-    except ImportError:
+    except (ImportError, metadata.PackageNotFoundError):
         return False
     return torch.cuda.is_available()
 

@@ -29,7 +29,8 @@ from thinktime.engines.hf_streaming import CancelCriteria, QueueStreamer, StopSt
 from thinktime.engines.lean_step import LeanStep
 from thinktime.engines.onednn import pack_linears
 from thinktime.engines.prefix_cache import PrefixCache, unpadded
-from thinktime.engines.token_logprobs import LogprobRows, check_logprob_params, record_generated
+from thinktime.engines.logprob_checks import check_logprob_params
+from thinktime.engines.token_logprobs import LogprobRows, record_generated
 from thinktime.errors import BadInputError, InsufficientMemoryError, ThinktimeError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta

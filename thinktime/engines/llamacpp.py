@@ -20,7 +20,7 @@ from thinktime.engines.base import Engine
 from thinktime.engines.llamacpp_native import Native, default_threads
 from thinktime.engines.llamacpp_rows import Request
 from thinktime.engines.llamacpp_scheduler import RESERVED_CELLS, Scheduler
-from thinktime.engines.token_logprobs import check_logprob_params
+from thinktime.engines.logprob_checks import check_logprob_params
 from thinktime.errors import BadInputError, ThinktimeError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta

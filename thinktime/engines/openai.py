@@ -48,7 +48,7 @@ from thinktime.engines.chat import render_chat
 from thinktime.engines.openai_chunks import Choice, check_complete, ended_turn, read_chunk, share
 from thinktime.engines.openai_http import (EventStream, HttpClient, NotSupported, Retryable, aborted_on, as_chunk,
                                           backoff, gather, normalise_base_url, result_within)
-from thinktime.engines.token_logprobs import check_logprob_params
+from thinktime.engines.logprob_checks import check_logprob_params
 from thinktime.errors import BadInputError, EngineError
 from thinktime.threads import iterate_in_thread
 from thinktime.types import Completion, Prompt, SamplingParams, StreamDelta

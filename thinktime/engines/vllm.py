@@ -42,7 +42,7 @@ from thinktime import models
 from thinktime.engines.base import Engine
 from thinktime.engines.chat import render_chat, stop_token_ids
 from thinktime.engines.vllm_replicas import generate_replicated, start_replicas
-from thinktime.engines.token_logprobs import check_logprob_params
+from thinktime.engines.logprob_checks import check_logprob_params
 from thinktime.engines.vllm_samples import Request, Sample, token_entries
 from thinktime.engines.vllm_setup import (check_arguments, check_backend, check_llm_options, cpu_thread_settings,
                                          environment, import_vllm, llm_arguments, usable_cores)
